@@ -1,0 +1,50 @@
+# machined: the two commands a fresh Debian 12 machine needs are `make run` and `make test`.
+# Both install what they need (Debian packages as root, a virtualenv with the project).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+RUNDIR := .run
+
+# Debian packages: the reference daemon and its clients, the bus, polkit, the
+# build dependencies of systemd-python, and the tools the sandbox uses.
+DEBS := systemd systemd-container dbus polkitd libnss-mymachines libsystemd-dev pkg-config \
+        gcc python3-dev python3-venv util-linux mount procps iproute2 hostname
+
+.PHONY: run shell stop test unit deps clean
+
+deps: $(VENV)/.installed
+
+$(RUNDIR)/debs.stamp:
+	@mkdir -p $(RUNDIR)
+	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	@touch $@
+
+$(VENV)/.installed: $(RUNDIR)/debs.stamp pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+run: deps
+	@$(BIN)/machined-sandbox demo --id-file $(RUNDIR)/sandbox-id
+
+shell: deps
+	@$(BIN)/machined-sandbox shell $$(cat $(RUNDIR)/sandbox-id 2>/dev/null)
+
+stop: deps
+	@if [ -s $(RUNDIR)/sandbox-id ]; then $(BIN)/machined-sandbox stop $$(cat $(RUNDIR)/sandbox-id) && rm -f $(RUNDIR)/sandbox-id; \
+	else echo "no sandbox started by 'make run'"; fi
+
+test: deps
+	$(BIN)/python -m pytest -v -p no:cacheprovider tests
+
+unit: deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
+clean:
+	rm -rf $(VENV) $(RUNDIR) *.egg-info

@@ -1,0 +1,3 @@
+"""machined: a wire-compatible replacement for systemd-machined."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,7 @@
+"""``python -m machined`` runs the daemon."""
+
+import sys
+
+from machined.cli import main
+
+sys.exit(main())

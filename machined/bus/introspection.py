@@ -1,0 +1,119 @@
+"""Interface definitions read from ``dbus-interfaces/*.xml`` and Introspect output.
+
+The XML files are the single source of truth: they are served verbatim (in
+sd-bus's layout) and give each method's input signature, which the dispatcher
+checks before a handler runs.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+INTERFACES_DIR = Path(__file__).resolve().parents[2] / "dbus-interfaces"
+
+DOCTYPE = (
+    '<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"\n'
+    '"https://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">\n'
+)
+
+# What sd-bus puts in front of every object's own interfaces.
+STANDARD_INTERFACES_XML = """\
+ <interface name="org.freedesktop.DBus.Peer">
+  <method name="Ping"/>
+  <method name="GetMachineId">
+   <arg type="s" name="machine_uuid" direction="out"/>
+  </method>
+ </interface>
+ <interface name="org.freedesktop.DBus.Introspectable">
+  <method name="Introspect">
+   <arg name="xml_data" type="s" direction="out"/>
+  </method>
+ </interface>
+ <interface name="org.freedesktop.DBus.Properties">
+  <method name="Get">
+   <arg name="interface_name" direction="in" type="s"/>
+   <arg name="property_name" direction="in" type="s"/>
+   <arg name="value" direction="out" type="v"/>
+  </method>
+  <method name="GetAll">
+   <arg name="interface_name" direction="in" type="s"/>
+   <arg name="props" direction="out" type="a{sv}"/>
+  </method>
+  <method name="Set">
+   <arg name="interface_name" direction="in" type="s"/>
+   <arg name="property_name" direction="in" type="s"/>
+   <arg name="value" direction="in" type="v"/>
+  </method>
+  <signal name="PropertiesChanged">
+   <arg type="s" name="interface_name"/>
+   <arg type="a{sv}" name="changed_properties"/>
+   <arg type="as" name="invalidated_properties"/>
+  </signal>
+ </interface>
+"""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    in_signature: str
+    out_signature: str
+
+
+@dataclass(frozen=True)
+class Property:
+    name: str
+    signature: str
+    writable: bool
+
+
+@dataclass(frozen=True)
+class Interface:
+    """One interface as served: its XML block and its members."""
+
+    name: str
+    xml: str
+    methods: dict[str, Method] = field(default_factory=dict)
+    properties: dict[str, Property] = field(default_factory=dict)
+    signals: dict[str, str] = field(default_factory=dict)
+
+
+def _signature(element: ET.Element, direction: str | None) -> str:
+    return "".join(
+        arg.get("type", "")
+        for arg in element.findall("arg")
+        if direction is None or arg.get("direction", "in") == direction
+    )
+
+
+@cache
+def load_interface(name: str) -> Interface:
+    """The interface *name* from ``dbus-interfaces/<name>.xml``."""
+    text = (INTERFACES_DIR / f"{name}.xml").read_text(encoding="utf-8")
+    match = re.search(r'^ <interface name="[^"]+">\n.*?^ </interface>\n', text, re.S | re.M)
+    if match is None:
+        raise ValueError(f"{name}.xml has no interface block")
+    element = ET.fromstring(match.group(0))
+    methods = {
+        m.get("name", ""): Method(m.get("name", ""), _signature(m, "in"), _signature(m, "out"))
+        for m in element.findall("method")
+    }
+    properties = {
+        p.get("name", ""): Property(p.get("name", ""), p.get("type", ""), p.get("access") == "readwrite")
+        for p in element.findall("property")
+    }
+    signals = {s.get("name", ""): _signature(s, None) for s in element.findall("signal")}
+    return Interface(name, match.group(0), methods, properties, signals)
+
+
+def introspect_xml(interfaces: list[Interface], children: list[str]) -> str:
+    """Introspect output for an object with *interfaces* and child nodes *children*."""
+    parts = [DOCTYPE, "<node>\n", STANDARD_INTERFACES_XML]
+    parts.extend(i.xml for i in interfaces)
+    parts.extend(f' <node name="{c}"/>\n' for c in children)
+    parts.append("</node>\n")
+    return "".join(parts)

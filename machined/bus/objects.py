@@ -1,0 +1,253 @@
+"""Routing of incoming method calls to objects, with sd-bus's generic behaviour.
+
+dbus-fast's ``ServiceInterface`` cannot tell a method who called it, cannot
+resolve objects on demand from the path (machine objects, ``/machine/self``),
+and answers errors with its own names. So every method call addressed to us is
+handled here: Peer on any path; Introspectable and Properties (``GetAll("")``
+included, hidden properties for Get only) on known objects; argument
+signatures checked against the interface XML; errors named and worded as
+sd-bus does. Handlers are coroutines; a reply is sent when they finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from machined import errors
+from machined.bus.introspection import Interface, introspect_xml
+from machined.errors import BusError
+
+log = logging.getLogger(__name__)
+
+PEER = "org.freedesktop.DBus.Peer"
+INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    pid: int
+    uid: int
+
+
+class Call:
+    """One incoming method call, with what handlers may need to know of its sender."""
+
+    def __init__(self, bus: MessageBus, message: Message) -> None:
+        self.bus = bus
+        self.message = message
+        self._credentials: Credentials | None = None
+
+    @property
+    def sender(self) -> str:
+        return self.message.sender or ""
+
+    @property
+    def allow_interactive_authorization(self) -> bool:
+        return bool(self.message.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+
+    async def credentials(self) -> Credentials:
+        """The sender's PID and UID, as the bus daemon knows them (never from arguments)."""
+        if self._credentials is None:
+            reply = await self.bus.call(
+                Message(
+                    destination="org.freedesktop.DBus",
+                    path="/org/freedesktop/DBus",
+                    interface="org.freedesktop.DBus",
+                    member="GetConnectionCredentials",
+                    signature="s",
+                    body=[self.sender],
+                )
+            )
+            if reply is None or reply.message_type is not MessageType.METHOD_RETURN:
+                raise BusError.from_errno(errno.ESRCH, "Failed to get credentials of the caller")
+            creds = reply.body[0]
+            self._credentials = Credentials(
+                pid=int(creds["ProcessID"].value), uid=int(creds["UnixUserID"].value)
+            )
+        return self._credentials
+
+
+Handler = Callable[..., Awaitable[Any]]
+PropertyGetter = Callable[[], Any]
+
+
+@dataclass
+class BusObject:
+    """What one object path offers: interfaces, their handlers and property values."""
+
+    interfaces: list[Interface] = field(default_factory=list)
+    # (interface, member) → coroutine function(call, *args) returning the list of out-args.
+    methods: dict[tuple[str, str], Handler] = field(default_factory=dict)
+    # (interface, property) → getter of the plain value.
+    properties: dict[tuple[str, str], PropertyGetter] = field(default_factory=dict)
+    # Answer Get but stay out of GetAll and introspection: (iface, prop) → (signature, getter).
+    hidden_properties: dict[tuple[str, str], tuple[str, PropertyGetter]] = field(default_factory=dict)
+    # (interface, property) → coroutine function(call, value) for writable properties.
+    setters: dict[tuple[str, str], Handler] = field(default_factory=dict)
+    children: list[str] = field(default_factory=list)
+
+    def interface(self, name: str) -> Interface | None:
+        for iface in self.interfaces:
+            if iface.name == name:
+                return iface
+        return None
+
+
+class ObjectTree(Protocol):
+    async def lookup(self, path: str, call: Call) -> BusObject | None:
+        """The object at *path* as *call*'s sender sees it, or None if there is none."""
+
+
+class Dispatcher:
+    """Answers every method call that reaches our connection."""
+
+    def __init__(self, bus: MessageBus, tree: ObjectTree, machine_id: str) -> None:
+        self.bus = bus
+        self.tree = tree
+        self.machine_id = machine_id
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def install(self) -> None:
+        self.bus.add_message_handler(self._on_message)
+
+    def _on_message(self, message: Message) -> bool:
+        if message.message_type is not MessageType.METHOD_CALL:
+            return False
+        task = asyncio.get_running_loop().create_task(self._handle(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _handle(self, message: Message) -> None:
+        try:
+            reply = await self._dispatch(Call(self.bus, message))
+        except BusError as e:
+            reply = Message.new_error(message, e.name, e.message)
+        except OSError as e:
+            code = e.errno or errno.EIO
+            reply = Message.new_error(message, errors.errno_error_name(code), e.strerror or str(e))
+        except Exception:  # never a traceback to the client, never a crash
+            log.exception("Internal error while handling %s.%s", message.interface, message.member)
+            reply = Message.new_error(message, errors.FAILED, "Internal error")
+        if message.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return
+        try:
+            self.bus.send(reply)
+        except Exception:
+            log.exception("Failed to send reply to %s", message.sender)
+
+    async def _dispatch(self, call: Call) -> Message:
+        msg = call.message
+        iface, member, path = msg.interface, msg.member, msg.path
+        if iface == PEER or (iface is None and member in ("Ping", "GetMachineId")):
+            return self._peer(msg)
+        obj = await self.tree.lookup(path, call)
+        if obj is None:
+            raise BusError(errors.UNKNOWN_OBJECT, f"Unknown object '{path}'.")
+        if iface == INTROSPECTABLE or (iface is None and member == "Introspect"):
+            if member == "Introspect":
+                _check_signature(msg, INTROSPECTABLE, "")
+                return Message.new_method_return(msg, "s", [introspect_xml(obj.interfaces, obj.children)])
+        elif iface == PROPERTIES or (iface is None and member in ("Get", "GetAll", "Set")):
+            if member in ("Get", "GetAll", "Set"):
+                return await self._properties(call, obj)
+        else:
+            target = obj.interface(iface) if iface else _find_member(obj, member)
+            if target is not None and member in target.methods:
+                spec = target.methods[member]
+                _check_signature(msg, target.name, spec.in_signature, member)
+                handler = obj.methods.get((target.name, member))
+                if handler is None:
+                    raise BusError(errors.NOT_SUPPORTED, f"{member} is not implemented yet")
+                result = await handler(call, *msg.body)
+                return _method_return(msg, spec.out_signature, result)
+        raise BusError(errors.UNKNOWN_METHOD, f"Unknown method {member} or interface {iface}.")
+
+    def _peer(self, msg: Message) -> Message:
+        if msg.member == "Ping":
+            _check_signature(msg, PEER, "")
+            return Message.new_method_return(msg)
+        if msg.member == "GetMachineId":
+            _check_signature(msg, PEER, "")
+            return Message.new_method_return(msg, "s", [self.machine_id])
+        raise BusError(errors.UNKNOWN_METHOD, f"Unknown method {msg.member} or interface {msg.interface}.")
+
+    async def _properties(self, call: Call, obj: BusObject) -> Message:
+        msg = call.message
+        if msg.member == "Get":
+            _check_signature(msg, PROPERTIES, "ss")
+            iface_name, prop = msg.body
+            iface = obj.interface(iface_name)
+            if iface is not None and prop in iface.properties:
+                getter = obj.properties[(iface_name, prop)]
+                value = Variant(iface.properties[prop].signature, getter())
+                return Message.new_method_return(msg, "v", [value])
+            hidden = obj.hidden_properties.get((iface_name, prop))
+            if hidden is not None:
+                return Message.new_method_return(msg, "v", [Variant(hidden[0], hidden[1]())])
+            raise BusError(errors.UNKNOWN_PROPERTY, f"Unknown interface {iface_name} or property {prop}.")
+        if msg.member == "GetAll":
+            _check_signature(msg, PROPERTIES, "s")
+            (iface_name,) = msg.body
+            if iface_name:
+                iface = obj.interface(iface_name)
+                if iface is None:
+                    raise BusError(errors.UNKNOWN_INTERFACE, f"Unknown interface '{iface_name}'.")
+                selected = [iface]
+            else:
+                selected = obj.interfaces
+            values = {
+                p.name: Variant(p.signature, obj.properties[(i.name, p.name)]())
+                for i in selected
+                for p in i.properties.values()
+            }
+            return Message.new_method_return(msg, "a{sv}", [values])
+        _check_signature(msg, PROPERTIES, "ssv")
+        iface_name, prop, value = msg.body
+        iface = obj.interface(iface_name)
+        if iface is None or prop not in iface.properties:
+            raise BusError(errors.UNKNOWN_PROPERTY, f"Unknown interface {iface_name} or property {prop}.")
+        spec = iface.properties[prop]
+        setter = obj.setters.get((iface_name, prop))
+        if not spec.writable or setter is None:
+            raise BusError(errors.PROPERTY_READ_ONLY, f"Property '{prop}' is not writable.")
+        if value.signature != spec.signature:
+            raise BusError(
+                errors.INVALID_ARGS,
+                f"Incorrect signature when setting property '{prop}', "
+                f"expected '{spec.signature}', got '{value.signature}'.",
+            )
+        await setter(call, value.value)
+        return Message.new_method_return(msg)
+
+
+def _find_member(obj: BusObject, member: str) -> Interface | None:
+    for iface in obj.interfaces:
+        if member in iface.methods:
+            return iface
+    return None
+
+
+def _check_signature(msg: Message, iface: str, expected: str, member: str | None = None) -> None:
+    if msg.signature != expected:
+        raise BusError(
+            errors.INVALID_ARGS,
+            f"Invalid arguments '{msg.signature}' to call {iface}.{member or msg.member}(), "
+            f"expecting '{expected}'.",
+        )
+
+
+def _method_return(msg: Message, signature: str, result: Any) -> Message:
+    """Handlers return the list of out-arguments (None when there are none)."""
+    if not signature:
+        return Message.new_method_return(msg)
+    return Message.new_method_return(msg, signature, list(result))

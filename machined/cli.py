@@ -1,0 +1,63 @@
+"""Command line of the daemon: arguments, logging, exit codes; no logic."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from machined import __version__
+from machined.daemon import IDENTIFIER, STATE_DIR, Daemon, StartupError
+
+
+def setup_logging(level: str) -> None:
+    """journald (structured) when systemd started us, plain stderr otherwise."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    handler: logging.Handler | None = None
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+        try:
+            from systemd.journal import JournalHandler
+
+            handler = JournalHandler(SYSLOG_IDENTIFIER=IDENTIFIER)
+        except ImportError:
+            handler = None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{IDENTIFIER}: %(message)s"))
+    root.addHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="machined",
+        description="Virtual machine and container registration service (org.freedesktop.machine1).",
+    )
+    parser.add_argument("--bus-address", help="connect to this D-Bus address instead of the system bus")
+    parser.add_argument(
+        "--state-dir",
+        default=STATE_DIR,
+        help="where machine state files are kept (default: %(default)s; clients read them there)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("MACHINED_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    parser.add_argument("--version", action="version", version=f"machined {__version__}")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        asyncio.run(Daemon(bus_address=args.bus_address, state_dir=args.state_dir).run())
+    except StartupError as e:
+        logging.getLogger("machined").error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Composition root: build the objects, own the bus name, serve until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+from dbus_fast import BusType, Message, MessageType, RequestNameReply
+from dbus_fast.aio import MessageBus
+from dbus_fast.constants import NameFlag
+
+from machined import notify
+from machined.bus.logcontrol import LogControl
+from machined.bus.objects import Dispatcher
+from machined.bus.tree import MachinedTree
+from machined.machine import Timestamp, host_machine
+from machined.manager import MachineManager
+
+log = logging.getLogger(__name__)
+
+BUS_NAME = "org.freedesktop.machine1"
+STATE_DIR = "/run/systemd/machines"
+IDENTIFIER = "machined"
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is for the operator."""
+
+
+def read_machine_id(path: str = "/etc/machine-id") -> str:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def boot_timestamp() -> Timestamp:
+    """When the system booted, on both clocks (what ``.host`` reports)."""
+    now_us = time.clock_gettime_ns(time.CLOCK_REALTIME) // 1000
+    since_boot_us = time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1000
+    return Timestamp(realtime=now_us - since_boot_us, monotonic=0)
+
+
+class Daemon:
+    """machined's process: the bus connection, the manager, and the main loop."""
+
+    def __init__(self, bus_address: str | None = None, state_dir: str = STATE_DIR) -> None:
+        self.bus_address = bus_address
+        self.state_dir = state_dir
+        machine_id = read_machine_id()
+        self.machine_id = machine_id
+        host = host_machine(bytes.fromhex(machine_id) if len(machine_id) == 32 else b"", boot_timestamp())
+        self.manager = MachineManager(host)
+        self.log_control = LogControl(IDENTIFIER)
+        self.bus: MessageBus | None = None
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        # Some programs test this directory's existence to decide that machined runs.
+        os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+        self.bus = await self._connect()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            tree = MachinedTree(self.manager, self.log_control)
+            Dispatcher(self.bus, tree, self.machine_id).install()
+            await self._request_name(self.bus)
+            notify.ready(f"Serving {BUS_NAME}.")
+            log.info("Serving %s on the bus.", BUS_NAME)
+            watchdog = notify.start_watchdog(loop)
+            disconnected = asyncio.ensure_future(self.bus.wait_for_disconnect())
+            stopped = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if watchdog is not None:
+                watchdog.cancel()
+            if disconnected.done():
+                log.warning("Lost the connection to the bus; exiting.")
+            else:
+                disconnected.cancel()
+                notify.stopping()
+                log.info("Exiting.")
+        finally:
+            if self.bus.connected:
+                self.bus.disconnect()
+
+    async def _connect(self) -> MessageBus:
+        try:
+            if self.bus_address:
+                bus = MessageBus(bus_address=self.bus_address, negotiate_unix_fd=True)
+            else:
+                bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+            return await bus.connect()
+        except (OSError, ValueError) as e:
+            where = self.bus_address or "the system bus"
+            raise StartupError(f"Failed to connect to {where}: {e}") from e
+
+    async def _request_name(self, bus: MessageBus) -> None:
+        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            return
+        owner = await _describe_owner(bus, BUS_NAME)
+        raise StartupError(f"{BUS_NAME} is already owned on this bus{owner}; is systemd-machined running?")
+
+
+async def _describe_owner(bus: MessageBus, name: str) -> str:
+    reply = await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="GetConnectionUnixProcessID",
+            signature="s",
+            body=[name],
+        )
+    )
+    if reply is None or reply.message_type is not MessageType.METHOD_RETURN:
+        return ""
+    pid = reply.body[0]
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
+            return f" by PID {pid} ({f.read().strip()})"
+    except OSError:
+        return f" by PID {pid}"

@@ -1,0 +1,90 @@
+"""The machine record and its enumerations; no D-Bus, no I/O."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from machined.naming import HOST_MACHINE_NAME, machine_object_path
+
+
+class MachineClass(enum.StrEnum):
+    """Wire strings of a machine's class; ``UNKNOWN`` is the empty string."""
+
+    UNKNOWN = ""
+    CONTAINER = "container"
+    VM = "vm"
+    HOST = "host"
+
+
+class MachineState(enum.StrEnum):
+    OPENING = "opening"
+    RUNNING = "running"
+    CLOSING = "closing"
+
+
+@dataclass
+class Timestamp:
+    """A point in time on both clocks, in microseconds (0 = unset)."""
+
+    realtime: int = 0
+    monotonic: int = 0
+
+    def is_set(self) -> bool:
+        return self.realtime > 0 or self.monotonic > 0
+
+
+@dataclass
+class Machine:
+    """One registered machine: what clients see of it and what we track."""
+
+    name: str
+    id: bytes = b""
+    service: str = ""
+    machine_class: MachineClass = MachineClass.UNKNOWN
+    leader: int = 0
+    root_directory: str = ""
+    netif: list[int] = field(default_factory=list)
+    unit: str = ""
+    scope_job: str = ""
+    timestamp: Timestamp = field(default_factory=Timestamp)
+    started: bool = False
+    stopping: bool = False
+    referenced: bool = False
+
+    @property
+    def object_path(self) -> str:
+        return machine_object_path(self.name)
+
+    @property
+    def is_host(self) -> bool:
+        return self.machine_class is MachineClass.HOST
+
+    @property
+    def state(self) -> MachineState:
+        if self.is_host:
+            return MachineState.RUNNING
+        if self.stopping:
+            return MachineState.CLOSING
+        if self.scope_job:
+            return MachineState.OPENING
+        return MachineState.RUNNING
+
+    @property
+    def id_bytes(self) -> bytes:
+        """The Id property: empty when no ID (or an all-zero one) is known."""
+        return b"" if not any(self.id) else self.id
+
+
+def host_machine(machine_id: bytes, boot: Timestamp) -> Machine:
+    """The ``.host`` pseudo-machine: the system itself, always present."""
+    return Machine(
+        name=HOST_MACHINE_NAME,
+        id=machine_id,
+        machine_class=MachineClass.HOST,
+        leader=1,
+        root_directory="/",
+        unit="-.slice",
+        timestamp=boot,
+        started=True,
+    )

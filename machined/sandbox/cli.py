@@ -1,0 +1,128 @@
+"""``machined-sandbox``: start, enter, list and stop sandboxes with a real systemd."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from machined.sandbox.core import Sandbox, SandboxError
+
+
+def _pick(sandbox_id: str | None) -> Sandbox:
+    if sandbox_id:
+        return Sandbox.attach(sandbox_id)
+    running = [info for info, alive in Sandbox.list() if alive]
+    if len(running) == 1:
+        return Sandbox.attach(running[0].id)
+    if not running:
+        raise SandboxError("no sandbox is running (start one with 'machined-sandbox start')")
+    ids = ", ".join(i.id for i in running)
+    raise SandboxError(f"several sandboxes are running ({ids}): name one")
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    sb = Sandbox(args.impl).start()
+    print(sb.id)
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    if not args.command:
+        raise SandboxError("exec needs a command: machined-sandbox exec ID -- CMD [ARGS...]")
+    return _pick(args.id).interactive(args.command)
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    sb = _pick(args.id)
+    print(f"Entering sandbox {sb.id} ({sb.info.impl}); 'exit' leaves it running.", file=sys.stderr)
+    return sb.interactive(["/bin/bash", "-l"])
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    if args.all:
+        targets = [Sandbox.attach(info.id) for info, _ in Sandbox.list()]
+    else:
+        targets = [_pick(args.id)]
+    for sb in targets:
+        sb.stop()
+        print(f"stopped {sb.id}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = Sandbox.list()
+    print(f"{'ID':<10} {'IMPL':<5} {'INIT PID':>8}  STATE")
+    for info, alive in rows:
+        print(f"{info.id:<10} {info.impl:<5} {info.init_pid:>8}  {'running' if alive else 'dead'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.command:
+        raise SandboxError("run needs a command: machined-sandbox run [--impl X] -- CMD [ARGS...]")
+    with Sandbox(args.impl) as sb:
+        return sb.interactive(args.command)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from machined.sandbox.demo import demo
+
+    return demo(args.id_file)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="machined-sandbox",
+        description="Boot a real systemd as PID 1 in fresh namespaces, with machined "
+        "(--impl ours) or systemd-machined (--impl real) serving org.freedesktop.machine1.",
+    )
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("start", help="boot a sandbox and print its id")
+    s.add_argument("--impl", choices=["ours", "real"], default="ours")
+    s.set_defaults(func=cmd_start)
+
+    s = sub.add_parser("exec", help="run a command inside a sandbox")
+    s.add_argument("id", nargs="?")
+    s.add_argument("command", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_exec)
+
+    s = sub.add_parser("shell", help="open an interactive shell inside a sandbox")
+    s.add_argument("id", nargs="?")
+    s.set_defaults(func=cmd_shell)
+
+    s = sub.add_parser("stop", help="power a sandbox off and remove every trace of it")
+    s.add_argument("id", nargs="?")
+    s.add_argument("--all", action="store_true", help="stop every sandbox on this host")
+    s.set_defaults(func=cmd_stop)
+
+    s = sub.add_parser("list", help="list sandboxes")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("run", help="boot a sandbox, run one command in it, tear it down")
+    s.add_argument("--impl", choices=["ours", "real"], default="ours")
+    s.add_argument("command", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", help="boot a sandbox with machined and show real clients using it")
+    s.add_argument("--id-file", help="write the sandbox id to this file")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) and args.command[0] == "--":
+        args.command = args.command[1:]
+    try:
+        return args.func(args)
+    except SandboxError as e:
+        print(f"machined-sandbox: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("machined-sandbox: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,536 @@
+"""Boot a real systemd as PID 1 of fresh namespaces, with its own system bus.
+
+A :class:`Sandbox` shares the host's file systems but sees them read-only, with
+private tmpfs mounts on /run, /tmp, /var/tmp, /var/lib/machines,
+/var/log/journal, /var/lib/systemd and /dev/shm, a private cgroup subtree, and
+every unit that could write host state masked. With ``impl="ours"`` our daemon
+is installed as the provider of org.freedesktop.machine1 (real
+systemd-machined masked, our unit, bus policy, activation file and polkit
+policy bind-mounted in place); with ``impl="real"`` systemd-machined stays.
+
+Host-side bookkeeping lives in ``/run/machined-sandbox/<id>/`` so that the
+command-line tool can find, enter and stop sandboxes started earlier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+STATE_ROOT = Path("/run/machined-sandbox")
+CGROUP_PREFIX = "machined-sandbox-"
+EXEC_CGROUP = "sandbox-exec"
+TARGET = "machined-sandbox.target"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# Units that would write to the host's file systems or devices (sandbox.md).
+MASKED_UNITS = (
+    "systemd-tmpfiles-setup.service",
+    "systemd-tmpfiles-setup-dev.service",
+    "systemd-tmpfiles-clean.service",
+    "systemd-tmpfiles-clean.timer",
+    "systemd-sysusers.service",
+    "systemd-sysctl.service",
+    "systemd-binfmt.service",
+    "proc-sys-fs-binfmt_misc.automount",
+    "proc-sys-fs-binfmt_misc.mount",
+    "systemd-modules-load.service",
+    "systemd-remount-fs.service",
+    "systemd-journal-flush.service",
+    "systemd-update-utmp.service",
+    "systemd-update-utmp-runlevel.service",
+    "systemd-random-seed.service",
+    "systemd-machine-id-commit.service",
+    "systemd-hwdb-update.service",
+    "ldconfig.service",
+    "systemd-firstboot.service",
+    "systemd-repart.service",
+    "systemd-pcrphase.service",
+    "systemd-pcrphase-sysinit.service",
+    "systemd-pcrphase-initrd.service",
+    "systemd-timesyncd.service",
+    "kmod-static-nodes.service",
+    "kmod.service",
+    "systemd-udevd.service",
+    "systemd-udevd-control.socket",
+    "systemd-udevd-kernel.socket",
+    "systemd-udev-trigger.service",
+    "systemd-udev-settle.service",
+    "systemd-boot-update.service",
+    "systemd-boot-system-token.service",
+    "systemd-journald-audit.socket",
+    "systemd-networkd.service",
+    "systemd-resolved.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "man-db.timer",
+    "e2scrub_all.timer",
+    "fstrim.timer",
+    "logrotate.timer",
+    "dpkg-db-backup.timer",
+    "cron.service",
+    "ssh.service",
+    "getty.target",
+    "console-getty.service",
+    "modprobe@.service",
+)
+
+POLICY_FILES = {
+    "org.freedesktop.machine1.conf": "/usr/share/dbus-1/system.d/org.freedesktop.machine1.conf",
+    "org.freedesktop.machine1.service": (
+        "/usr/share/dbus-1/system-services/org.freedesktop.machine1.service"
+    ),
+    "org.freedesktop.machine1.policy": "/usr/share/polkit-1/actions/org.freedesktop.machine1.policy",
+}
+
+
+class SandboxError(Exception):
+    """A sandbox could not be started, entered or stopped; the message says why."""
+
+
+@dataclass
+class SandboxInfo:
+    """What the host keeps about a running sandbox (``info.json``)."""
+
+    id: str
+    impl: str
+    init_pid: int = 0
+    init_start_time: int = 0
+    cgroups: list[str] = field(default_factory=list)
+    created: float = 0.0
+
+    @property
+    def state_dir(self) -> Path:
+        return STATE_ROOT / self.id
+
+
+def _proc_start_time(pid: int) -> int:
+    """Start time of *pid* in clock ticks since boot (0 if it does not exist)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            data = f.read()
+    except OSError:
+        return 0
+    return int(data.rsplit(")", 1)[1].split()[19])
+
+
+def _alive(pid: int, start_time: int) -> bool:
+    return pid > 0 and _proc_start_time(pid) == start_time
+
+
+def cgroup_layout() -> str:
+    """``hybrid`` (v1 name=systemd + cgroup2 at unified/) or ``unified`` (cgroup2 only)."""
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return "unified"
+    if os.path.isdir("/sys/fs/cgroup/systemd") and os.path.exists(
+        "/sys/fs/cgroup/unified/cgroup.controllers"
+    ):
+        return "hybrid"
+    raise SandboxError(
+        "no usable cgroup hierarchy: need cgroup2 at /sys/fs/cgroup, or name=systemd at "
+        "/sys/fs/cgroup/systemd plus cgroup2 at /sys/fs/cgroup/unified"
+    )
+
+
+def _cgroup_roots(layout: str) -> list[Path]:
+    if layout == "hybrid":
+        return [Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified")]
+    return [Path("/sys/fs/cgroup")]
+
+
+def check_host() -> str:
+    """Refuse clearly when this host cannot run a sandbox; return the cgroup layout."""
+    if os.geteuid() != 0:
+        raise SandboxError("machined-sandbox must run as root (it creates namespaces and cgroups)")
+    for tool in ("unshare", "nsenter", "mount"):
+        if shutil.which(tool) is None:
+            raise SandboxError(f"'{tool}' is missing (Debian package util-linux / mount)")
+    if not os.path.exists(systemd_binary()):
+        raise SandboxError("systemd is not installed on this host (/lib/systemd/systemd)")
+    layout = cgroup_layout()
+    probe = subprocess.run(
+        ["unshare", "--pid", "--mount", "--cgroup", "--uts", "--ipc", "--fork", "true"],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        raise SandboxError(
+            "cannot create pid/mount/cgroup/uts/ipc namespaces here: " + probe.stderr.strip()
+        )
+    return layout
+
+
+def systemd_binary() -> str:
+    override = os.environ.get("MACHINED_SANDBOX_SYSTEMD")
+    if override:
+        return override
+    for path in ("/lib/systemd/systemd", "/usr/lib/systemd/systemd"):
+        if os.path.exists(path):
+            return path
+    return "/lib/systemd/systemd"
+
+
+def our_unit_text(python: str) -> str:
+    """The project's service unit with ExecStart pointed at this interpreter."""
+    text = (PROJECT_ROOT / "units" / "machined.service").read_text(encoding="utf-8")
+    return re.sub(r"(?m)^ExecStart=.*$", f"ExecStart={python} -m machined", text)
+
+
+class Sandbox:
+    """A booted systemd in fresh namespaces; use as a context manager in tests."""
+
+    def __init__(
+        self,
+        impl: str = "ours",
+        *,
+        bus_limits: dict[str, int] | None = None,
+        machines_size: str = "512m",
+        boot_timeout: float = 60.0,
+    ) -> None:
+        if impl not in ("ours", "real"):
+            raise SandboxError(f"unknown implementation '{impl}' (ours or real)")
+        self.info = SandboxInfo(id=secrets.token_hex(4), impl=impl)
+        self.bus_limits = bus_limits or {}
+        self.machines_size = machines_size
+        self.boot_timeout = boot_timeout
+        self._launcher: subprocess.Popen[bytes] | None = None
+
+    # ----- lifecycle -------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def init_pid(self) -> int:
+        return self.info.init_pid
+
+    @property
+    def state_dir(self) -> Path:
+        return self.info.state_dir
+
+    def __enter__(self) -> "Sandbox":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @classmethod
+    def attach(cls, sandbox_id: str) -> "Sandbox":
+        """The running sandbox *sandbox_id*, as recorded by the one that started it."""
+        path = STATE_ROOT / sandbox_id / "info.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise SandboxError(f"no sandbox '{sandbox_id}' (see 'machined-sandbox list')") from e
+        sb = cls.__new__(cls)
+        sb.info = SandboxInfo(**data)
+        sb.bus_limits = {}
+        sb.machines_size = ""
+        sb.boot_timeout = 60.0
+        sb._launcher = None
+        return sb
+
+    @staticmethod
+    def list() -> list[tuple[SandboxInfo, bool]]:
+        """Every sandbox recorded on this host, with whether its systemd is still running."""
+        result = []
+        if not STATE_ROOT.is_dir():
+            return result
+        for entry in sorted(STATE_ROOT.iterdir()):
+            try:
+                info = SandboxInfo(**json.loads((entry / "info.json").read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError):
+                continue
+            result.append((info, _alive(info.init_pid, info.init_start_time)))
+        return result
+
+    def alive(self) -> bool:
+        return _alive(self.info.init_pid, self.info.init_start_time)
+
+    def start(self) -> "Sandbox":
+        layout = check_host()
+        self.info.created = time.time()
+        self.info.cgroups = [str(r / (CGROUP_PREFIX + self.id)) for r in _cgroup_roots(layout)]
+        try:
+            self._start(layout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, layout: str) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=False)
+        for cg in self.info.cgroups:
+            os.mkdir(cg)
+        self._save_info()
+        console = self.state_dir / "console.log"
+        console.touch()
+        spec = self._boot_spec(layout, str(console))
+        procs = " ".join(f"{cg}/cgroup.procs" for cg in self.info.cgroups)
+        script = f'for f in {procs}; do echo $$ > "$f" || exit 1; done; exec "$@"'
+        argv = [
+            "sh", "-c", script, "sh",
+            "unshare", "--pid", "--mount", "--cgroup", "--uts", "--ipc", "--fork",
+            "--propagation", "private", "--",
+            sys.executable, "-m", "machined.sandbox.boot",
+        ]  # fmt: skip
+        with open(console, "ab") as log:
+            self._launcher = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=log,
+                cwd=str(PROJECT_ROOT),
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(PROJECT_ROOT)},
+                start_new_session=True,
+            )
+        assert self._launcher.stdin is not None
+        self._launcher.stdin.write(json.dumps(spec).encode())
+        self._launcher.stdin.close()
+        self._find_init()
+        self._save_info()
+        self._wait_booted()
+        for cg in self.info.cgroups:
+            os.makedirs(f"{cg}/{EXEC_CGROUP}", exist_ok=True)
+
+    def _find_init(self) -> None:
+        assert self._launcher is not None
+        deadline = time.monotonic() + 10
+        pid = self._launcher.pid
+        while time.monotonic() < deadline:
+            try:
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                children = []
+            if children:
+                self.info.init_pid = int(children[0])
+                self.info.init_start_time = _proc_start_time(self.info.init_pid)
+                return
+            if self._launcher.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise SandboxError("the sandbox's init did not start:\n" + self.console_tail())
+
+    def _wait_booted(self) -> None:
+        deadline = time.monotonic() + self.boot_timeout
+        state = ""
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise SandboxError("systemd exited during boot; its last lines:\n" + self.console_tail())
+            r = self.run(["systemctl", "is-system-running"], check=False, timeout=10)
+            state = r.stdout.strip()
+            if state in ("running", "degraded"):
+                if state == "degraded":
+                    failed = self.run(["systemctl", "--failed", "--no-legend"], check=False).stdout
+                    raise SandboxError(f"systemd booted degraded; failed units:\n{failed}")
+                return
+            time.sleep(0.1)
+        raise SandboxError(
+            f"systemd did not finish booting within {self.boot_timeout:.0f}s "
+            f"(state '{state}'); its last lines:\n" + self.console_tail()
+        )
+
+    def console_tail(self, lines: int = 30) -> str:
+        try:
+            text = (self.state_dir / "console.log").read_text(errors="replace")
+        except OSError:
+            return "(no console log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _save_info(self) -> None:
+        tmp = self.state_dir / "info.json.tmp"
+        tmp.write_text(json.dumps(asdict(self.info)), encoding="utf-8")
+        tmp.rename(self.state_dir / "info.json")
+
+    def _boot_spec(self, layout: str, console: str) -> dict:
+        files: list[dict] = []
+        unit_dir = "/run/systemd/system"
+        files.append(
+            {
+                "path": f"{unit_dir}/{TARGET}",
+                "content": (
+                    "[Unit]\nDescription=machined sandbox\n"
+                    "Wants=dbus.socket dbus.service systemd-journald.service machine.slice\n"
+                    "After=dbus.socket dbus.service systemd-journald.service\n"
+                ),
+            }
+        )
+        for unit in MASKED_UNITS:
+            files.append({"path": f"{unit_dir}/{unit}", "symlink": "/dev/null"})
+        binds: list[dict] = []
+        if self.info.impl == "ours":
+            files.append({"path": f"{unit_dir}/systemd-machined.service", "symlink": "/dev/null"})
+            files.append({"path": f"{unit_dir}/machined.service", "content": our_unit_text(sys.executable)})
+            files.append(
+                {"path": f"{unit_dir}/dbus-org.freedesktop.machine1.service", "symlink": "machined.service"}
+            )
+            for name, dst in POLICY_FILES.items():
+                binds.append({"src": str(PROJECT_ROOT / "dbus-interfaces" / name), "dst": dst})
+        if self.bus_limits:
+            limits = "".join(f'  <limit name="{k}">{v}</limit>\n' for k, v in self.bus_limits.items())
+            files.append(
+                {
+                    "path": "/run/machined-sandbox/system-bus.conf",
+                    "content": (
+                        '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"\n'
+                        ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n'
+                        "<busconfig>\n  <include>/usr/share/dbus-1/system.conf</include>\n"
+                        f"{limits}</busconfig>\n"
+                    ),
+                }
+            )
+            files.append(
+                {
+                    "path": f"{unit_dir}/dbus.service.d/sandbox-limits.conf",
+                    "content": (
+                        "[Service]\nExecStart=\nExecStart=/usr/bin/dbus-daemon "
+                        "--config-file=/run/machined-sandbox/system-bus.conf --address=systemd: "
+                        "--nofork --nopidfile --systemd-activation --syslog-only\n"
+                    ),
+                }
+            )
+        tmpfs = [
+            {"path": "/run", "options": "mode=755,nosuid,nodev,size=256m"},
+            {"path": "/tmp", "options": "mode=1777,nosuid,nodev,size=512m"},
+            {"path": "/var/tmp", "options": "mode=1777,nosuid,nodev,size=256m"},
+            {"path": "/var/lib/machines", "options": f"mode=700,size={self.machines_size or '512m'}"},
+            {"path": "/var/lib/systemd", "options": "mode=755,size=64m"},
+            {"path": "/var/log/journal", "options": "mode=2755,size=64m"},
+            {"path": "/dev/shm", "options": "mode=1777,nosuid,nodev,size=64m"},
+        ]
+        return {
+            "tmpfs": tmpfs,
+            "binds": binds,
+            "files": files,
+            "cgroup_layout": layout,
+            "console_log": console,
+            "hostname": f"sandbox-{self.id}",
+            "systemd": systemd_binary(),
+            "unit": TARGET,
+        }
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Power the sandbox off and remove every trace of it; safe to call twice."""
+        pid, start_time = self.info.init_pid, self.info.init_start_time
+        if _alive(pid, start_time):
+            self.run(["systemctl", "poweroff", "--no-block"], check=False, timeout=10)
+            deadline = time.monotonic() + timeout
+            while _alive(pid, start_time) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid, start_time):
+                # Killing a pid namespace's init kills every process in it.
+                os.kill(pid, signal.SIGKILL)
+        if self._launcher is not None:
+            try:
+                self._launcher.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._launcher.kill()
+                self._launcher.wait()
+        self._remove_cgroups()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def _remove_cgroups(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        for cg in self.info.cgroups:
+            root = Path(cg)
+            while root.exists():
+                try:
+                    dirs = sorted(
+                        (p for p in root.rglob("*") if p.is_dir()),
+                        key=lambda p: len(p.parts),
+                        reverse=True,
+                    )
+                    for d in [*dirs, root]:
+                        d.rmdir()
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise SandboxError(f"could not remove cgroup {cg}: processes remain in it")
+                    self._kill_cgroup(root)
+                    time.sleep(0.05)
+
+    @staticmethod
+    def _kill_cgroup(root: Path) -> None:
+        for procs in root.rglob("cgroup.procs"):
+            try:
+                pids = procs.read_text().split()
+            except OSError:
+                continue
+            for p in pids:
+                try:
+                    os.kill(int(p), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
+
+    # ----- running commands inside -----------------------------------------------------
+
+    def command(self, args: list[str]) -> list[str]:
+        """argv that runs *args* inside the sandbox (its namespaces and a cgroup of it)."""
+        if not self.info.init_pid:
+            raise SandboxError("the sandbox is not running")
+        procs = " ".join(f"{cg}/{EXEC_CGROUP}/cgroup.procs" for cg in self.info.cgroups)
+        script = f'for f in {procs}; do [ -e "$f" ] && echo $$ > "$f"; done; exec "$@"'
+        return [
+            "sh", "-c", script, "sh",
+            "nsenter", "-t", str(self.info.init_pid), "-p", "-m", "-C", "-u", "-i", "--",
+            *args,
+        ]  # fmt: skip
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8",
+            "SYSTEMD_PAGER": "cat",
+            "PAGER": "cat",
+            "SYSTEMD_COLORS": "0",
+            "HOME": "/root",
+        }
+        if "TERM" in os.environ:
+            env["TERM"] = os.environ["TERM"]
+        env.update(extra or {})
+        return env
+
+    def run(
+        self,
+        args: list[str],
+        *,
+        check: bool = True,
+        timeout: float | None = 60,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run *args* inside and capture its output as text."""
+        r = subprocess.run(
+            self.command(args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            env=self.env(env),
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+        if check and r.returncode != 0:
+            raise SandboxError(
+                f"{' '.join(args)!r} failed in sandbox {self.id} with {r.returncode}:\n"
+                f"{r.stdout}{r.stderr}"
+            )
+        return r
+
+    def popen(self, args: list[str], **kwargs: object) -> subprocess.Popen:
+        """Start *args* inside without waiting (output handling as the caller says)."""
+        kwargs.setdefault("env", self.env())
+        return subprocess.Popen(self.command(args), **kwargs)  # type: ignore[call-overload]
+
+    def interactive(self, args: list[str]) -> int:
+        """Run *args* inside attached to this terminal; return its exit status."""
+        return subprocess.call(self.command(args), env=self.env())
