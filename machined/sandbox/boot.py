@@ -20,8 +20,12 @@ import sys
 _KEEP_WRITABLE_PREFIXES = ("/proc", "/sys", "/dev")
 
 
-def _mount(*args: str) -> None:
-    subprocess.run(["mount", *args], check=True)
+def _mount(*args: str, pass_fds: tuple[int, ...] = ()) -> None:
+    subprocess.run(["mount", *args], check=True, pass_fds=pass_fds)
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 def _mountpoints() -> list[str]:
@@ -74,8 +78,23 @@ def boot(spec: dict) -> None:
     if spec.get("read_only_root", True):
         _make_inherited_mounts_read_only()
 
+    # Paths the sandbox needs (the project, its virtualenv) that a private tmpfs
+    # would hide, e.g. a checkout under /tmp: keep a handle, bind them back after.
+    preserved = []
+    for path in spec.get("preserve", []):
+        if any(_under(path, kept) for kept, _ in preserved):
+            continue  # visible through its preserved parent
+        if any(_under(path, entry["path"]) for entry in tmpfs) and os.path.isdir(path):
+            preserved.append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
+
     for entry in tmpfs:
         _mount("-t", "tmpfs", "-o", entry["options"], "tmpfs", entry["path"])
+
+    for path, fd in preserved:
+        os.makedirs(path, exist_ok=True)
+        _mount("--no-canonicalize", "--bind", f"/proc/self/fd/{fd}", path, pass_fds=(fd,))
+        _mount("-o", "remount,bind,ro", path)
+        os.close(fd)
 
     # cgroups: thanks to the cgroup namespace only our own subtree is visible.
     _mount("-t", "tmpfs", "-o", "mode=755,nosuid,nodev,noexec", "tmpfs", "/sys/fs/cgroup")

@@ -418,6 +418,7 @@ class Sandbox:
             "hostname": f"sandbox-{self.id}",
             "systemd": systemd_binary(),
             "unit": TARGET,
+            "preserve": sorted({str(PROJECT_ROOT), sys.prefix, sys.base_prefix}),
         }
 
     def stop(self, timeout: float = 30.0) -> None:
