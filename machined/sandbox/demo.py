@@ -7,9 +7,9 @@ import sys
 from machined.sandbox.core import Sandbox
 
 STEPS = [
+    ("machinectl list --all", ["machinectl", "list", "--all"]),
     ("busctl status org.freedesktop.machine1 (who serves the name)", ["sh", "-c",
      "busctl status org.freedesktop.machine1 | grep -E '^(PID|Comm|CommandLine|Unit)='"]),
-    ("machinectl list --all", ["machinectl", "list", "--all"]),
     ("machinectl status -n0 .host", ["machinectl", "status", "-n0", ".host"]),
     ("busctl tree org.freedesktop.machine1", ["busctl", "tree", "org.freedesktop.machine1"]),
 ]  # fmt: skip
