@@ -7,6 +7,7 @@ systemd-machined and in one with ours, and compares the outputs.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -148,3 +149,25 @@ def test_log_control_differs_only_in_our_identifier(ours: Sandbox, real: Sandbox
     level = ours.run(["busctl", "get-property", DEST, "/org/freedesktop/LogControl1", "org.freedesktop.LogControl1",
                       "LogLevel"]).stdout  # fmt: skip
     assert level.strip() == 's "debug"'
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        ["org.freedesktop.machine1.Manager.RegisterMachine", "string:x", "array:byte:", "string:", "string:vm",
+         "uint32:0", "string:"],
+        ["org.freedesktop.machine1.Manager.OpenMachinePTY", "string:.host"],
+        ["org.freedesktop.machine1.Manager.ListMachines"],
+        ["org.freedesktop.machine1.Manager.GetMachine", "string:.host"],
+    ],
+    ids=lambda c: c[0].rsplit(".", 1)[1],
+)  # fmt: skip
+def test_bus_policy_for_unprivileged_callers_matches_real(ours: Sandbox, real: Sandbox, call: list[str]) -> None:
+    """Our policy file is in place and dbus-daemon judges callers by it as by upstream's."""
+    assert "machined" in ours.run(["cat", "/usr/share/dbus-1/system.d/org.freedesktop.machine1.conf"]).stdout
+    args = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "dbus-send", "--system", "--print-reply", f"--dest={DEST}", MANAGER, *call]  # fmt: skip
+    expected, got = both(ours, real, args)
+    expected = re.sub(r'pid=\d+', 'pid=N', expected)
+    got = re.sub(r'pid=\d+', 'pid=N', got)
+    assert got == expected
