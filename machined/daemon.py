@@ -15,9 +15,11 @@ from dbus_fast.constants import NameFlag
 from machined import notify
 from machined.bus.logcontrol import LogControl
 from machined.bus.objects import Dispatcher
-from machined.bus.tree import MachinedTree
-from machined.machine import Timestamp, host_machine
+from machined.bus.systemd1 import Systemd
+from machined.bus.tree import MANAGER_PATH, MachinedTree
+from machined.machine import Machine, Timestamp, host_machine
 from machined.manager import MachineManager
+from machined.statefile import StateDir
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class Daemon:
         machine_id = read_machine_id()
         self.machine_id = machine_id
         host = host_machine(bytes.fromhex(machine_id) if len(machine_id) == 32 else b"", boot_timestamp())
-        self.manager = MachineManager(host)
+        self.manager = MachineManager(host, StateDir(state_dir), announce=self._announce)
         self.log_control = LogControl(IDENTIFIER)
         self.bus: MessageBus | None = None
         self._stop = asyncio.Event()
@@ -63,13 +65,20 @@ class Daemon:
         # Some programs test this directory's existence to decide that machined runs.
         os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
         self.bus = await self._connect()
+        systemd = Systemd(self.bus)
+        self.manager.systemd = systemd
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         try:
+            await systemd.connect(self.manager)
             tree = MachinedTree(self.manager, self.log_control)
-            Dispatcher(self.bus, tree, self.machine_id).install()
+            dispatcher = Dispatcher(self.bus, tree, self.machine_id)
+            dispatcher.install()
             await self._request_name(self.bus)
+            await self.manager.load_state()
+            self.manager.start_gc()
+            dispatcher.ready.set()
             notify.ready(f"Serving {BUS_NAME}.")
             log.info("Serving %s on the bus.", BUS_NAME)
             watchdog = notify.start_watchdog(loop)
@@ -78,6 +87,7 @@ class Daemon:
             await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if watchdog is not None:
                 watchdog.cancel()
+            await self.manager.stop_gc()
             if disconnected.done():
                 log.warning("Lost the connection to the bus; exiting.")
             else:
@@ -87,6 +97,20 @@ class Daemon:
         finally:
             if self.bus.connected:
                 self.bus.disconnect()
+
+    def _announce(self, signal_name: str, machine: Machine) -> None:
+        """MachineNew / MachineRemoved on the Manager object."""
+        if self.bus is None or not self.bus.connected:
+            return
+        self.bus.send(
+            Message.new_signal(
+                MANAGER_PATH,
+                "org.freedesktop.machine1.Manager",
+                signal_name,
+                "so",
+                [machine.name, machine.object_path],
+            )
+        )
 
     async def _connect(self) -> MessageBus:
         try:

@@ -1,36 +1,114 @@
-"""The registry's use cases: lookups now, registration and lifecycle later.
+"""The registry's use cases: registration, lifecycle, garbage collection, lookups.
 
 Free of D-Bus: adapters in :mod:`machined.bus` translate calls into these
 methods and the :class:`~machined.errors.BusError` they raise into replies.
+The service manager is reached through a :class:`ServiceManager` port, and
+machine arrivals and departures are announced through a callback.
+
+Lifecycle as in systemd-machined 252: events from systemd only queue machines
+for garbage collection; one GC pass asks systemd whether a machine's unit (or
+its pending job) is still active, stops it if not, and finalizes it when it is
+gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Protocol
 
-from machined import errors
+from dbus_fast import Variant
+
+from machined import errors, journal
 from machined.addresses import Address, read_addresses
+from machined.cgroup import cgroup_path_get_unit, pid_cgroup
 from machined.envfile import read_os_release
-from machined.cgroup import pid_unit
 from machined.errors import BusError
-from machined.machine import Machine, MachineClass
+from machined.machine import Machine, MachineClass, Timestamp
+from machined.naming import machine_scope_name
+from machined.process import process_exists
+from machined.registration import KillWho, RegistrationRequest
 from machined.registry import Registry
+from machined.statefile import StateDir
 
 log = logging.getLogger(__name__)
 
 POOL_PATH = "/var/lib/machines"
 UINT64_MAX = 2**64 - 1
+MACHINE_SLICE = "machine.slice"
+SCOPE_TASKS_MAX = 16384
+
+
+class ServiceManager(Protocol):
+    """What machined needs from systemd (PID 1)."""
+
+    async def start_transient_unit(self, name: str, properties: list[tuple[str, Variant]]) -> str: ...
+    async def stop_unit(self, unit: str) -> str: ...
+    async def kill_unit(self, unit: str, signal: int) -> None: ...
+    async def unref_unit(self, unit: str) -> None: ...
+    async def unit_is_active(self, unit: str) -> bool: ...
+    async def job_is_active(self, job: str) -> bool: ...
+
+
+Announce = Callable[[str, Machine], None]  # ("MachineNew" | "MachineRemoved", machine)
+
+
+def now() -> Timestamp:
+    return Timestamp(
+        realtime=time.clock_gettime_ns(time.CLOCK_REALTIME) // 1000,
+        monotonic=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000,
+    )
+
+
+def scope_properties(machine: Machine, extra: list[tuple[str, Variant]]) -> list[tuple[str, Variant]]:
+    """The properties of a machine's scope, upstream's first, the caller's last (they win)."""
+    kind = "Virtual Machine" if machine.machine_class is MachineClass.VM else "Container"
+    return [
+        ("Slice", Variant("s", MACHINE_SLICE)),
+        ("Description", Variant("s", f"{kind} {machine.name}")),
+        ("PIDs", Variant("au", [machine.leader])),
+        ("Delegate", Variant("b", True)),
+        ("CollectMode", Variant("s", "inactive-or-failed")),
+        ("AddRef", Variant("b", True)),
+        ("TasksMax", Variant("t", SCOPE_TASKS_MAX)),
+        *extra,
+    ]
 
 
 class MachineManager:
     """Owns the registry and everything that changes it."""
 
-    def __init__(self, host: Machine, pool_path: str = POOL_PATH) -> None:
+    def __init__(
+        self,
+        host: Machine,
+        state: StateDir,
+        systemd: ServiceManager | None = None,
+        announce: Announce | None = None,
+        pool_path: str = POOL_PATH,
+    ) -> None:
         self.registry = Registry()
         self.host = host
+        self.state = state
+        self.systemd = systemd
+        self.announce: Announce = announce or (lambda signal, machine: None)
         self.pool_path = pool_path
         self.registry.add(host)
+        self._gc_queue: dict[int, Machine] = {}
+        self._gc_wakeup = asyncio.Event()
+        self._gc_task: asyncio.Task[None] | None = None
+        # Pending CreateMachine replies, by machine identity.
+        self._create_waiters: dict[int, asyncio.Future[str]] = {}
+        # JobRemoved results that arrived before StartTransientUnit's reply was read.
+        self._early_jobs: dict[str, str] = {}
+        self._starting = 0
+        # Machines between registration request and start: GC leaves them alone.
+        self._in_progress: set[int] = set()
+
+    # ----- lookups -------------------------------------------------------------------
 
     def machines(self) -> list[Machine]:
         return list(self.registry)
@@ -46,7 +124,8 @@ class MachineManager:
         machine = self.registry.by_leader(pid)
         if machine is not None:
             return machine
-        unit = pid_unit(pid)
+        path = pid_cgroup(pid)
+        unit = cgroup_path_get_unit(path) if path else None
         return self.registry.by_unit(unit) if unit else None
 
     def get_by_pid(self, pid: int) -> Machine:
@@ -60,6 +139,283 @@ class MachineManager:
 
     def pool_limit(self) -> int:
         return UINT64_MAX
+
+    # ----- registration --------------------------------------------------------------
+
+    async def create(self, req: RegistrationRequest, properties: list[tuple[str, Variant]]) -> Machine:
+        """CreateMachine: a new scope for the leader; returns once systemd started it."""
+        machine = await self._add(req)
+        try:
+            await self._start(machine, properties)
+        except BaseException:
+            self._drop_unstarted(machine)
+            raise
+        finally:
+            self._in_progress.discard(id(machine))
+        if machine.scope_job:
+            waiter = asyncio.get_running_loop().create_future()
+            self._create_waiters[id(machine)] = waiter
+            self._claim_early_job(machine)
+            try:
+                result = await waiter
+            finally:
+                self._create_waiters.pop(id(machine), None)
+            if result != "done":
+                raise BusError(errors.JOB_FAILED, f"Start job for unit {machine.unit} failed with '{result}'")
+        return machine
+
+    async def register(self, req: RegistrationRequest) -> Machine:
+        """RegisterMachine: the leader's existing unit becomes the machine's unit."""
+        machine = await self._add(req)
+        try:
+            path = pid_cgroup(machine.leader)
+            if path is None:
+                raise BusError.from_errno(
+                    errno.ESRCH, f"Failed to determine unit of process {machine.leader} : No such process"
+                )
+            unit = cgroup_path_get_unit(path)
+            if unit is None:
+                raise BusError.from_errno(
+                    errno.ENXIO, f"Failed to determine unit of process {machine.leader} : No such device or address"
+                )
+            machine.unit = unit
+            await self._start(machine, [])
+        except BaseException:
+            self._drop_unstarted(machine)
+            raise
+        finally:
+            self._in_progress.discard(id(machine))
+        return machine
+
+    async def _add(self, req: RegistrationRequest) -> Machine:
+        existing = self.registry.get(req.name)
+        if existing is not None:
+            if not await self._provably_dead(existing):
+                raise BusError(errors.MACHINE_EXISTS, f"Machine '{req.name}' already exists")
+            # Beyond upstream: a dead holder does not block the name forever.
+            log.info("Machine %s is gone (leader %d exited, unit inactive); replacing it.",
+                     existing.name, existing.leader)  # fmt: skip
+            await self.finalize(existing)
+            if req.name in self.registry:  # somebody else took it while we waited
+                raise BusError(errors.MACHINE_EXISTS, f"Machine '{req.name}' already exists")
+        machine = Machine(
+            name=req.name,
+            id=req.id,
+            service=req.service,
+            machine_class=req.machine_class,
+            leader=req.leader,
+            root_directory=req.root_directory,
+            netif=list(req.netif),
+        )
+        self.registry.add(machine)
+        self._in_progress.add(id(machine))
+        return machine
+
+    async def _provably_dead(self, machine: Machine) -> bool:
+        if machine.is_host or not machine.started or machine.scope_job:
+            return False
+        if machine.leader and process_exists(machine.leader):
+            return False
+        assert self.systemd is not None
+        return not (machine.unit and await self.systemd.unit_is_active(machine.unit))
+
+    def _drop_unstarted(self, machine: Machine) -> None:
+        if not machine.started:
+            self.registry.remove(machine)
+
+    async def _start(self, machine: Machine, properties: list[tuple[str, Variant]]) -> None:
+        """machine_start(): index the leader, ensure a unit, announce, persist."""
+        if machine.machine_class not in (MachineClass.CONTAINER, MachineClass.VM):
+            raise errors.not_supported()
+        if machine.started:
+            return
+        if not self.registry.index_leader(machine):
+            raise BusError.from_errno(errno.EEXIST)
+        if not machine.unit:
+            assert self.systemd is not None
+            scope = machine_scope_name(machine.name)
+            self._starting += 1
+            try:
+                job = await self.systemd.start_transient_unit(scope, scope_properties(machine, properties))
+            finally:
+                self._starting -= 1
+            machine.unit = scope
+            machine.referenced = True
+            machine.scope_job = job
+        self.registry.index_unit(machine)
+        journal.machine_started(machine)
+        if not machine.timestamp.is_set():
+            machine.timestamp = now()
+        machine.started = True
+        self._save(machine)
+        self.announce("MachineNew", machine)
+
+    def _save(self, machine: Machine) -> None:
+        if not machine.started:
+            return
+        try:
+            self.state.save(machine)
+        except OSError as e:
+            log.error("Failed to save machine data %s: %s", self.state.file_of(machine.name), e)
+
+    # ----- lifecycle -----------------------------------------------------------------
+
+    async def terminate(self, machine: Machine) -> None:
+        """machine_stop(): ask systemd to stop the unit; removal follows through GC."""
+        if machine.machine_class not in (MachineClass.CONTAINER, MachineClass.VM):
+            raise errors.not_supported()
+        if machine.unit:
+            assert self.systemd is not None
+            job = await self.systemd.stop_unit(machine.unit)
+            if job:
+                machine.scope_job = job
+        machine.stopping = True
+        self._save(machine)
+
+    async def kill(self, machine: Machine, who: str, signal: int) -> None:
+        if machine.machine_class not in (MachineClass.CONTAINER, MachineClass.VM):
+            raise errors.not_supported()
+        if not machine.unit:
+            raise BusError.from_errno(errno.ESRCH)
+        if who == KillWho.LEADER:
+            os.kill(machine.leader, signal)
+            return
+        assert self.systemd is not None
+        await self.systemd.kill_unit(machine.unit, signal)
+
+    async def finalize(self, machine: Machine) -> None:
+        """Forget *machine*: files, indexes, announcement, our reference on its scope."""
+        if self.registry.get(machine.name) is not machine:
+            return  # already gone
+        if machine.started:
+            journal.machine_stopped(machine)
+            machine.stopping = True
+        self.state.remove(machine)
+        self.registry.remove(machine)
+        self._gc_queue.pop(id(machine), None)
+        waiter = self._create_waiters.pop(id(machine), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result("canceled")
+        if machine.started:
+            self.announce("MachineRemoved", machine)
+            machine.started = False
+        if machine.referenced and self.systemd is not None:
+            machine.referenced = False
+            await self.systemd.unref_unit(machine.unit)
+
+    async def unregister(self, machine: Machine) -> None:
+        await self.finalize(machine)
+
+    # ----- events from systemd (they only queue GC) ----------------------------------
+
+    def job_removed(self, job: str, unit: str, result: str) -> None:
+        machine = self.registry.by_unit(unit)
+        if machine is None or machine.scope_job != job:
+            if self._starting:
+                self._early_jobs[job] = result
+            if machine is not None:
+                self.queue_gc(machine)
+            return
+        self._job_done(machine, result)
+
+    def _job_done(self, machine: Machine, result: str) -> None:
+        machine.scope_job = ""
+        waiter = self._create_waiters.get(id(machine))
+        self._save(machine)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(result)
+        self.queue_gc(machine)
+
+    def _claim_early_job(self, machine: Machine) -> None:
+        result = self._early_jobs.pop(machine.scope_job, None)
+        if not self._starting:
+            self._early_jobs.clear()
+        if result is not None:
+            self._job_done(machine, result)
+
+    def unit_changed(self, unit: str) -> None:
+        machine = self.registry.by_unit(unit)
+        if machine is not None:
+            self.queue_gc(machine)
+
+    def manager_reloaded(self) -> None:
+        for machine in self.registry:
+            self.queue_gc(machine)
+
+    # ----- garbage collection ----------------------------------------------------------
+
+    def queue_gc(self, machine: Machine) -> None:
+        if machine.is_host:
+            return
+        self._gc_queue[id(machine)] = machine
+        self._gc_wakeup.set()
+
+    def start_gc(self) -> None:
+        self._gc_task = asyncio.get_running_loop().create_task(self._gc_loop())
+
+    async def stop_gc(self) -> None:
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+            try:
+                await self._gc_task
+            except asyncio.CancelledError:
+                pass
+
+    async def _gc_loop(self) -> None:
+        while True:
+            await self._gc_wakeup.wait()
+            self._gc_wakeup.clear()
+            try:
+                await self.gc(drop_not_started=True)
+            except Exception:
+                log.exception("Garbage collection failed")
+
+    async def may_gc(self, machine: Machine, drop_not_started: bool) -> bool:
+        if machine.is_host:
+            return False
+        if drop_not_started and not machine.started:
+            return True
+        assert self.systemd is not None
+        if machine.scope_job and await self.systemd.job_is_active(machine.scope_job):
+            return False
+        if machine.unit and await self.systemd.unit_is_active(machine.unit):
+            return False
+        return True
+
+    async def gc(self, drop_not_started: bool) -> None:
+        while self._gc_queue:
+            _, machine = self._gc_queue.popitem()
+            if self.registry.get(machine.name) is not machine:
+                continue
+            if not machine.started and id(machine) in self._in_progress:
+                continue  # still being registered: its request decides
+            if await self.may_gc(machine, drop_not_started) and not machine.stopping:
+                try:
+                    await self.terminate(machine)
+                except BusError as e:
+                    log.warning("Failed to stop machine %s: %s", machine.name, e.message)
+            if await self.may_gc(machine, drop_not_started):
+                await self.finalize(machine)
+
+    # ----- restart recovery ------------------------------------------------------------
+
+    async def load_state(self) -> None:
+        """Re-read state files, drop what systemd says is gone, restart the living."""
+        loaded = self.state.load_all()
+        for machine in loaded:
+            if machine.name in self.registry:
+                continue
+            self.registry.add(machine)
+            self.queue_gc(machine)
+        await self.gc(drop_not_started=False)
+        for machine in loaded:
+            if self.registry.get(machine.name) is not machine:
+                continue
+            try:
+                await self._start(machine, [])
+            except BusError as e:
+                log.warning("Failed to restart machine %s: %s", machine.name, e.message)
+                self.queue_gc(machine)
 
     # ----- looking inside machines ----------------------------------------------------
 
@@ -86,3 +442,4 @@ class MachineManager:
         if machine.machine_class is not MachineClass.CONTAINER:
             raise BusError(errors.NOT_SUPPORTED, "UID/GID shift may only be determined for container machines.")
         raise BusError(errors.NOT_SUPPORTED, "Not implemented yet for containers")
+

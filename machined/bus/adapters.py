@@ -8,16 +8,23 @@ look the machine up and run the very handler of the Machine object.
 
 from __future__ import annotations
 
+from dbus_fast import Variant
+
 from machined.bus.introspection import load_interface
 from machined.bus.objects import BusObject, Call, Handler
+from machined.bus.polkit import authorize
 from machined.machine import Machine
 from machined.manager import MachineManager
+from machined.registration import validate_kill, validate_registration
 
 MANAGER_IFACE = "org.freedesktop.machine1.Manager"
 MACHINE_IFACE = "org.freedesktop.machine1.Machine"
 
 # Manager method → the Machine method it redirects to, for the given machine name.
 MACHINE_REDIRECTS = {
+    "UnregisterMachine": "Unregister",
+    "TerminateMachine": "Terminate",
+    "KillMachine": "Kill",
     "GetMachineAddresses": "GetAddresses",
     "GetMachineOSRelease": "GetOSRelease",
     "GetMachineUIDShift": "GetUIDShift",
@@ -25,7 +32,20 @@ MACHINE_REDIRECTS = {
 
 
 def machine_methods(manager: MachineManager, machine: Machine) -> dict[str, Handler]:
-    """The Machine interface's handlers, bound to *machine*."""
+    """The Machine interface's handlers, bound to *machine* (Unregister: Manager only)."""
+
+    async def unregister(call: Call) -> None:
+        await authorize(call, "manage-machines", {"machine": machine.name, "verb": "unregister"})
+        await manager.unregister(machine)
+
+    async def terminate(call: Call) -> None:
+        await authorize(call, "manage-machines", {"machine": machine.name, "verb": "terminate"})
+        await manager.terminate(machine)
+
+    async def kill(call: Call, who: str, signal: int) -> None:
+        who = validate_kill(who, signal)
+        await authorize(call, "manage-machines", {"machine": machine.name, "verb": "kill"})
+        await manager.kill(machine, who, signal)
 
     async def get_addresses(call: Call) -> list:
         return [[(a.family, a.address) for a in await manager.addresses(machine)]]
@@ -37,6 +57,9 @@ def machine_methods(manager: MachineManager, machine: Machine) -> dict[str, Hand
         return [await manager.uid_shift(machine)]
 
     return {
+        "Unregister": unregister,
+        "Terminate": terminate,
+        "Kill": kill,
         "GetAddresses": get_addresses,
         "GetOSRelease": get_os_release,
         "GetUIDShift": get_uid_shift,
@@ -65,11 +88,44 @@ def manager_object(manager: MachineManager) -> BusObject:
             pid = (await call.credentials()).pid
         return [manager.get_by_pid(pid).object_path]
 
+    async def request(call: Call, name: str, machine_id: bytes, service: str, machine_class: str,
+                      leader: int, root: str, netif: list[int] | None = None):  # fmt: skip
+        req = validate_registration(name, machine_id, service, machine_class, leader, root, netif)
+        if req.leader == 0:
+            req = req.with_leader((await call.credentials()).pid)
+        return req
+
+    async def create_machine(call: Call, name: str, machine_id: bytes, service: str, machine_class: str,
+                             leader: int, root: str, properties: list) -> list:  # fmt: skip
+        req = await request(call, name, machine_id, service, machine_class, leader, root)
+        return [(await manager.create(req, _properties(properties))).object_path]
+
+    async def create_machine_with_network(call: Call, name: str, machine_id: bytes, service: str,
+                                          machine_class: str, leader: int, root: str, netif: list[int],
+                                          properties: list) -> list:  # fmt: skip
+        req = await request(call, name, machine_id, service, machine_class, leader, root, netif)
+        return [(await manager.create(req, _properties(properties))).object_path]
+
+    async def register_machine(call: Call, name: str, machine_id: bytes, service: str, machine_class: str,
+                               leader: int, root: str) -> list:  # fmt: skip
+        req = await request(call, name, machine_id, service, machine_class, leader, root)
+        return [(await manager.register(req)).object_path]
+
+    async def register_machine_with_network(call: Call, name: str, machine_id: bytes, service: str,
+                                            machine_class: str, leader: int, root: str,
+                                            netif: list[int]) -> list:  # fmt: skip
+        req = await request(call, name, machine_id, service, machine_class, leader, root, netif)
+        return [(await manager.register(req)).object_path]
+
     i = MANAGER_IFACE
     methods: dict[tuple[str, str], Handler] = {
         (i, "ListMachines"): list_machines,
         (i, "GetMachine"): get_machine,
         (i, "GetMachineByPID"): get_machine_by_pid,
+        (i, "CreateMachine"): create_machine,
+        (i, "CreateMachineWithNetwork"): create_machine_with_network,
+        (i, "RegisterMachine"): register_machine,
+        (i, "RegisterMachineWithNetwork"): register_machine_with_network,
     }
     for name, target in MACHINE_REDIRECTS.items():
         methods[(i, name)] = _redirect(manager, target)
@@ -89,7 +145,7 @@ def machine_object(manager: MachineManager, machine: Machine) -> BusObject:
     i = MACHINE_IFACE
     return BusObject(
         interfaces=[load_interface(i)],
-        methods={(i, name): h for name, h in machine_methods(manager, machine).items()},
+        methods={(i, name): h for name, h in machine_methods(manager, machine).items() if name != "Unregister"},
         properties={
             (i, "Name"): lambda: machine.name,
             (i, "Id"): lambda: machine.id_bytes,
@@ -105,3 +161,8 @@ def machine_object(manager: MachineManager, machine: Machine) -> BusObject:
         },
         hidden_properties={(i, "Scope"): ("s", lambda: machine.unit)},
     )
+
+
+def _properties(raw: list) -> list[tuple[str, Variant]]:
+    """The caller's scope properties, passed on to systemd as they came."""
+    return [(name, value) for name, value in raw]

@@ -62,6 +62,7 @@ class Method:
     name: str
     in_signature: str
     out_signature: str
+    privileged: bool = False  # sd-bus lets only root call it
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,15 @@ def load_interface(name: str) -> Interface:
         raise ValueError(f"{name}.xml has no interface block")
     element = ET.fromstring(match.group(0))
     methods = {
-        m.get("name", ""): Method(m.get("name", ""), _signature(m, "in"), _signature(m, "out"))
+        m.get("name", ""): Method(
+            m.get("name", ""),
+            _signature(m, "in"),
+            _signature(m, "out"),
+            any(
+                a.get("name") == "org.freedesktop.systemd1.Privileged" and a.get("value") == "true"
+                for a in m.findall("annotation")
+            ),
+        )
         for m in element.findall("method")
     }
     properties = {

@@ -115,6 +115,8 @@ class Dispatcher:
         self.tree = tree
         self.machine_id = machine_id
         self._tasks: set[asyncio.Task[None]] = set()
+        # Calls wait until the registry is loaded, so nobody sees half of it.
+        self.ready = asyncio.Event()
 
     def install(self) -> None:
         self.bus.add_message_handler(self._on_message)
@@ -128,6 +130,8 @@ class Dispatcher:
         return True
 
     async def _handle(self, message: Message) -> None:
+        if not self.ready.is_set():
+            await self.ready.wait()
         try:
             reply = await self._dispatch(Call(self.bus, message))
         except BusError as e:
@@ -164,6 +168,8 @@ class Dispatcher:
             target = obj.interface(iface) if iface else _find_member(obj, member)
             if target is not None and member in target.methods:
                 spec = target.methods[member]
+                if spec.privileged and (await call.credentials()).uid != 0:
+                    raise BusError(errors.ACCESS_DENIED, f"Access to {target.name}.{member}() not permitted.")
                 _check_signature(msg, target.name, spec.in_signature, member)
                 handler = obj.methods.get((target.name, member))
                 if handler is None:

@@ -1,0 +1,165 @@
+"""``/run/systemd/machines/<name>`` and ``unit:<unit>`` links: an API read directly
+by libsystemd (``ps -o machine``, systemd-cgls, ``systemctl -M``, nss-mymachines).
+
+Written as systemd-machined 252 writes them: same keys in the same order, values
+C-escaped, to a temporary file renamed into place (readers watch the directory
+with inotify for moved-to and deleted), mode 0644.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+from machined.envfile import parse_env_file
+from machined.machine import Machine, MachineClass, Timestamp
+from machined.naming import hostname_is_valid
+
+log = logging.getLogger(__name__)
+
+HEADER = "# This is private data. Do not parse.\n"
+UNIT_LINK_PREFIX = "unit:"
+
+_C_ESCAPES = {
+    "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v",
+    "\\": "\\\\", '"': '\\"', "'": "\\'",
+}  # fmt: skip
+
+
+def cescape(text: str) -> str:
+    """systemd's cescape(): C escapes, other control and non-ASCII bytes as ``\\xNN``."""
+    out = []
+    for byte in text.encode("utf-8", "surrogateescape"):
+        ch = chr(byte)
+        if ch in _C_ESCAPES:
+            out.append(_C_ESCAPES[ch])
+        elif byte < 0x20 or byte >= 0x7F:
+            out.append(f"\\x{byte:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def serialize(machine: Machine) -> str:
+    """The state file text for *machine*."""
+    lines = [HEADER, f"NAME={machine.name}\n"]
+    # "SCOPE" even for non-scope units: the key name is kept for compatibility.
+    if machine.unit:
+        lines.append(f"SCOPE={cescape(machine.unit)}\n")
+    if machine.scope_job:
+        lines.append(f"SCOPE_JOB={machine.scope_job}\n")
+    if machine.service:
+        lines.append(f"SERVICE={cescape(machine.service)}\n")
+    if machine.root_directory:
+        lines.append(f"ROOT={cescape(machine.root_directory)}\n")
+    if any(machine.id):
+        lines.append(f"ID={machine.id.hex()}\n")
+    if machine.leader:
+        lines.append(f"LEADER={machine.leader}\n")
+    if machine.machine_class in (MachineClass.CONTAINER, MachineClass.VM):
+        lines.append(f"CLASS={machine.machine_class}\n")
+    if machine.timestamp.is_set():
+        lines.append(f"REALTIME={machine.timestamp.realtime}\nMONOTONIC={machine.timestamp.monotonic}\n")
+    if machine.netif:
+        lines.append("NETIF=" + " ".join(str(i) for i in machine.netif) + "\n")
+    return "".join(lines)
+
+
+def _int(value: str | None, default: int = 0) -> int:
+    try:
+        return int(value) if value else default
+    except ValueError:
+        return default
+
+
+def parse(name: str, text: str) -> Machine:
+    """A not-started machine from state file *text*; unknown keys are ignored."""
+    env = parse_env_file(text)
+    machine = Machine(name=name)
+    machine.unit = env.get("SCOPE", "")
+    machine.scope_job = env.get("SCOPE_JOB", "")
+    machine.service = env.get("SERVICE", "")
+    machine.root_directory = env.get("ROOT", "")
+    try:
+        raw = bytes.fromhex(env.get("ID", ""))
+        machine.id = raw if len(raw) == 16 else b""
+    except ValueError:
+        machine.id = b""
+    machine.leader = _int(env.get("LEADER"))
+    try:
+        machine.machine_class = MachineClass(env.get("CLASS", ""))
+    except ValueError:
+        machine.machine_class = MachineClass.UNKNOWN
+    machine.timestamp = Timestamp(_int(env.get("REALTIME")), _int(env.get("MONOTONIC")))
+    netif = []
+    for word in env.get("NETIF", "").split():
+        index = _int(word, -1)
+        if index > 0:
+            netif.append(index)
+    machine.netif = netif
+    return machine
+
+
+class StateDir:
+    """The directory of state files, with atomic writes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def ensure(self) -> None:
+        os.makedirs(self.path, mode=0o755, exist_ok=True)
+
+    def file_of(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def save(self, machine: Machine) -> None:
+        """Write *machine*'s state file atomically and make sure its ``unit:`` link exists."""
+        self.ensure()
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".#{machine.name}")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(serialize(machine))
+                os.fchmod(f.fileno(), 0o644)
+            os.rename(tmp, self.file_of(machine.name))
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        if machine.unit:
+            try:
+                os.symlink(machine.name, self.file_of(UNIT_LINK_PREFIX + machine.unit))
+            except FileExistsError:
+                pass  # an existing link is left alone, as upstream does
+
+    def remove(self, machine: Machine) -> None:
+        paths = [self.file_of(machine.name)]
+        if machine.unit:
+            paths.append(self.file_of(UNIT_LINK_PREFIX + machine.unit))
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def load_all(self) -> list[Machine]:
+        """Every machine with a readable state file; a corrupt file is skipped with a warning."""
+        try:
+            names = sorted(os.listdir(self.path))
+        except FileNotFoundError:
+            return []
+        machines = []
+        for name in names:
+            if name.startswith(UNIT_LINK_PREFIX) or not hostname_is_valid(name):
+                continue
+            path = self.file_of(name)
+            if not os.path.isfile(path) or os.path.islink(path):
+                continue
+            try:
+                with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                    machines.append(parse(name, f.read()))
+            except (OSError, ValueError) as e:
+                log.warning("Skipping state file %s: %s", path, e)
+        return machines
