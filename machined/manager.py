@@ -23,7 +23,7 @@ from typing import Protocol
 
 from dbus_fast import Variant
 
-from machined import errors, journal
+from machined import errors, inside, journal
 from machined.addresses import Address, read_addresses
 from machined.cgroup import cgroup_path_get_unit, pid_cgroup
 from machined.envfile import read_os_release
@@ -424,22 +424,28 @@ class MachineManager:
             return await asyncio.to_thread(read_addresses)
         if machine.machine_class is not MachineClass.CONTAINER:
             raise BusError(errors.NOT_SUPPORTED, "Requesting IP address data is only supported on container machines.")
-        raise BusError(errors.NOT_SUPPORTED, "Not implemented yet for containers")
+        if inside.same_netns(machine.leader):
+            raise BusError(errors.NO_PRIVATE_NETWORKING, f"Machine {machine.name} does not use private networking")
+        return await inside.container_addresses(machine.leader)
 
     async def os_release(self, machine: Machine) -> dict[str, str]:
-        if machine.is_host:
-            try:
-                return await asyncio.to_thread(read_os_release, "/")
-            except FileNotFoundError:
-                raise BusError(errors.FAILED, "Machine does not contain OS release information") from None
-        if machine.machine_class is not MachineClass.CONTAINER:
+        if machine.machine_class not in (MachineClass.HOST, MachineClass.CONTAINER):
             raise BusError(errors.NOT_SUPPORTED, "Requesting OS release data is only supported on container machines.")
-        raise BusError(errors.NOT_SUPPORTED, "Not implemented yet for containers")
+        try:
+            if machine.is_host:
+                return await asyncio.to_thread(read_os_release, "/")
+            return await inside.container_os_release(machine.leader)
+        except FileNotFoundError:
+            raise BusError(errors.FAILED, "Machine does not contain OS release information") from None
 
     async def uid_shift(self, machine: Machine) -> int:
         if machine.is_host:
             return 0
         if machine.machine_class is not MachineClass.CONTAINER:
             raise BusError(errors.NOT_SUPPORTED, "UID/GID shift may only be determined for container machines.")
-        raise BusError(errors.NOT_SUPPORTED, "Not implemented yet for containers")
-
+        shift = inside.uid_shift(machine.leader)
+        if shift is None:
+            raise BusError(
+                errors.NOT_SUPPORTED, f"Machine {machine.name} uses a complex UID/GID mapping, cannot determine shift"
+            )
+        return shift
