@@ -285,8 +285,8 @@ class MachineManager:
 
     async def finalize(self, machine: Machine) -> None:
         """Forget *machine*: files, indexes, announcement, our reference on its scope."""
-        if self.registry.get(machine.name) is not machine:
-            return  # already gone
+        if machine.is_host or self.registry.get(machine.name) is not machine:
+            return  # the host stays; a machine already gone stays gone
         if machine.started:
             journal.machine_stopped(machine)
             machine.stopping = True

@@ -1,0 +1,82 @@
+"""Run the same shell scenario in a real-machined and an our-machined sandbox, compare.
+
+Scenarios are bash scripts run inside the sandbox. They print what clients
+show; lines ``@@pid NAME VALUE`` declare process IDs, which are then replaced
+by ``<NAME>`` everywhere, so two runs with different PIDs compare equal.
+Timestamps, IDs, job numbers and unique bus names are masked as well.
+"""
+
+from __future__ import annotations
+
+import re
+
+from machined.sandbox import Sandbox
+
+PRELUDE = r"""
+set -u
+M=org.freedesktop.machine1
+MP=/org/freedesktop/machine1
+MI=org.freedesktop.machine1.Manager
+# leader UNIT: start `sleep` as a service and print its PID
+leader() { systemd-run --quiet --unit="$1" sleep 1000; systemctl show -p MainPID --value "$1"; }
+pid() { echo "@@pid $1 $2"; }
+# call METHOD ARGS...: a Manager call through gdbus, which prints error names
+call() { gdbus call --system --dest $M --object-path $MP --method $MI."$1" "${@:2}" 2>&1; }
+mcall() { local p=$1; shift; gdbus call --system --dest $M --object-path "$p" --method "$@" 2>&1; }
+# gone NAME: wait until machine NAME is no longer registered
+gone() { for _ in $(seq 200); do machinectl show "$1" >/dev/null 2>&1 || return 0; sleep 0.05; done; echo "still registered: $1"; }
+# until_listed NAME: wait until NAME is registered
+until_listed() { for _ in $(seq 200); do machinectl show "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "never registered: $1"; }
+# sortvals: KEY=v1 v2 ... lines with the values sorted (systemd prints dependency sets in hash order)
+sortvals() { while IFS== read -r k v; do echo "$k=$(echo $v | tr ' ' '\n' | sort | xargs)"; done; }
+# machines: ListMachines, sorted (the reply comes in hash order)
+machines() { busctl call --json=short $M $MP $MI ListMachines | python3 -c 'import json,sys; [print(*r) for r in sorted(json.load(sys.stdin)["data"][0])]'; }
+# until_comm PID COMM: wait until process PID runs COMM (nspawn's payload execs late)
+until_comm() { for _ in $(seq 200); do [ "$(cat /proc/$1/comm 2>/dev/null)" = "$2" ] && return 0; sleep 0.05; done; }
+state() { for f in "$@"; do echo "--- $f"; cat "/run/systemd/machines/$f"; done; }
+links() { (cd /run/systemd/machines && for f in *; do stat -c '%A %N' -- "$f"; done) 2>&1; }
+"""
+
+
+def normalize(text: str) -> str:
+    pids: dict[str, str] = {}
+    lines = []
+    for line in text.splitlines():
+        m = re.fullmatch(r"@@pid (\S+) (\d+)", line.strip())
+        if m:
+            pids[m.group(2)] = m.group(1)
+            continue
+        lines.append(line)
+    text = "\n".join(lines) + "\n"
+    for value, name in sorted(pids.items(), key=lambda kv: -len(kv[0])):
+        text = re.sub(rf"(?<![\d.]){value}(?![\d.])", f"<{name}>", text)
+    subs = [
+        (r"(REALTIME|MONOTONIC)=\d+", r"\1=T"),
+        (r"\b[0-9a-f]{32}\b", "<id>"),
+        (r"(Timestamp=)[^\n]*", r"\1T"),
+        (r"(TimestampMonotonic=)\d+", r"\1T"),
+        (r"(Since: )[^\n]*", r"\1T"),
+        (r"(uint64|t) \d{10,}", r"\1 T"),
+        (r"/org/freedesktop/systemd1/job/\d+", "/org/freedesktop/systemd1/job/N"),
+        (r":1\.\d+", ":1.N"),
+        (r"\(#\d+\)", "(#N)"),
+        (r"(since )\w{3} \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+; [^\n]*", r"\1T"),
+        (r"\[\d+\]:", "[N]:"),
+        (r"(?<![\w.])\d{9,}(?![\w.])", "N"),  # times in µs, whatever prints them
+        (r"[ \t]{2,}", " "),  # column widths follow the (masked) values
+    ]
+    for pattern, repl in subs:
+        text = re.sub(pattern, repl, text)
+    return text
+
+
+def run(sb: Sandbox, script: str, timeout: float = 120) -> str:
+    """Run *script*; ``$SVC`` names the unit serving org.freedesktop.machine1 there."""
+    svc = "machined.service" if sb.info.impl == "ours" else "systemd-machined.service"
+    r = sb.run(["bash", "-s"], input=f"SVC={svc}\n" + PRELUDE + script, check=False, timeout=timeout)
+    return r.stdout + r.stderr
+
+
+def compare(ours: Sandbox, real: Sandbox, script: str, timeout: float = 120) -> tuple[str, str]:
+    """(expected from real, got from ours), normalized."""
+    return normalize(run(real, script, timeout)), normalize(run(ours, script, timeout))
