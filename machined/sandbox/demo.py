@@ -1,16 +1,33 @@
-"""``make run``: a sandbox with machined in place, and real clients answered by it."""
+"""``make run``: a sandbox with machined in place, machines registered, real clients asked."""
 
 from __future__ import annotations
 
 import sys
+import time
 
 from machined.sandbox.core import Sandbox
+
+SETUP = [
+    # A container: systemd-nspawn registers itself (CreateMachineWithNetwork).
+    ["systemd-run", "--quiet", "--unit=demo-container", "systemd-nspawn", "-q", "-D", "/", "--volatile=yes",
+     "-M", "demo-container", "/bin/sleep", "infinity"],
+    # A VM-class machine: a sleeping leader registered with CreateMachine, as libvirt does.
+    ["systemd-run", "--quiet", "--unit=demo-vm-leader", "/bin/sleep", "infinity"],
+    ["sh", "-c", "busctl call org.freedesktop.machine1 /org/freedesktop/machine1 "
+     "org.freedesktop.machine1.Manager CreateMachine 'sayssusa(sv)' demo-vm 0 demo vm "
+     "$(systemctl show -p MainPID --value demo-vm-leader) '' 0 >/dev/null"],
+]  # fmt: skip
 
 STEPS = [
     ("machinectl list --all", ["machinectl", "list", "--all"]),
     ("busctl status org.freedesktop.machine1 (who serves the name)", ["sh", "-c",
      "busctl status org.freedesktop.machine1 | grep -E '^(PID|Comm|CommandLine|Unit)='"]),
-    ("machinectl status -n0 .host", ["machinectl", "status", "-n0", ".host"]),
+    ("machinectl status -n0 demo-container", ["machinectl", "status", "-n0", "demo-container"]),
+    ("machinectl status -n0 demo-vm", ["machinectl", "status", "-n0", "demo-vm"]),
+    ("ps -eo pid,machine,cmd (machine column read by procps from the state files)", ["sh", "-c",
+     "ps -eo pid,machine,cmd | grep -v ' - '"]),
+    ("systemd-cgls --no-pager /machine.slice", ["systemd-cgls", "--no-pager", "/machine.slice"]),
+    ("ls -l /run/systemd/machines", ["ls", "-l", "/run/systemd/machines"]),
     ("busctl tree org.freedesktop.machine1", ["busctl", "tree", "org.freedesktop.machine1"]),
 ]  # fmt: skip
 
@@ -22,6 +39,14 @@ def show(sb: Sandbox, title: str, args: list[str]) -> None:
     sys.stdout.write(r.stderr)
 
 
+def wait_for_machine(sb: Sandbox, name: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sb.run(["machinectl", "show", name], check=False).returncode == 0:
+            return
+        time.sleep(0.1)
+
+
 def demo(id_file: str | None) -> int:
     sb = Sandbox("ours").start()
     if id_file:
@@ -29,6 +54,9 @@ def demo(id_file: str | None) -> int:
             f.write(sb.id + "\n")
     print(f"Sandbox {sb.id} booted systemd (PID {sb.init_pid} on the host) with machined "
           "in place of systemd-machined.")
+    for args in SETUP:
+        sb.run(args, check=False)
+    wait_for_machine(sb, "demo-container")
     for title, args in STEPS:
         show(sb, title, args)
     print(f"\nThe sandbox keeps running. Enter it with 'make shell' "

@@ -283,3 +283,70 @@ call TerminateMachine live; gone live
     assert "(objectpath '/org/freedesktop/machine1/machine/stale',)" in out
     assert "stale vm" in out.replace("  ", " ").replace("  ", " ")
     assert "MachineExists: Machine 'live' already exists" in out
+
+
+def test_machine_self_and_lookup_by_any_pid_in_the_unit(ours: Sandbox, real: Sandbox) -> None:
+    assert_same(ours, real, r"""
+rm -f /tmp/self.out
+systemd-run --quiet --unit=self-l sh -c 'sleep 1; gdbus call --system --dest org.freedesktop.machine1 --object-path /org/freedesktop/machine1/machine/self --method org.freedesktop.DBus.Properties.Get org.freedesktop.machine1.Machine Name > /tmp/self.out 2>&1; gdbus call --system --dest org.freedesktop.machine1 --object-path /org/freedesktop/machine1 --method org.freedesktop.machine1.Manager.GetMachineByPID 0 >> /tmp/self.out 2>&1; exec sleep 1000'
+P=$(systemctl show -p MainPID --value self-l); pid L $P
+call CreateMachine selfie '[]' '' container $P '' '@a(sv) []'
+sleep 1.5; cat /tmp/self.out
+mcall $MP/machine/self org.freedesktop.DBus.Properties.Get org.freedesktop.machine1.Machine Name
+systemd-run --quiet --unit=byunit-svc sh -c 'sleep 1000 & exec sleep 1001'
+S=$(systemctl show -p MainPID --value byunit-svc); pid S $S
+C=$(pgrep -f 'sleep 1000$' -P $S); pid C $C
+call RegisterMachine byunit '[]' '' container $S ''
+call GetMachineByPID $C
+call TerminateMachine selfie; gone selfie
+call TerminateMachine byunit; gone byunit
+""")
+
+
+def test_failed_scope_job_is_reported_and_forgotten(ours: Sandbox, real: Sandbox) -> None:
+    assert_same(ours, real, r"""
+P=$(leader jf-l); pid L $P
+call CreateMachine jobfail '[]' '' vm $P '' "@a(sv) [('Requires', <['no-such-unit-xyz.service']>), ('After', <['no-such-unit-xyz.service']>)]"
+sleep 0.5
+machinectl list; links
+grep systemd /proc/$P/cgroup
+systemctl stop jf-l
+""")
+
+
+def test_journal_messages_carry_upstream_ids(ours: Sandbox, real: Sandbox) -> None:
+    out = assert_same(ours, real, r"""
+P=$(leader jr-l); pid L $P
+call CreateMachine jr1 '[]' '' vm $P '' '@a(sv) []' >/dev/null
+call TerminateMachine jr1; gone jr1
+sleep 0.5
+for id in 24d8d4452573402496068381a6312df2 58432bd3bace477cb514b56381b8a758; do
+  journalctl --no-pager MESSAGE_ID=$id NAME=jr1 -o json | python3 -c '
+import json, sys
+for line in sys.stdin:
+    e = json.loads(line)
+    print(e["MESSAGE_ID"], e["NAME"], e["LEADER"], e["MESSAGE"], e["PRIORITY"])'
+done
+""")
+    assert "New machine jr1." in out and "Machine jr1 terminated." in out
+
+
+def test_restart_announces_the_reloaded_machines(ours: Sandbox, real: Sandbox) -> None:
+    assert_same(ours, real, r"""
+P=$(leader ra-1); pid L1 $P
+Q=$(leader ra-2); pid L2 $Q
+call CreateMachine ra1 '[]' '' vm $P '' '@a(sv) []' >/dev/null
+call CreateMachine ra2 '[]' '' container $Q '' '@a(sv) []' >/dev/null
+gdbus monitor --system --dest $M > /tmp/ra-monitor.log 2>&1 & MON=$!
+sleep 0.3
+systemctl restart $SVC
+machinectl list >/dev/null
+sleep 0.5; kill $MON
+grep -E 'Machine(New|Removed)' /tmp/ra-monitor.log | sort
+# a machine whose scope died while the daemon was down is dropped on start
+systemctl stop $SVC
+systemctl stop machine-ra2.scope
+machinectl list
+ls /run/systemd/machines | sort
+call TerminateMachine ra1; gone ra1
+""")
