@@ -1,47 +1,20 @@
 """Looking inside a container: addresses, OS release, UID shift.
 
 Anything that must enter the container's namespaces runs in a child process
-(:mod:`machined.nsprobe`) under a deadline; what can be read from /proc is
+(:mod:`machined.nsprobe` through :mod:`machined.worker`) under a deadline; what can be read from /proc is
 read directly.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
-import json
 import os
-import sys
 
 from machined.addresses import Address
 from machined.errors import BusError
+from machined.worker import run_worker
 
 PROBE_TIMEOUT = 10.0
-
-
-async def run_probe(op: str, leader: int, timeout: float = PROBE_TIMEOUT) -> object:
-    """Run ``nsprobe OP LEADER``; its result, or the OSError it reported."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "machined.nsprobe", op, str(leader),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise BusError.from_errno(errno.ETIMEDOUT, f"Timed out looking into the namespaces of PID {leader}") from None
-    try:
-        data = json.loads(out or b"null")
-    except ValueError:
-        data = None
-    if proc.returncode != 0:
-        if isinstance(data, dict) and "errno" in data:
-            raise OSError(int(data["errno"]), str(data.get("message", "")))
-        raise BusError("org.freedesktop.DBus.Error.Failed", "Child died abnormally.")
-    return data
 
 
 def same_netns(leader: int) -> bool:
@@ -53,13 +26,13 @@ def same_netns(leader: int) -> bool:
 
 
 async def container_addresses(leader: int) -> list[Address]:
-    data = await run_probe("addresses", leader)
+    data = await run_worker("machined.nsprobe:addresses", timeout=PROBE_TIMEOUT, leader=leader)
     assert isinstance(data, list)
     return [Address(int(f), 0, 0, bytes.fromhex(a)) for f, a in data]
 
 
 async def container_os_release(leader: int) -> dict[str, str]:
-    data = await run_probe("os-release", leader)
+    data = await run_worker("machined.nsprobe:os_release", timeout=PROBE_TIMEOUT, leader=leader)
     assert isinstance(data, dict)
     return {str(k): str(v) for k, v in data.items()}
 

@@ -34,11 +34,11 @@ from machined.process import process_exists
 from machined.registration import KillWho, RegistrationRequest
 from machined.registry import Registry
 from machined.statefile import StateDir
+from machined.worker import Operations
 
 log = logging.getLogger(__name__)
 
 POOL_PATH = "/var/lib/machines"
-UINT64_MAX = 2**64 - 1
 MACHINE_SLICE = "machine.slice"
 SCOPE_TASKS_MAX = 16384
 
@@ -96,6 +96,8 @@ class MachineManager:
         self.systemd = systemd
         self.announce: Announce = announce or (lambda signal, machine: None)
         self.pool_path = pool_path
+        # Long-running children (copies, image removal and cloning): at most 64 at once.
+        self.operations = Operations()
         self.registry.add(host)
         self._gc_queue: dict[int, Machine] = {}
         self._gc_wakeup = asyncio.Event()
@@ -133,12 +135,6 @@ class MachineManager:
         if machine is None:
             raise BusError(errors.NO_MACHINE_FOR_PID, f"PID {pid} does not belong to any known machine")
         return machine
-
-    def pool_usage(self) -> int:
-        return UINT64_MAX
-
-    def pool_limit(self) -> int:
-        return UINT64_MAX
 
     # ----- registration --------------------------------------------------------------
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dbus_fast import Variant
 
+from machined import images as pool
+from machined.bus import images
 from machined.bus.introspection import load_interface
 from machined.bus.objects import BusObject, Call, Handler
 from machined.bus.polkit import authorize
@@ -129,13 +131,15 @@ def manager_object(manager: MachineManager) -> BusObject:
     }
     for name, target in MACHINE_REDIRECTS.items():
         methods[(i, name)] = _redirect(manager, target)
+    for name, handler in images.image_manager_methods(manager).items():
+        methods[(i, name)] = handler
     return BusObject(
         interfaces=[load_interface(i)],
         methods=methods,
         properties={
             (i, "PoolPath"): lambda: manager.pool_path,
-            (i, "PoolUsage"): manager.pool_usage,
-            (i, "PoolLimit"): manager.pool_limit,
+            (i, "PoolUsage"): lambda: pool.pool_usage(manager.pool_path),
+            (i, "PoolLimit"): lambda: pool.pool_limit(manager.pool_path),
         },
     )
 

@@ -8,7 +8,7 @@ machine.
 
 from __future__ import annotations
 
-from machined.bus import adapters
+from machined.bus import adapters, images
 from machined.bus.logcontrol import LogControl
 from machined.bus.objects import BusObject, Call
 from machined.manager import MachineManager
@@ -43,8 +43,10 @@ class MachinedTree:
             labels = sorted(bus_label_escape(m.name) for m in self.manager.machines())
             return BusObject(children=labels)
         if path == IMAGE_PATH_PREFIX:
-            return BusObject(children=[])  # image objects arrive with the image pool
+            return BusObject(children=images.image_children(self.manager))
         parent, _, element = path.rpartition("/")
+        if parent == IMAGE_PATH_PREFIX and element:
+            return await images.image_object(self.manager, element, call)
         if parent == MACHINE_PATH_PREFIX and element:
             if element == "self":
                 creds = await call.credentials()

@@ -47,9 +47,9 @@ def normalize(text: str) -> str:
             pids[m.group(2)] = m.group(1)
             continue
         lines.append(line)
-    text = "\n".join(lines) + "\n"
+    text = re.sub(r"\b[0-9a-f]{32}\b", "<id>", "\n".join(lines) + "\n")
     for value, name in sorted(pids.items(), key=lambda kv: -len(kv[0])):
-        text = re.sub(rf"(?<![\d.]){value}(?![\d.])", f"<{name}>", text)
+        text = re.sub(rf"(?<![\w.]){value}(?![\w.])", f"<{name}>", text)
     subs = [
         (r"(REALTIME|MONOTONIC)=\d+", r"\1=T"),
         (r"\b[0-9a-f]{32}\b", "<id>"),

@@ -106,7 +106,7 @@ until_comm $A sleep; until_comm $B sleep
 pid NA $(systemctl show -p MainPID --value ns-a); pid NB $(systemctl show -p MainPID --value ns-b)
 machinectl list
 state ns-a ns-b | grep -v '^ID='; links
-ps -eo pid,machine,cmd | grep -E 'ns-[ab]|sleep 300' | grep -v grep
+ps -eo pid,machine,cmd | grep -E 'ns-[ab]|sleep 300' | grep -v grep | sort -k2,2 -k3
 systemd-cgls --no-pager -M ns-a
 machinectl status -n0 ns-b | grep -v '^\s*\(Leader\|└\|├\|│\)'
 systemd-nspawn -q -D / --volatile=yes -M ns-c /bin/true; echo "exit $?"

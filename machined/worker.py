@@ -1,0 +1,100 @@
+"""Run a function in a child process, with a deadline; the daemon never forks itself.
+
+Work that enters another namespace (setns affects a whole thread, and the daemon
+is threaded), or that takes long (copies, image removal), runs as
+``python -m machined.worker MODULE:FUNCTION`` with keyword arguments as JSON
+on stdin. The child prints ``{"result": ...}`` or ``{"errno": N, "message": ...}``
+or ``{"error": NAME, "message": ...}``. A child that dies or hangs costs only
+its caller an error.
+
+:class:`Operations` caps how many long-running children run at once (64, as
+upstream's ``OPERATIONS_MAX``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import importlib
+import json
+import sys
+from typing import Any
+
+from machined import errors
+from machined.errors import BusError
+
+OPERATIONS_MAX = 64
+LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
+
+
+async def run_worker(target: str, timeout: float | None = None, pass_fds: tuple[int, ...] = (),
+                     **kwargs: Any) -> Any:  # fmt: skip
+    """Call ``MODULE:FUNCTION(**kwargs)`` in a child; return its result or raise its error."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "machined.worker", target,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        pass_fds=pass_fds,
+    )  # fmt: skip
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(json.dumps(kwargs).encode()), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise BusError.from_errno(errno.ETIMEDOUT, "Timed out waiting for the child process") from None
+    except asyncio.CancelledError:
+        if proc.returncode is None:
+            proc.kill()
+        raise
+    try:
+        data = json.loads(out or b"null")
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise BusError(errors.FAILED, "Child died abnormally.")
+    if "result" in data:
+        return data["result"]
+    if "errno" in data:
+        raise OSError(int(data["errno"]), str(data.get("message", "")))
+    if "error" in data:
+        raise BusError(str(data["error"]), str(data.get("message", "")))
+    raise BusError(errors.FAILED, "Child failed.")
+
+
+class Operations:
+    """Long-running children bound to pending requests, at most 64 at once."""
+
+    def __init__(self, limit: int = OPERATIONS_MAX) -> None:
+        self.limit = limit
+        self.running = 0
+
+    async def run(self, target: str, limit_message: str = "Too many ongoing operations.", **kwargs: Any) -> Any:
+        if self.running >= self.limit:
+            raise BusError(LIMITS_EXCEEDED, limit_message)
+        self.running += 1
+        try:
+            return await run_worker(target, **kwargs)
+        finally:
+            self.running -= 1
+
+
+def main() -> int:
+    target = sys.argv[1]
+    module_name, _, func_name = target.partition(":")
+    try:
+        kwargs = json.loads(sys.stdin.read() or "{}")
+        func = getattr(importlib.import_module(module_name), func_name)
+        result = func(**kwargs)
+    except BusError as e:
+        print(json.dumps({"error": e.name, "message": e.message}))
+        return 1
+    except OSError as e:
+        print(json.dumps({"errno": e.errno or errno.EIO, "message": e.strerror or str(e)}))
+        return 1
+    print(json.dumps({"result": result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
