@@ -34,3 +34,16 @@ def read_os_release(root: str = "/") -> dict[str, str]:
         except FileNotFoundError:
             continue
     raise FileNotFoundError("no os-release")
+
+
+def env_is_valid(assignments: list[str]) -> bool:
+    """Whether every entry is a ``NAME=value`` assignment with a valid variable name."""
+    seen = set()
+    for entry in assignments:
+        name, sep, _ = entry.partition("=")
+        if not sep or not name or name[0].isdigit() or not all(c.isalnum() or c == "_" for c in name):
+            return False
+        if not name.isascii() or name in seen:
+            return False
+        seen.add(name)
+    return True

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from dbus_fast import Variant
 
-from machined import errors, inside, journal
+from machined import errors, inside, journal, pty
 from machined.addresses import Address, read_addresses
 from machined.cgroup import cgroup_path_get_unit, pid_cgroup
 from machined.envfile import read_os_release
@@ -34,13 +34,15 @@ from machined.process import process_exists
 from machined.registration import KillWho, RegistrationRequest
 from machined.registry import Registry
 from machined.statefile import StateDir
-from machined.worker import Operations
+from machined.worker import Operations, run_worker_with_fd
 
 log = logging.getLogger(__name__)
 
 POOL_PATH = "/var/lib/machines"
 MACHINE_SLICE = "machine.slice"
 SCOPE_TASKS_MAX = 16384
+# How long a container may take to answer for a PTY, login or shell before its caller gets an error.
+SESSION_TIMEOUT = 20.0
 
 
 class ServiceManager(Protocol):
@@ -52,6 +54,9 @@ class ServiceManager(Protocol):
     async def unref_unit(self, unit: str) -> None: ...
     async def unit_is_active(self, unit: str) -> bool: ...
     async def job_is_active(self, job: str) -> bool: ...
+    async def start_login(self, pty_path: str) -> None: ...
+    async def start_shell(self, slave: int, pty_path: str, user: str, path: str, argv: list[str],
+                          env: list[str]) -> None: ...  # fmt: skip
 
 
 Announce = Callable[[str, Machine], None]  # ("MachineNew" | "MachineRemoved", machine)
@@ -445,3 +450,62 @@ class MachineManager:
                 errors.NOT_SUPPORTED, f"Machine {machine.name} uses a complex UID/GID mapping, cannot determine shift"
             )
         return shift
+
+    # ----- terminals and the root directory -------------------------------------------
+
+    def _require_host_or_container(self, machine: Machine) -> None:
+        if machine.machine_class not in (MachineClass.HOST, MachineClass.CONTAINER):
+            raise errors.not_supported()
+
+    async def open_pty(self, machine: Machine) -> tuple[int, str]:
+        self._require_host_or_container(machine)
+        if machine.is_host:
+            return pty.open_master()
+        path, fd = await run_worker_with_fd("machined.nsprobe:open_pty", SESSION_TIMEOUT, leader=machine.leader)
+        return fd, path
+
+    async def open_login(self, machine: Machine) -> tuple[int, str]:
+        self._require_host_or_container(machine)
+        if machine.is_host:
+            assert self.systemd is not None
+            master, path = pty.open_master()
+            try:
+                await self.systemd.start_login(path)
+            except BaseException:
+                os.close(master)
+                raise
+            return master, path
+        path, fd = await run_worker_with_fd(
+            "machined.nsprobe:open_login", SESSION_TIMEOUT, leader=machine.leader, name=machine.name
+        )
+        return fd, path
+
+    async def open_shell(self, machine: Machine, user: str, path: str, argv: list[str],
+                         env: list[str]) -> tuple[int, str]:  # fmt: skip
+        self._require_host_or_container(machine)
+        if machine.is_host:
+            assert self.systemd is not None
+            master, pty_path = pty.open_master()
+            try:
+                slave = pty.open_slave(pty_path)
+                try:
+                    await self.systemd.start_shell(slave, pty_path, user, path, argv, env)
+                finally:
+                    os.close(slave)
+            except BaseException:
+                os.close(master)
+                raise
+            return master, pty_path
+        pty_path, fd = await run_worker_with_fd(
+            "machined.nsprobe:open_shell", SESSION_TIMEOUT, leader=machine.leader, name=machine.name,
+            user=user, path=path, argv=argv, env=env,
+        )  # fmt: skip
+        return fd, pty_path
+
+    async def open_root_directory(self, machine: Machine) -> int:
+        if machine.is_host:
+            return os.open("/", os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
+        if machine.machine_class is not MachineClass.CONTAINER:
+            raise BusError(errors.NOT_SUPPORTED, "Opening the root directory is only supported on container machines.")
+        _, fd = await run_worker_with_fd("machined.nsprobe:open_root_directory", SESSION_TIMEOUT, leader=machine.leader)
+        return fd

@@ -17,6 +17,8 @@ import asyncio
 import errno
 import importlib
 import json
+import os
+import socket
 import sys
 from typing import Any
 
@@ -25,6 +27,34 @@ from machined.errors import BusError
 
 OPERATIONS_MAX = 64
 LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
+
+
+async def run_worker_with_fd(target: str, timeout: float | None = None, **kwargs: Any) -> tuple[Any, int]:
+    """Like :func:`run_worker`; the function gets ``fd_socket`` and sends one fd back over it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        result = await run_worker(target, timeout, pass_fds=(theirs.fileno(),), fd_socket=theirs.fileno(), **kwargs)
+        theirs.close()
+        ours.setblocking(False)
+        try:
+            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+        except BlockingIOError:
+            fds = []
+        if not fds:
+            raise BusError(errors.FAILED, "Child failed.")
+        return result, fds[0]
+    finally:
+        theirs.close()
+        ours.close()
+
+
+def send_fd(fd_socket: int, fd: int) -> None:
+    """In a worker: hand *fd* to the daemon (see :func:`run_worker_with_fd`)."""
+    sock = socket.socket(fileno=os.dup(fd_socket))
+    try:
+        socket.send_fds(sock, [b"F"], [fd])
+    finally:
+        sock.close()
 
 
 async def run_worker(target: str, timeout: float | None = None, pass_fds: tuple[int, ...] = (),

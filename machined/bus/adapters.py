@@ -13,11 +13,15 @@ from dbus_fast import Variant
 from machined import images as pool
 from machined.bus import images
 from machined.bus.introspection import load_interface
-from machined.bus.objects import BusObject, Call, Handler
+from machined import errors
+from machined.bus.objects import BusObject, Call, FdReply, Handler
 from machined.bus.polkit import authorize
 from machined.machine import Machine
 from machined.manager import MachineManager
+from machined.envfile import env_is_valid
+from machined.errors import BusError
 from machined.registration import validate_kill, validate_registration
+from machined.sessions import shell_command
 
 MANAGER_IFACE = "org.freedesktop.machine1.Manager"
 MACHINE_IFACE = "org.freedesktop.machine1.Machine"
@@ -30,6 +34,10 @@ MACHINE_REDIRECTS = {
     "GetMachineAddresses": "GetAddresses",
     "GetMachineOSRelease": "GetOSRelease",
     "GetMachineUIDShift": "GetUIDShift",
+    "OpenMachinePTY": "OpenPTY",
+    "OpenMachineLogin": "OpenLogin",
+    "OpenMachineShell": "OpenShell",
+    "OpenMachineRootDirectory": "OpenRootDirectory",
 }
 
 
@@ -58,7 +66,39 @@ def machine_methods(manager: MachineManager, machine: Machine) -> dict[str, Hand
     async def get_uid_shift(call: Call) -> list:
         return [await manager.uid_shift(machine)]
 
+    host = machine.is_host
+
+    async def open_pty(call: Call) -> FdReply:
+        await authorize(call, "host-open-pty" if host else "open-pty", {"machine": machine.name})
+        fd, path = await manager.open_pty(machine)
+        return FdReply([0, path], [fd])
+
+    async def open_login(call: Call) -> FdReply:
+        await authorize(call, "host-login" if host else "login", {"machine": machine.name, "verb": "login"})
+        fd, path = await manager.open_login(machine)
+        return FdReply([0, path], [fd])
+
+    async def open_shell(call: Call, user: str, path: str, args: list[str], env: list[str]) -> FdReply:
+        user = user or "root"
+        if path and not path.startswith("/"):
+            raise BusError(errors.INVALID_ARGS, f"Specified path '{path}' is not absolute")
+        program, argv = shell_command(user, path, args)
+        if not env_is_valid(env):
+            raise BusError(errors.INVALID_ARGS, "Invalid environment assignments")
+        await authorize(call, "host-shell" if host else "shell",
+                        {"machine": machine.name, "user": user, "program": program})  # fmt: skip
+        fd, pty_path = await manager.open_shell(machine, user, program, argv, env)
+        return FdReply([0, pty_path], [fd])
+
+    async def open_root_directory(call: Call) -> FdReply:
+        await authorize(call, "manage-machines", {"machine": machine.name, "verb": "open_root_directory"})
+        return FdReply([0], [await manager.open_root_directory(machine)])
+
     return {
+        "OpenPTY": open_pty,
+        "OpenLogin": open_login,
+        "OpenShell": open_shell,
+        "OpenRootDirectory": open_root_directory,
         "Unregister": unregister,
         "Terminate": terminate,
         "Kill": kill,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -74,6 +75,17 @@ class Call:
                 pid=int(creds["ProcessID"].value), uid=int(creds["UnixUserID"].value)
             )
         return self._credentials
+
+
+class FdReply:
+    """Out-arguments carrying file descriptors: each ``h`` value is an index into *fds*.
+
+    The dispatcher sends the descriptors with the reply and then closes them.
+    """
+
+    def __init__(self, body: list[Any], fds: list[int]) -> None:
+        self.body = body
+        self.fds = fds
 
 
 Handler = Callable[..., Awaitable[Any]]
@@ -142,12 +154,14 @@ class Dispatcher:
         except Exception:  # never a traceback to the client, never a crash
             log.exception("Internal error while handling %s.%s", message.interface, message.member)
             reply = Message.new_error(message, errors.FAILED, "Internal error")
-        if message.flags & MessageFlag.NO_REPLY_EXPECTED:
-            return
         try:
-            self.bus.send(reply)
+            if not message.flags & MessageFlag.NO_REPLY_EXPECTED:
+                await self.bus.send(reply)
         except Exception:
             log.exception("Failed to send reply to %s", message.sender)
+        finally:
+            for fd in reply.unix_fds:
+                os.close(fd)
 
     async def _dispatch(self, call: Call) -> Message:
         msg = call.message
@@ -253,7 +267,9 @@ def _check_signature(msg: Message, iface: str, expected: str, member: str | None
 
 
 def _method_return(msg: Message, signature: str, result: Any) -> Message:
-    """Handlers return the list of out-arguments (None when there are none)."""
+    """Handlers return the list of out-arguments (None when there are none), or an FdReply."""
     if not signature:
         return Message.new_method_return(msg)
+    if isinstance(result, FdReply):
+        return Message.new_method_return(msg, signature, result.body, result.fds)
     return Message.new_method_return(msg, signature, list(result))

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from machined import errors
+from machined import errors, sessions
 from machined.errors import BusError
 from machined.naming import bus_label_escape, bus_label_unescape
 
@@ -141,6 +141,13 @@ class Systemd:
         except BusError as e:
             return e.name != errors.UNKNOWN_OBJECT
         return True
+
+    async def start_login(self, pty_path: str) -> None:
+        await sessions.start_login(self.bus, pty_path)
+
+    async def start_shell(self, slave: int, pty_path: str, user: str, path: str, argv: list[str],
+                          env: list[str]) -> None:  # fmt: skip
+        await sessions.start_shell(self.bus, slave, pty_path, user, path, argv, env)
 
     # ----- signals -------------------------------------------------------------------
 

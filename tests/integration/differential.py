@@ -33,6 +33,24 @@ sortvals() { while IFS== read -r k v; do echo "$k=$(echo $v | tr ' ' '\n' | sort
 machines() { busctl call --json=short $M $MP $MI ListMachines | python3 -c 'import json,sys; [print(*r) for r in sorted(json.load(sys.stdin)["data"][0])]'; }
 # until_comm PID COMM: wait until process PID runs COMM (nspawn's payload execs late)
 until_comm() { for _ in $(seq 200); do [ "$(cat /proc/$1/comm 2>/dev/null)" = "$2" ] && return 0; sleep 0.05; done; }
+# boot_container NAME: boot a container with systemd inside (a copy-on-write view of the host's
+# OS on an overlay; writes go to the sandbox's /tmp), a veth, and a minimal target
+boot_container() {
+  local d=/var/lib/machines/$1 o=/tmp/ov-$1
+  mkdir -p $d $o/upper/etc/systemd/system $o/work
+  printf '[Unit]\nDescription=Test target\nWants=dbus.socket systemd-logind.service\nAfter=dbus.socket\n' \
+    > $o/upper/etc/systemd/system/ctest.target
+  mountpoint -q $d || mount -t overlay overlay -o lowerdir=/,upperdir=$o/upper,workdir=$o/work $d
+  systemd-run --quiet --unit=boot-$1 systemd-nspawn -q -b -D $d --network-veth -M $1 systemd.unit=ctest.target
+  until_listed $1
+  for _ in $(seq 300); do
+    case "$(systemctl -M $1 is-system-running 2>/dev/null)" in running|degraded) return 0;; esac
+    sleep 0.1
+  done
+  echo "container $1 did not boot"
+}
+# stop_container NAME
+stop_container() { machinectl terminate $1 2>/dev/null; gone $1; umount /var/lib/machines/$1 2>/dev/null; }
 state() { for f in "$@"; do echo "--- $f"; cat "/run/systemd/machines/$f"; done; }
 links() { (cd /run/systemd/machines && for f in *; do stat -c '%A %N' -- "$f"; done) 2>&1; }
 """
@@ -73,7 +91,10 @@ def normalize(text: str) -> str:
 def run(sb: Sandbox, script: str, timeout: float = 120) -> str:
     """Run *script*; ``$SVC`` names the unit serving org.freedesktop.machine1 there."""
     svc = "machined.service" if sb.info.impl == "ours" else "systemd-machined.service"
-    r = sb.run(["bash", "-s"], input=f"SVC={svc}\n" + PRELUDE + script, check=False, timeout=timeout)
+    # The script is saved first and run with stdin from /dev/null, so that clients which read
+    # their standard input (machinectl shell) cannot eat the rest of the script.
+    runner = 'f=$(mktemp /tmp/scenario.XXXXXX); cat > "$f"; bash "$f" < /dev/null; rc=$?; rm -f "$f"; exit $rc'
+    r = sb.run(["bash", "-c", runner], input=f"SVC={svc}\n" + PRELUDE + script, check=False, timeout=timeout)
     return r.stdout + r.stderr
 
 

@@ -1,0 +1,82 @@
+"""Login and shell sessions on a PTY, started by the service manager of the host or a container.
+
+What OpenLogin and OpenShell ask systemd for: ``container-getty@N.service``, or
+a transient ``container-shell@N.service`` running the requested program on the
+PTY's slave, with upstream's unit properties.
+"""
+
+from __future__ import annotations
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from machined.errors import BusError
+
+LOGIN_SHELL_SCRIPT = (
+    'shell=$(getent passwd {user} 2>/dev/null | {{ IFS=: read _ _ _ _ _ _ x; echo "$x"; }})\n'
+    'exec "${{shell:-/bin/sh}}" -l'
+)
+
+
+def shell_command(user: str, path: str, args: list[str]) -> tuple[str, list[str]]:
+    """(program, argv) for OpenShell: the user's login shell when no path is given."""
+    if not path:
+        return "/bin/sh", ["sh", "-c", LOGIN_SHELL_SCRIPT.format(user=user)]
+    return path, list(args) if args else [path]
+
+
+def shell_properties(user: str, pty_path: str, path: str, argv: list[str], env: list[str]) -> list:
+    """Properties of the transient shell unit; fd index 0 is the PTY slave."""
+    props = [
+        ["Description", Variant("s", f"Shell for User {user}")],
+        ["StandardInputFileDescriptor", Variant("h", 0)],
+        ["StandardOutputFileDescriptor", Variant("h", 0)],
+        ["StandardErrorFileDescriptor", Variant("h", 0)],
+        ["SendSIGHUP", Variant("b", True)],
+        ["IgnoreSIGPIPE", Variant("b", False)],
+        ["KillMode", Variant("s", "mixed")],
+        ["TTYPath", Variant("s", pty_path)],
+        ["TTYReset", Variant("b", True)],
+        ["UtmpIdentifier", Variant("s", pty_path.removeprefix("/dev/"))],
+        ["UtmpMode", Variant("s", "user")],
+        ["PAMName", Variant("s", "login")],
+        ["WorkingDirectory", Variant("s", "-~")],
+        ["User", Variant("s", user)],
+    ]
+    if env:
+        props.append(["Environment", Variant("as", list(env))])
+    props.append(["ExecStart", Variant("a(sasb)", [[path, argv, True]])])
+    return props
+
+
+async def _call(bus: MessageBus, member: str, signature: str, body: list, unix_fds: list[int] | None = None) -> None:
+    reply = await bus.call(
+        Message(
+            destination="org.freedesktop.systemd1",
+            path="/org/freedesktop/systemd1",
+            interface="org.freedesktop.systemd1.Manager",
+            member=member,
+            signature=signature,
+            body=body,
+            unix_fds=unix_fds or [],
+        )
+    )
+    if reply is None:
+        raise BusError("org.freedesktop.DBus.Error.NoReply", "No reply")
+    if reply.message_type is MessageType.ERROR:
+        raise BusError(reply.error_name or "org.freedesktop.DBus.Error.Failed", reply.body[0] if reply.body else "")
+
+
+async def start_login(bus: MessageBus, pty_path: str) -> None:
+    number = pty_path.removeprefix("/dev/pts/")
+    await _call(bus, "StartUnit", "ss", [f"container-getty@{number}.service", "replace"])
+
+
+async def start_shell(bus: MessageBus, slave: int, pty_path: str, user: str, path: str, argv: list[str],
+                      env: list[str]) -> None:  # fmt: skip
+    number = pty_path.removeprefix("/dev/pts/")
+    props = shell_properties(user, pty_path, path, argv, env)
+    await _call(
+        bus, "StartTransientUnit", "ssa(sv)a(sa(sv))",
+        [f"container-shell@{number}.service", "fail", props, []], unix_fds=[slave],
+    )  # fmt: skip
