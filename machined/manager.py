@@ -23,7 +23,7 @@ from typing import Protocol
 
 from dbus_fast import Variant
 
-from machined import errors, inside, journal, pty
+from machined import errors, idmap, inside, journal, pty
 from machined.addresses import Address, read_addresses
 from machined.cgroup import cgroup_path_get_unit, pid_cgroup
 from machined.envfile import read_os_release
@@ -34,7 +34,7 @@ from machined.process import process_exists
 from machined.registration import KillWho, RegistrationRequest
 from machined.registry import Registry
 from machined.statefile import StateDir
-from machined.worker import Operations, run_worker_with_fd
+from machined.worker import LIMITS_EXCEEDED, Operations, run_worker, run_worker_with_fd
 
 log = logging.getLogger(__name__)
 
@@ -450,6 +450,70 @@ class MachineManager:
                 errors.NOT_SUPPORTED, f"Machine {machine.name} uses a complex UID/GID mapping, cannot determine shift"
             )
         return shift
+
+    # ----- copies and bind mounts --------------------------------------------------------
+
+    def check_copy(self, machine: Machine) -> None:
+        """What upstream checks before it even reads a copy request's arguments."""
+        if self.operations.running >= self.operations.limit:
+            raise BusError(LIMITS_EXCEEDED, "Too many ongoing copies.")
+        if machine.machine_class is not MachineClass.CONTAINER:
+            raise BusError(errors.NOT_SUPPORTED, "Copying files is only supported on container machines.")
+
+    async def copy(self, machine: Machine, copy_from: bool, src: str, dest: str, replace: bool) -> None:
+        shift = await self.uid_shift(machine)
+        host_path, container_path = (dest, src) if copy_from else (src, dest)
+        await self.operations.run(
+            "machined.machine_ops:copy", "Too many ongoing copies.",
+            leader=machine.leader, copy_from=copy_from, host_path=host_path,
+            container_path=container_path, uid_shift=shift, replace=replace,
+        )  # fmt: skip
+
+    async def bind_mount(self, machine: Machine, src: str, dest: str, read_only: bool, mkdir: bool) -> None:
+        if await self.uid_shift(machine) != 0:
+            raise BusError(errors.NOT_SUPPORTED, "Can't bind mount on container with user namespacing applied.")
+        try:
+            await run_worker(
+                "machined.machine_ops:bind_mount", SESSION_TIMEOUT, leader=machine.leader, name=machine.name,
+                source=src, destination=dest, read_only=read_only, mkdir=mkdir,
+            )  # fmt: skip
+        except OSError as e:
+            code = e.errno or errno.EIO
+            raise BusError.from_errno(
+                code, f"Failed to mount {src} on {dest} in machine's namespace: {os.strerror(code)}"
+            ) from None
+
+    # ----- UID/GID mapping -------------------------------------------------------------
+
+    def map_from_machine(self, name: str, inner: int, kind: str) -> int:
+        """Host ID of container user/group *inner* (kind "uid" or "gid")."""
+        label = "user" if kind == "uid" else "group"
+        if not idmap.id_is_valid(inner):
+            raise BusError(errors.INVALID_ARGS, f"Invalid {label} ID {inner}")
+        machine = self.get(name)
+        if machine.machine_class is not MachineClass.CONTAINER:
+            raise BusError(errors.INVALID_ARGS, "Not supported for non-container machines.")
+        outer = idmap.to_host(idmap.read_map(machine.leader, kind), inner)
+        if outer is None:
+            # Upstream names the group case NoSuchUserMapping too; clients may rely on it.
+            raise BusError(errors.NO_SUCH_USER_MAPPING, f"Machine '{name}' has no matching {label} mappings.")
+        return outer
+
+    def map_to_machine(self, outer: int, kind: str) -> tuple[Machine, int]:
+        """The container owning host user/group *outer*, and its ID there."""
+        label, host_label = ("User", "UID") if kind == "uid" else ("Group", "GID")
+        error = errors.NO_SUCH_USER_MAPPING if kind == "uid" else errors.NO_SUCH_GROUP_MAPPING
+        if not idmap.id_is_valid(outer):
+            raise BusError(errors.INVALID_ARGS, f"Invalid {label.lower()} ID {outer}")
+        if outer < 0x10000:
+            raise BusError(error, f"{label} {outer} belongs to host {host_label} range")
+        for machine in self.registry:
+            if machine.machine_class is not MachineClass.CONTAINER:
+                continue
+            inner = idmap.to_container(idmap.read_map(machine.leader, kind), outer)
+            if inner is not None:
+                return machine, inner
+        raise BusError(error, f"No matching {label.lower()} mapping for {outer}.")
 
     # ----- terminals and the root directory -------------------------------------------
 

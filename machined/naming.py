@@ -92,3 +92,10 @@ def image_object_path(name: str) -> str:
 def machine_scope_name(name: str) -> str:
     """The scope unit CreateMachine starts for machine *name*."""
     return f"machine-{unit_name_escape(name)}.scope"
+
+
+def path_is_normalized_absolute(path: str) -> bool:
+    """Absolute, without ``.`` or ``..`` components and without ``//`` (trailing ``/`` allowed)."""
+    if not path.startswith("/") or "//" in path or len(path.encode()) >= 4096:
+        return False
+    return all(part not in (".", "..") and len(part.encode()) <= 255 for part in path.split("/"))

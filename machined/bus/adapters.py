@@ -8,6 +8,8 @@ look the machine up and run the very handler of the Machine object.
 
 from __future__ import annotations
 
+import errno
+
 from dbus_fast import Variant
 
 from machined import images as pool
@@ -16,7 +18,8 @@ from machined.bus.introspection import load_interface
 from machined import errors
 from machined.bus.objects import BusObject, Call, FdReply, Handler
 from machined.bus.polkit import authorize
-from machined.machine import Machine
+from machined.machine import Machine, MachineClass
+from machined.naming import path_is_normalized_absolute
 from machined.manager import MachineManager
 from machined.envfile import env_is_valid
 from machined.errors import BusError
@@ -38,7 +41,14 @@ MACHINE_REDIRECTS = {
     "OpenMachineLogin": "OpenLogin",
     "OpenMachineShell": "OpenShell",
     "OpenMachineRootDirectory": "OpenRootDirectory",
+    "BindMountMachine": "BindMount",
+    "CopyFromMachine": "CopyFrom",
+    "CopyToMachine": "CopyTo",
+    "CopyFromMachineWithFlags": "CopyFromWithFlags",
+    "CopyToMachineWithFlags": "CopyToWithFlags",
 }
+COPY_FLAGS_PUBLIC = 1  # bit 0: replace an existing destination
+
 
 
 def machine_methods(manager: MachineManager, machine: Machine) -> dict[str, Handler]:
@@ -94,7 +104,40 @@ def machine_methods(manager: MachineManager, machine: Machine) -> dict[str, Hand
         await authorize(call, "manage-machines", {"machine": machine.name, "verb": "open_root_directory"})
         return FdReply([0], [await manager.open_root_directory(machine)])
 
+    def copier(copy_from: bool, with_flags: bool) -> Handler:
+        async def handler(call: Call, src: str, dest: str, flags: int = 0) -> None:
+            manager.check_copy(machine)
+            if with_flags and flags & ~COPY_FLAGS_PUBLIC:
+                raise BusError.from_errno(errno.EINVAL)
+            if not src.startswith("/"):
+                raise BusError(errors.INVALID_ARGS, "Source path must be absolute.")
+            dest = dest or src
+            if not dest.startswith("/"):
+                raise BusError(errors.INVALID_ARGS, "Destination path must be absolute.")
+            await authorize(call, "manage-machines",
+                            {"machine": machine.name, "verb": "copy", "src": src, "dest": dest})  # fmt: skip
+            await manager.copy(machine, copy_from, src, dest, bool(flags & COPY_FLAGS_PUBLIC))
+
+        return handler
+
+    async def bind_mount(call: Call, src: str, dest: str, read_only: bool, mkdir: bool) -> None:
+        if machine.machine_class is not MachineClass.CONTAINER:
+            raise BusError(errors.NOT_SUPPORTED, "Bind mounting is only supported on container machines.")
+        if not path_is_normalized_absolute(src):
+            raise BusError(errors.INVALID_ARGS, "Source path must be absolute and normalized.")
+        dest = dest or src
+        if not path_is_normalized_absolute(dest):
+            raise BusError(errors.INVALID_ARGS, "Destination path must be absolute and normalized.")
+        await authorize(call, "manage-machines",
+                        {"machine": machine.name, "verb": "bind", "src": src, "dest": dest})  # fmt: skip
+        await manager.bind_mount(machine, src, dest, read_only, mkdir)
+
     return {
+        "BindMount": bind_mount,
+        "CopyFrom": copier(True, False),
+        "CopyTo": copier(False, False),
+        "CopyFromWithFlags": copier(True, True),
+        "CopyToWithFlags": copier(False, True),
         "OpenPTY": open_pty,
         "OpenLogin": open_login,
         "OpenShell": open_shell,
@@ -159,8 +202,26 @@ def manager_object(manager: MachineManager) -> BusObject:
         req = await request(call, name, machine_id, service, machine_class, leader, root, netif)
         return [(await manager.register(req)).object_path]
 
+    async def map_from_user(call: Call, name: str, uid: int) -> list:
+        return [manager.map_from_machine(name, uid, "uid")]
+
+    async def map_from_group(call: Call, name: str, gid: int) -> list:
+        return [manager.map_from_machine(name, gid, "gid")]
+
+    async def map_to_user(call: Call, uid: int) -> list:
+        machine, inner = manager.map_to_machine(uid, "uid")
+        return [machine.name, machine.object_path, inner]
+
+    async def map_to_group(call: Call, gid: int) -> list:
+        machine, inner = manager.map_to_machine(gid, "gid")
+        return [machine.name, machine.object_path, inner]
+
     i = MANAGER_IFACE
     methods: dict[tuple[str, str], Handler] = {
+        (i, "MapFromMachineUser"): map_from_user,
+        (i, "MapFromMachineGroup"): map_from_group,
+        (i, "MapToMachineUser"): map_to_user,
+        (i, "MapToMachineGroup"): map_to_group,
         (i, "ListMachines"): list_machines,
         (i, "GetMachine"): get_machine,
         (i, "GetMachineByPID"): get_machine_by_pid,

@@ -117,6 +117,11 @@ def boot(spec: dict) -> None:
     for f in spec["files"]:
         _write_file(f["path"], f.get("content"), int(f.get("mode", "644"), 8), f.get("symlink"))
 
+    # Like a host booted by the kernel (systemd only does this itself outside containers):
+    # shared propagation, which nspawn's bind-mount propagation needs. The peer groups
+    # are new ones of this namespace, so nothing propagates to the host.
+    _mount("--make-rshared", "/")
+
     subprocess.run(["hostname", spec["hostname"]], check=False)
     env = {
         "container": "machined-sandbox",
