@@ -1,0 +1,69 @@
+"""The worker child runner: results, errors, fds and the 64-operations cap."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import time
+
+import pytest
+
+from machined.errors import BusError
+from machined.worker import Operations, run_worker, run_worker_with_fd, send_fd
+
+
+def nap(seconds: float) -> str:
+    time.sleep(seconds)
+    return "rested"
+
+
+def fail_with(code: int) -> None:
+    raise OSError(code, os.strerror(code))
+
+
+def fail_named() -> None:
+    raise BusError("org.example.Error", "named failure")
+
+
+def hand_over(fd_socket: int, path: str) -> str:
+    send_fd(fd_socket, os.open(path, os.O_RDONLY))
+    return "sent"
+
+
+async def test_result_and_errors_come_back() -> None:
+    assert await run_worker("tests.unit.test_worker:nap", seconds=0) == "rested"
+    with pytest.raises(OSError) as e:
+        await run_worker("tests.unit.test_worker:fail_with", code=errno.ENOENT)
+    assert e.value.errno == errno.ENOENT
+    with pytest.raises(BusError) as b:
+        await run_worker("tests.unit.test_worker:fail_named")
+    assert (b.value.name, b.value.message) == ("org.example.Error", "named failure")
+
+
+async def test_deadline_kills_the_child() -> None:
+    t = time.monotonic()
+    with pytest.raises(BusError) as e:
+        await run_worker("tests.unit.test_worker:nap", timeout=0.5, seconds=30)
+    assert e.value.name == "org.freedesktop.DBus.Error.Timeout"
+    assert time.monotonic() - t < 5
+
+
+async def test_a_file_descriptor_comes_back(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "f").write_text("content")
+    result, fd = await run_worker_with_fd("tests.unit.test_worker:hand_over", path=str(tmp_path / "f"))
+    try:
+        assert result == "sent" and os.read(fd, 100) == b"content"
+    finally:
+        os.close(fd)
+
+
+async def test_operations_are_capped() -> None:
+    ops = Operations(limit=2)
+    running = [asyncio.ensure_future(ops.run("tests.unit.test_worker:nap", seconds=1.5)) for _ in range(2)]
+    await asyncio.sleep(0.3)
+    with pytest.raises(BusError) as e:
+        await ops.run("tests.unit.test_worker:nap", "Too many ongoing copies.", seconds=0)
+    assert (e.value.name, e.value.message) == ("org.freedesktop.DBus.Error.LimitsExceeded", "Too many ongoing copies.")
+    assert await asyncio.gather(*running) == ["rested", "rested"]
+    assert ops.running == 0
