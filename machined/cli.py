@@ -50,13 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
-        asyncio.run(Daemon(bus_address=args.bus_address, state_dir=args.state_dir).run())
+        return asyncio.run(Daemon(bus_address=args.bus_address, state_dir=args.state_dir).run())
     except StartupError as e:
         logging.getLogger("machined").error("%s", e)
         return 1
     except KeyboardInterrupt:
         return 0
-    return 0
 
 
 if __name__ == "__main__":

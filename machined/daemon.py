@@ -61,7 +61,8 @@ class Daemon:
         self.bus: MessageBus | None = None
         self._stop = asyncio.Event()
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Serve until SIGTERM (exit status 0) or until the bus goes away (1, so systemd restarts us)."""
         # Some programs test this directory's existence to decide that machined runs.
         os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
         self.bus = await self._connect()
@@ -90,10 +91,11 @@ class Daemon:
             await self.manager.stop_gc()
             if disconnected.done():
                 log.warning("Lost the connection to the bus; exiting.")
-            else:
-                disconnected.cancel()
-                notify.stopping()
-                log.info("Exiting.")
+                return 1
+            disconnected.cancel()
+            notify.stopping()
+            log.info("Exiting.")
+            return 0
         finally:
             if self.bus.connected:
                 self.bus.disconnect()

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from machined.naming import HOST_MACHINE_NAME, machine_object_path
+from machined.process import ProcessRef
 
 
 class MachineClass(enum.StrEnum):
@@ -51,6 +52,10 @@ class Machine:
     started: bool = False
     stopping: bool = False
     referenced: bool = False
+    # The leader pinned by pidfd from registration on; None for the host and unpinnable PIDs.
+    leader_ref: ProcessRef | None = None
+    # pidfd inode id read from a state file, to re-verify the leader after a restart.
+    leader_pidfd_id: int = 0
 
     @property
     def object_path(self) -> str:

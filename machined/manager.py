@@ -30,7 +30,7 @@ from machined.envfile import read_os_release
 from machined.errors import BusError
 from machined.machine import Machine, MachineClass, Timestamp
 from machined.naming import machine_scope_name
-from machined.process import process_exists
+from machined.process import ProcessRef
 from machined.registration import KillWho, RegistrationRequest
 from machined.registry import Registry
 from machined.statefile import StateDir
@@ -129,8 +129,9 @@ class MachineManager:
     def find_by_pid(self, pid: int) -> Machine | None:
         """The machine *pid* belongs to: by leader first, then by its unit."""
         machine = self.registry.by_leader(pid)
-        if machine is not None:
+        if machine is not None and (machine.leader_ref is None or machine.leader_ref.is_pid(pid)):
             return machine
+        # Not (or no longer) that leader: a recycled PID belongs where its cgroup says.
         path = pid_cgroup(pid)
         unit = cgroup_path_get_unit(path) if path else None
         return self.registry.by_unit(unit) if unit else None
@@ -207,6 +208,7 @@ class MachineManager:
             leader=req.leader,
             root_directory=req.root_directory,
             netif=list(req.netif),
+            leader_ref=ProcessRef.take(req.leader),
         )
         self.registry.add(machine)
         self._in_progress.add(id(machine))
@@ -215,7 +217,7 @@ class MachineManager:
     async def _provably_dead(self, machine: Machine) -> bool:
         if machine.is_host or not machine.started or machine.scope_job:
             return False
-        if machine.leader and process_exists(machine.leader):
+        if machine.leader_ref is not None and machine.leader_ref.is_alive():
             return False
         assert self.systemd is not None
         return not (machine.unit and await self.systemd.unit_is_active(machine.unit))
@@ -234,13 +236,19 @@ class MachineManager:
             raise BusError.from_errno(errno.EEXIST)
         if not machine.unit:
             assert self.systemd is not None
-            scope = machine_scope_name(machine.name)
+            machine.unit = machine_scope_name(machine.name)
+            # Write ahead: if we are killed before the job returns, a restart finds the file
+            # and asks systemd about the scope, so a scope never outlives our knowledge of it.
+            self._write_state(machine)
             self._starting += 1
             try:
-                job = await self.systemd.start_transient_unit(scope, scope_properties(machine, properties))
+                job = await self.systemd.start_transient_unit(machine.unit, scope_properties(machine, properties))
+            except BaseException:
+                self.state.remove(machine)
+                machine.unit = ""
+                raise
             finally:
                 self._starting -= 1
-            machine.unit = scope
             machine.referenced = True
             machine.scope_job = job
         self.registry.index_unit(machine)
@@ -252,8 +260,10 @@ class MachineManager:
         self.announce("MachineNew", machine)
 
     def _save(self, machine: Machine) -> None:
-        if not machine.started:
-            return
+        if machine.started:
+            self._write_state(machine)
+
+    def _write_state(self, machine: Machine) -> None:
         try:
             self.state.save(machine)
         except OSError as e:
@@ -279,7 +289,10 @@ class MachineManager:
         if not machine.unit:
             raise BusError.from_errno(errno.ESRCH)
         if who == KillWho.LEADER:
-            os.kill(machine.leader, signal)
+            # Through the pidfd: a process that took over a dead leader's PID is never hit.
+            if machine.leader_ref is None:
+                raise BusError.from_errno(errno.ESRCH)
+            machine.leader_ref.send_signal(signal)
             return
         assert self.systemd is not None
         await self.systemd.kill_unit(machine.unit, signal)
@@ -300,6 +313,8 @@ class MachineManager:
         if machine.started:
             self.announce("MachineRemoved", machine)
             machine.started = False
+        if machine.leader_ref is not None:
+            machine.leader_ref.release()
         if machine.referenced and self.systemd is not None:
             machine.referenced = False
             await self.systemd.unref_unit(machine.unit)
@@ -406,6 +421,8 @@ class MachineManager:
         for machine in loaded:
             if machine.name in self.registry:
                 continue
+            # Pin the leader again; a PID now used by another process stays unpinned (dead).
+            machine.leader_ref = ProcessRef.take(machine.leader, expect_pidfd_id=machine.leader_pidfd_id)
             self.registry.add(machine)
             self.queue_gc(machine)
         await self.gc(drop_not_started=False)

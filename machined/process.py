@@ -1,18 +1,83 @@
-"""Facts about processes by PID."""
+"""Processes held by identity, not by number.
+
+A bare PID can be reused once its process dies. A :class:`ProcessRef` pins the
+process with a pidfd when it is taken, and remembers its start time and pidfd
+inode id; every later use checks that the PID still names the same process, and
+signals go through the pidfd, so a newcomer with a recycled PID is never
+killed, attributed or reported alive in the dead leader's place.
+"""
 
 from __future__ import annotations
 
 import os
+import select
+import signal
+from dataclasses import dataclass
 
 
-def process_exists(pid: int) -> bool:
-    """Whether a process *pid* exists (zombies included)."""
-    if pid <= 0:
-        return False
+def start_time(pid: int) -> int | None:
+    """Start time of *pid* in clock ticks after boot (field 22 of /proc/PID/stat)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        return int(data.rsplit(b")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+@dataclass
+class ProcessRef:
+    """A process pinned by pidfd; ``pidfd`` is None when it could not be opened."""
+
+    pid: int
+    start_time: int | None = None
+    pidfd: int | None = None
+    pidfd_id: int = 0  # inode of the pidfd on pidfs kernels: unique for the boot
+
+    @classmethod
+    def take(cls, pid: int, expect_pidfd_id: int = 0, expect_start: int | None = None) -> "ProcessRef":
+        """Pin *pid* now. With expectations (from a state file), refuse another process by that PID."""
+        ref = cls(pid)
+        if pid <= 0:
+            return ref
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return ref
+        # The start time read after opening the pidfd belongs to the pinned process,
+        # unless it died meanwhile: then the pidfd reports it and is_alive() says no.
+        ref.pidfd = fd
+        ref.start_time = start_time(pid)
+        ref.pidfd_id = os.fstat(fd).st_ino
+        mismatch = (expect_pidfd_id and ref.pidfd_id != expect_pidfd_id) or (
+            expect_start is not None and ref.start_time != expect_start
+        )
+        if mismatch:
+            ref.release()
+            ref.start_time = None
+            ref.pidfd_id = 0
+        return ref
+
+    def is_alive(self) -> bool:
+        """The very process we pinned still runs (a recycled PID does not count)."""
+        if self.pidfd is None:
+            return False
+        ready, _, _ = select.select([self.pidfd], [], [], 0)
+        return not ready  # a pidfd turns readable when its process exits
+
+    def is_pid(self, pid: int) -> bool:
+        """Whether *pid* currently names this (living) process."""
+        return pid == self.pid and self.is_alive() and start_time(pid) == self.start_time
+
+    def send_signal(self, sig: int) -> None:
+        if self.pidfd is None:
+            raise ProcessLookupError(3, "No such process")
+        signal.pidfd_send_signal(self.pidfd, sig)
+
+    def release(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None

@@ -57,6 +57,10 @@ def serialize(machine: Machine) -> str:
         lines.append(f"ID={machine.id.hex()}\n")
     if machine.leader:
         lines.append(f"LEADER={machine.leader}\n")
+        # As systemd 258+ writes it; 252's readers ignore keys they do not know.
+        pidfd_id = machine.leader_ref.pidfd_id if machine.leader_ref else machine.leader_pidfd_id
+        if pidfd_id:
+            lines.append(f"LEADER_PIDFDID={pidfd_id}\n")
     if machine.machine_class in (MachineClass.CONTAINER, MachineClass.VM):
         lines.append(f"CLASS={machine.machine_class}\n")
     if machine.timestamp.is_set():
@@ -74,8 +78,14 @@ def _int(value: str | None, default: int = 0) -> int:
 
 
 def parse(name: str, text: str) -> Machine:
-    """A not-started machine from state file *text*; unknown keys are ignored."""
+    """A not-started machine from state file *text*; unknown keys are ignored.
+
+    Raises ValueError for a file that cannot describe a machine (truncated or
+    corrupt: no valid leader).
+    """
     env = parse_env_file(text)
+    if _int(env.get("LEADER")) <= 1:
+        raise ValueError("no valid LEADER=")
     machine = Machine(name=name)
     machine.unit = env.get("SCOPE", "")
     machine.scope_job = env.get("SCOPE_JOB", "")
@@ -87,6 +97,7 @@ def parse(name: str, text: str) -> Machine:
     except ValueError:
         machine.id = b""
     machine.leader = _int(env.get("LEADER"))
+    machine.leader_pidfd_id = _int(env.get("LEADER_PIDFDID"))
     try:
         machine.machine_class = MachineClass(env.get("CLASS", ""))
     except ValueError:

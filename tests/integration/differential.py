@@ -60,6 +60,8 @@ def normalize(text: str) -> str:
     pids: dict[str, str] = {}
     lines = []
     for line in text.splitlines():
+        if line.startswith("LEADER_PIDFDID="):
+            continue  # ours adds it (as systemd 258+ does) to re-verify leaders; 252 readers ignore it
         m = re.fullmatch(r"@@pid (\S+) (\d+)", line.strip())
         if m:
             pids[m.group(2)] = m.group(1)
