@@ -16,6 +16,7 @@ from machined import notify
 from machined.bus.logcontrol import LogControl
 from machined.bus.objects import Dispatcher
 from machined.bus.systemd1 import Systemd
+from machined.bus import writer_fix
 from machined.bus.tree import MANAGER_PATH, MachinedTree
 from machined.machine import Machine, Timestamp, host_machine
 from machined.manager import MachineManager
@@ -115,6 +116,7 @@ class Daemon:
         )
 
     async def _connect(self) -> MessageBus:
+        writer_fix.apply()
         try:
             if self.bus_address:
                 bus = MessageBus(bus_address=self.bus_address, negotiate_unix_fd=True)

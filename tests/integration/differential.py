@@ -79,6 +79,7 @@ def normalize(text: str) -> str:
         (r"(uint64|t) \d{10,}", r"\1 T"),
         (r"/org/freedesktop/systemd1/job/\d+", "/org/freedesktop/systemd1/job/N"),
         (r":1\.\d+", ":1.N"),
+        (r"/tmp/scenario\.\w+", "/tmp/scenario"),
         (r"\(#\d+\)", "(#N)"),
         (r"(since )\w{3} \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+; [^\n]*", r"\1T"),
         (r"\[\d+\]:", "[N]:"),

@@ -6,6 +6,7 @@ systemd-machined and in one with ours, and compares the outputs.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import subprocess
@@ -50,7 +51,8 @@ def both(ours: Sandbox, real: Sandbox, args: list[str]) -> tuple[str, str]:
 )  # fmt: skip
 def test_client_output_matches_real(ours: Sandbox, real: Sandbox, args: list[str]) -> None:
     expected, got = both(ours, real, args)
-    assert got == expected
+    diff = "".join(difflib.unified_diff(expected.splitlines(True), got.splitlines(True), "real", "ours"))
+    assert got == expected, diff
 
 
 def test_introspection_xml_is_identical(ours: Sandbox, real: Sandbox) -> None:
