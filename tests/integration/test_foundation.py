@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import time
 import re
 import subprocess
 
@@ -94,12 +95,18 @@ def test_errors_match_real(ours: Sandbox, real: Sandbox, call: list[str]) -> Non
 
 
 def test_our_daemon_serves_the_name(ours: Sandbox) -> None:
+    ours.run(["machinectl", "list"])  # bus activation
     status = ours.run(["busctl", "status", DEST]).stdout
     assert "CommandLine=" in status and "-m machined" in status
     assert "Unit=machined.service" in status
     show = ours.run(["systemctl", "show", "machined.service", "-p", "Type,StatusText,ActiveState"]).stdout
     assert "Type=notify" in show and "ActiveState=active" in show
     assert "StatusText=Serving org.freedesktop.machine1." in show
+    hardening = ours.run(["systemctl", "show", "machined.service", "-p",
+                          "WatchdogUSec,Restart,NoNewPrivileges,MemoryDenyWriteExecute,CapabilityBoundingSet"]).stdout
+    assert "WatchdogUSec=3min" in hardening and "Restart=on-failure" in hardening
+    assert "NoNewPrivileges=yes" in hardening and "MemoryDenyWriteExecute=yes" in hardening
+    assert "cap_sys_admin" in hardening and "cap_net_admin" not in hardening
     # real systemd-machined is masked and never ran
     assert ours.run(["systemctl", "is-active", "systemd-machined.service"], check=False).stdout.strip() == "inactive"
 
@@ -174,3 +181,16 @@ def test_bus_policy_for_unprivileged_callers_matches_real(ours: Sandbox, real: S
     for pattern, repl in ((r"pid=\d+", "pid=N"), (r'comm="[^"]*machined[^"]*"', 'comm="MACHINED"')):
         expected, got = re.sub(pattern, repl, expected), re.sub(pattern, repl, got)
     assert got == expected
+
+
+def test_watchdog_is_fed_from_the_event_loop() -> None:
+    with Sandbox("ours") as sb:
+        sb.run(["mkdir", "-p", "/run/systemd/system/machined.service.d"])
+        sb.run(["sh", "-c", "printf '[Service]\\nWatchdogSec=1s\\n' > /run/systemd/system/machined.service.d/wd.conf"])
+        sb.run(["systemctl", "daemon-reload"])
+        sb.run(["machinectl", "list"])
+        time.sleep(3.5)
+        show = sb.run(["systemctl", "show", "machined.service", "-p",
+                       "WatchdogUSec,NRestarts,ActiveState,WatchdogTimestampMonotonic"]).stdout  # fmt: skip
+    assert "WatchdogUSec=1s" in show and "NRestarts=0" in show and "ActiveState=active" in show
+    assert "WatchdogTimestampMonotonic=0" not in show
