@@ -70,6 +70,9 @@ BTRFS_QGROUP_LIMIT_MAX_EXCL = 2
 BTRFS_QGROUP_LEVEL_SHIFT = 48
 _ROOT_SUBVOL_RDONLY = 1
 
+_AT_FDCWD = -100
+_AT_EACCESS = 0x200
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -110,7 +113,7 @@ class Image:
 
     @property
     def is_vendor(self) -> bool:
-        return _path_startswith(self.path, "/usr")
+        return path_startswith(self.path, "/usr")
 
     @property
     def is_host(self) -> bool:
@@ -141,7 +144,8 @@ class Image:
         return os.path.join(os.path.dirname(self.path), filename)
 
 
-def _path_startswith(path: str, prefix: str) -> bool:
+def path_startswith(path: str, prefix: str) -> bool:
+    """Whether *path* is *prefix* or below it, component by component."""
     parts = [p for p in path.split("/") if p]
     want = [p for p in prefix.split("/") if p]
     return parts[: len(want)] == want
@@ -230,7 +234,7 @@ def _locate(directory: str, name: str) -> tuple[str, os.stat_result] | None:
 def _make(name: str, directory: str | None, filename: str, st: os.stat_result) -> Image | None:
     """The image at *directory*/*filename*, or None if it vanished or is no image type."""
     path = os.path.normpath(os.path.join(directory or "/", filename))
-    read_only = (directory is not None and _path_startswith(directory, "/usr")) or _on_read_only_fs(path)
+    read_only = (directory is not None and path_startswith(directory, "/usr")) or _on_read_only_fs(path)
     try:
         if stat.S_ISDIR(st.st_mode):
             return _make_directory(name, path, st, read_only)
@@ -244,20 +248,11 @@ def _make(name: str, directory: str | None, filename: str, st: os.stat_result) -
 
 
 def _on_read_only_fs(path: str) -> bool:
-    try:
-        os.access(path, os.W_OK, effective_ids=True)
-    except OSError:
-        return False
-    if os.access(path, os.W_OK, effective_ids=True):
-        return False
-    return ctypes.get_errno() == errno.EROFS or _access_errno(path) == errno.EROFS
-
-
-def _access_errno(path: str) -> int:
+    """Whether writing to *path* fails for being on a read-only file system (access(2), effective IDs)."""
     ctypes.set_errno(0)
-    if _libc.faccessat(-100, os.fsencode(path), os.W_OK, 0x200) == 0:  # AT_FDCWD, AT_EACCESS
-        return 0
-    return ctypes.get_errno()
+    if _libc.faccessat(_AT_FDCWD, os.fsencode(path), os.W_OK, _AT_EACCESS) == 0:
+        return False
+    return ctypes.get_errno() == errno.EROFS
 
 
 def _make_directory(name: str, path: str, st: os.stat_result, read_only: bool) -> Image:
@@ -269,7 +264,7 @@ def _make_directory(name: str, path: str, st: os.stat_result, read_only: bool) -
             if not (image.is_vendor or image.is_host):
                 _update_quota(image, fd)
             return image
-        immutable = bool(_file_attrs(fd) & FS_IMMUTABLE_FL)
+        immutable = bool(file_attrs(fd) & FS_IMMUTABLE_FL)
         # The mtime of the top directory says nothing about the tree: upstream reports 0.
         return Image(name, path, "directory", read_only or immutable, crtime=crtime(fd))
     finally:
@@ -277,11 +272,7 @@ def _make_directory(name: str, path: str, st: os.stat_result, read_only: bool) -
 
 
 def _make_raw(name: str, path: str, st: os.stat_result, read_only: bool) -> Image:
-    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    try:
-        created = crtime(fd)
-    finally:
-        os.close(fd)
+    created = crtime(path)
     used = st.st_blocks * 512
     return Image(
         name, path, "raw", not (st.st_mode & 0o222) or read_only,
@@ -318,7 +309,7 @@ def _ioctl_int(fd: int, request: int, fmt: str, default: int = 0) -> int:
         return default
 
 
-def _file_attrs(fd: int) -> int:
+def file_attrs(fd: int) -> int:
     """The inode flags (chattr) of *fd*, 0 where the file system has none."""
     return _ioctl_int(fd, FS_IOC_GETFLAGS, "I")
 
@@ -332,11 +323,12 @@ _STATX_SIZE = 256
 _STATX_BTIME_OFFSET = 80
 
 
-def crtime(fd: int) -> int:
-    """Birth time of *fd* in µs: the older of statx's btime and the ``user.crtime_usec`` xattr, else 0."""
-    born = _statx_btime(fd)
+def crtime(target: int | str) -> int:
+    """Birth time in µs of an fd or a path (symlinks followed): the older of statx's btime and
+    the ``user.crtime_usec`` xattr systemd records where btime is missing; 0 if neither."""
+    born = _statx_btime(target)
     try:
-        raw = os.getxattr(f"/proc/self/fd/{fd}", "user.crtime_usec")
+        raw = os.getxattr(target, "user.crtime_usec")
     except OSError:
         return born or 0
     if len(raw) != 8:
@@ -347,9 +339,13 @@ def crtime(fd: int) -> int:
     return min(born, stored) if born else stored
 
 
-def _statx_btime(fd: int) -> int | None:
+def _statx_btime(target: int | str) -> int | None:
     buf = ctypes.create_string_buffer(_STATX_SIZE)
-    if _libc.statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_BTIME, buf) != 0:
+    if isinstance(target, int):
+        ret = _libc.statx(target, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_BTIME, buf)
+    else:
+        ret = _libc.statx(_AT_FDCWD, os.fsencode(target), _AT_STATX_DONT_SYNC, _STATX_BTIME, buf)
+    if ret != 0:
         return None
     (mask,) = struct.unpack_from("I", buf.raw, 0)
     sec, nsec = struct.unpack_from("qI", buf.raw, _STATX_BTIME_OFFSET)
@@ -359,8 +355,8 @@ def _statx_btime(fd: int) -> int | None:
 
 
 def set_crtime(fd: int, usec: int) -> None:
-    """Record *usec* as the creation time of *fd* (where statx has none to offer)."""
-    os.setxattr(f"/proc/self/fd/{fd}", "user.crtime_usec", struct.pack("<Q", usec))
+    """Record *usec* as the creation time of *fd*, the way systemd does (an xattr)."""
+    os.setxattr(fd, "user.crtime_usec", struct.pack("<Q", usec))
 
 
 # --- btrfs (reading) ---------------------------------------------------------
@@ -420,7 +416,11 @@ def subvolume_info(fd: int) -> SubvolumeInfo:
     return SubvolumeInfo(tree_id, bool(flags & _ROOT_SUBVOL_RDONLY), sec * 1_000_000 + nsec // 1000)
 
 
-def tree_search(fd: int, tree_id: int, min_key: tuple[int, int, int], max_key: tuple[int, int, int]) -> Iterator[tuple[int, int, int, bytes]]:  # fmt: skip
+Key = tuple[int, int, int]  # a btrfs key: (objectid, type, offset)
+Item = tuple[int, int, int, bytes]  # a tree item: its key and its data
+
+
+def tree_search(fd: int, tree_id: int, min_key: Key, max_key: Key) -> Iterator[Item]:
     """Items (objectid, type, offset, data) of a btrfs tree between two (objectid, type, offset) keys."""
     objectid, type_, offset = min_key
     while (objectid, type_, offset) <= max_key:
@@ -448,7 +448,7 @@ def tree_search(fd: int, tree_id: int, min_key: tuple[int, int, int], max_key: t
             return
 
 
-def _quota_items(fd: int, type_lo: int, type_hi: int, objectid: int = 0, offset: int | None = None) -> Iterator[tuple[int, int, int, bytes]]:  # fmt: skip
+def quota_items(fd: int, type_lo: int, type_hi: int, objectid: int = 0, offset: int | None = None) -> Iterator[Item]:
     """Items of the quota tree; nothing when quota is disabled (no quota tree)."""
     lo = (objectid, type_lo, 0 if offset is None else offset)
     hi = (objectid, type_hi, UINT64_MAX if offset is None else offset)
@@ -463,7 +463,7 @@ def qgroup_parents(fd: int, qgroup: int) -> list[int]:
     """The qgroups *qgroup* is assigned to."""
     return [
         offset
-        for objectid, type_, offset, _ in _quota_items(fd, BTRFS_QGROUP_RELATION_KEY, BTRFS_QGROUP_RELATION_KEY, qgroup)
+        for objectid, type_, offset, _ in quota_items(fd, BTRFS_QGROUP_RELATION_KEY, BTRFS_QGROUP_RELATION_KEY, qgroup)
         if type_ == BTRFS_QGROUP_RELATION_KEY and objectid == qgroup and offset >= objectid
     ]
 
@@ -485,7 +485,7 @@ def qgroup_quota(fd: int, qgroup: int) -> Quota:
     """Usage and limits of *qgroup* (ENODATA if quota knows nothing of it)."""
     quota = Quota()
     found = False
-    for objectid, type_, offset, data in _quota_items(fd, BTRFS_QGROUP_INFO_KEY, BTRFS_QGROUP_LIMIT_KEY, 0, qgroup):
+    for objectid, type_, offset, data in quota_items(fd, BTRFS_QGROUP_INFO_KEY, BTRFS_QGROUP_LIMIT_KEY, 0, qgroup):
         if objectid != 0 or offset != qgroup:
             continue
         if type_ == BTRFS_QGROUP_INFO_KEY:
@@ -646,7 +646,7 @@ def image_path_lock(path: str, exclusive: bool) -> Iterator[None]:
     global_path = _global_lock_path(path)
     locks: list[LockFile] = []
     try:
-        if not _path_startswith(path, "/dev"):
+        if not path_startswith(path, "/dev"):
             local = _local_lock(path, exclusive)
             if local is not None:
                 locks.append(local)
@@ -719,7 +719,7 @@ def _read_in(root: str, path: str) -> str | None:
     try:
         with open(chase(root, path), encoding="utf-8", errors="surrogateescape") as f:
             return f.read()
-    except (OSError, ValueError):
+    except OSError:
         return None
 
 
@@ -774,12 +774,14 @@ def _hostname_cleanup(text: str) -> str:
             if after_dot:
                 continue
             after_dot, after_hyphen = False, True
-        elif ch.isascii() and (ch.isalnum() or ch == "_"):
+        elif ch.isascii() and ch.isalnum():
             after_dot, after_hyphen = False, False
         else:
             continue
         out.append(ch)
-    return "".join(out).rstrip("-.")
+    if out and out[-1] in "-.":
+        out.pop()
+    return "".join(out)
 
 
 def _machine_id(text: str | None) -> str:
@@ -803,7 +805,12 @@ def _dissected_metadata(path: str) -> dict[str, Any]:
     data = json.loads(proc.stdout)
     return {
         "hostname": data.get("hostname") or "",
-        "machine_id": (data.get("machineId") or "").replace("-", ""),
-        "machine_info": data.get("machineInfo") or {},
-        "os_release": data.get("osRelease") or {},
+        "machine_id": data.get("machineId") or "",
+        "machine_info": _pairs(data.get("machineInfo")),
+        "os_release": _pairs(data.get("osRelease")),
     }
+
+
+def _pairs(assignments: list[str] | None) -> dict[str, str]:
+    """``KEY=VALUE`` strings (as systemd-dissect prints them) as a dict."""
+    return dict(a.split("=", 1) for a in assignments or [] if "=" in a)
