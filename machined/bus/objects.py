@@ -15,7 +15,7 @@ import asyncio
 import errno
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -136,7 +136,15 @@ class Dispatcher:
     def _on_message(self, message: Message) -> bool:
         if message.message_type is not MessageType.METHOD_CALL:
             return False
-        task = asyncio.get_running_loop().create_task(self._handle(message))
+        # Run the handler at once: most calls (lookups, properties, lists) never wait,
+        # and finish here without the cost of a task. One that waits (for systemd, polkit,
+        # a child process) continues as a task from where it stopped.
+        coro = self._handle(message)
+        try:
+            waiting_on = coro.send(None)
+        except StopIteration:
+            return True
+        task = asyncio.get_running_loop().create_task(_resume(coro, waiting_on))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
@@ -248,6 +256,26 @@ class Dispatcher:
             )
         await setter(call, value.value)
         return Message.new_method_return(msg)
+
+
+async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+    """Drive *coro*, suspended on future *waiting_on*, to its end, as a task would."""
+    while True:
+        if waiting_on is None:
+            await asyncio.sleep(0)  # a bare yield: just let the loop run once
+        else:
+            try:
+                await asyncio.shield(waiting_on)
+            except asyncio.CancelledError:
+                if not waiting_on.cancelled():
+                    coro.close()
+                    raise
+            except BaseException:
+                pass  # the coroutine sees the future's outcome itself when resumed
+        try:
+            waiting_on = coro.send(None)
+        except StopIteration:
+            return
 
 
 def _find_member(obj: BusObject, member: str) -> Interface | None:
