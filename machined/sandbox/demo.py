@@ -5,7 +5,18 @@ from __future__ import annotations
 import sys
 import time
 
+from machined.sandbox.containers import BASH_FUNCTIONS
 from machined.sandbox.core import Sandbox
+
+# A booted container with a private network, an address on its side of the veth
+# (TEST-NET-2, never routed anywhere), and nss-mymachines in the sandbox's nsswitch.conf,
+# so that `machinectl shell/login demo-os` and `getent hosts demo-os` have something to act on.
+BOOTED = BASH_FUNCTIONS + r"""
+boot_container demo-os
+machinectl shell demo-os /bin/sh -c 'ip addr add 198.51.100.2/24 dev host0 && ip link set host0 up' >/dev/null 2>&1 </dev/null
+sed 's/^hosts:.*/hosts: files mymachines dns/' /etc/nsswitch.conf > /run/nsswitch.conf
+mount --bind /run/nsswitch.conf /etc/nsswitch.conf
+"""
 
 SETUP = [
     # A container: systemd-nspawn registers itself (CreateMachineWithNetwork).
@@ -16,18 +27,27 @@ SETUP = [
     ["sh", "-c", "busctl call org.freedesktop.machine1 /org/freedesktop/machine1 "
      "org.freedesktop.machine1.Manager CreateMachine 'sayssusa(sv)' demo-vm 0 demo vm "
      "$(systemctl show -p MainPID --value demo-vm-leader) '' 0 >/dev/null"],
+    # Two images in the pool: a directory tree and a raw disk image.
+    ["sh", "-c", "mkdir -p /var/lib/machines/demo-tree/etc && cp /etc/os-release /var/lib/machines/demo-tree/etc/ "
+     "&& echo demo-tree > /var/lib/machines/demo-tree/etc/hostname "
+     "&& truncate -s 64M /var/lib/machines/demo-disk.raw"],
 ]  # fmt: skip
 
 STEPS = [
     ("machinectl list --all", ["machinectl", "list", "--all"]),
     ("busctl status org.freedesktop.machine1 (who serves the name)", ["sh", "-c",
      "busctl status org.freedesktop.machine1 | grep -E '^(PID|Comm|CommandLine|Unit)='"]),
+    ("machinectl status -n0 demo-os (a booted container)", ["machinectl", "status", "-n0", "demo-os"]),
+    ("machinectl shell demo-os /bin/echo hello", ["machinectl", "-q", "shell", "demo-os", "/bin/echo", "hello"]),
+    ("getent hosts demo-os (nss-mymachines)", ["getent", "hosts", "demo-os"]),
     ("machinectl status -n0 demo-container", ["machinectl", "status", "-n0", "demo-container"]),
     ("machinectl status -n0 demo-vm", ["machinectl", "status", "-n0", "demo-vm"]),
     ("ps -eo pid,machine,cmd (machine column read by procps from the state files)", ["sh", "-c",
      "ps -eo pid,machine,cmd | grep -v ' - '"]),
     ("systemd-cgls --no-pager /machine.slice", ["systemd-cgls", "--no-pager", "/machine.slice"]),
     ("ls -l /run/systemd/machines", ["ls", "-l", "/run/systemd/machines"]),
+    ("machinectl list-images", ["machinectl", "list-images"]),
+    ("machinectl image-status demo-tree", ["machinectl", "image-status", "demo-tree"]),
     ("busctl tree org.freedesktop.machine1", ["busctl", "tree", "org.freedesktop.machine1"]),
 ]  # fmt: skip
 
@@ -56,9 +76,12 @@ def demo(id_file: str | None) -> int:
           "in place of systemd-machined.")
     for args in SETUP:
         sb.run(args, check=False)
+    sb.run(["bash", "-c", BOOTED], check=False, timeout=120)
     wait_for_machine(sb, "demo-container")
     for title, args in STEPS:
         show(sb, title, args)
-    print(f"\nThe sandbox keeps running. Enter it with 'make shell' "
-          f"(or: machined-sandbox shell {sb.id}); stop it with 'make stop'.")
+    print(f"\nThe sandbox keeps running. Enter it with 'make shell' (or: machined-sandbox shell {sb.id}),"
+          " then try: machinectl shell demo-os, machinectl login demo-os, getent hosts demo-os,"
+          " machinectl copy-to demo-os /etc/hostname /root/, machinectl list-images."
+          " Stop it with 'make stop'.")
     return 0

@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 
 from machined.sandbox import Sandbox
+from machined.sandbox.containers import BASH_FUNCTIONS
 
-PRELUDE = r"""
+PRELUDE = BASH_FUNCTIONS + r"""
 set -u
 M=org.freedesktop.machine1
 MP=/org/freedesktop/machine1
@@ -23,34 +24,12 @@ pid() { echo "@@pid $1 $2"; }
 # call METHOD ARGS...: a Manager call through gdbus, which prints error names
 call() { gdbus call --system --dest $M --object-path $MP --method $MI."$1" "${@:2}" 2>&1; }
 mcall() { local p=$1; shift; gdbus call --system --dest $M --object-path "$p" --method "$@" 2>&1; }
-# gone NAME: wait until machine NAME is no longer registered
-gone() { for _ in $(seq 200); do machinectl show "$1" >/dev/null 2>&1 || return 0; sleep 0.05; done; echo "still registered: $1"; }
-# until_listed NAME: wait until NAME is registered
-until_listed() { for _ in $(seq 200); do machinectl show "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "never registered: $1"; }
 # sortvals: KEY=v1 v2 ... lines with the values sorted (systemd prints dependency sets in hash order)
 sortvals() { while IFS== read -r k v; do echo "$k=$(echo $v | tr ' ' '\n' | sort | xargs)"; done; }
 # machines: ListMachines, sorted (the reply comes in hash order)
 machines() { busctl call --json=short $M $MP $MI ListMachines | python3 -c 'import json,sys; [print(*r) for r in sorted(json.load(sys.stdin)["data"][0])]'; }
 # until_comm PID COMM: wait until process PID runs COMM (nspawn's payload execs late)
 until_comm() { for _ in $(seq 200); do [ "$(cat /proc/$1/comm 2>/dev/null)" = "$2" ] && return 0; sleep 0.05; done; }
-# boot_container NAME: boot a container with systemd inside (a copy-on-write view of the host's
-# OS on an overlay; writes go to the sandbox's /tmp), a veth, and a minimal target
-boot_container() {
-  local d=/var/lib/machines/$1 o=/tmp/ov-$1
-  mkdir -p $d $o/upper/etc/systemd/system $o/work
-  printf '[Unit]\nDescription=Test target\nWants=dbus.socket systemd-logind.service\nAfter=dbus.socket\n' \
-    > $o/upper/etc/systemd/system/ctest.target
-  mountpoint -q $d || mount -t overlay overlay -o lowerdir=/,upperdir=$o/upper,workdir=$o/work $d
-  systemd-run --quiet --unit=boot-$1 systemd-nspawn -q -b -D $d --network-veth -M $1 systemd.unit=ctest.target
-  until_listed $1
-  for _ in $(seq 300); do
-    case "$(systemctl -M $1 is-system-running 2>/dev/null)" in running|degraded) return 0;; esac
-    sleep 0.1
-  done
-  echo "container $1 did not boot"
-}
-# stop_container NAME
-stop_container() { machinectl terminate $1 2>/dev/null; gone $1; umount /var/lib/machines/$1 2>/dev/null; }
 state() { for f in "$@"; do echo "--- $f"; cat "/run/systemd/machines/$f"; done; }
 links() { (cd /run/systemd/machines && for f in *; do stat -c '%A %N' -- "$f"; done) 2>&1; }
 """
