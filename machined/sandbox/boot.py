@@ -123,6 +123,11 @@ def boot(spec: dict) -> None:
     _mount("--make-rshared", "/")
 
     subprocess.run(["hostname", spec["hostname"]], check=False)
+    # Start the sandbox's PIDs high, so that no PID reads like a small number in outputs
+    # (tests mask PIDs by value) and PID-reuse tests have room below.
+    if spec.get("first_pid"):
+        with open("/proc/sys/kernel/ns_last_pid", "w", encoding="ascii") as f:
+            f.write(str(spec["first_pid"] - 1))
     env = {
         "container": "machined-sandbox",
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",

@@ -30,6 +30,7 @@ STATE_ROOT = Path("/run/machined-sandbox")
 CGROUP_PREFIX = "machined-sandbox-"
 EXEC_CGROUP = "sandbox-exec"
 TARGET = "machined-sandbox.target"
+FIRST_PID = 20000  # PIDs in a sandbox start here (its own pid namespace; below the default pid_max)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # Units that would write to the host's file systems or devices (sandbox.md).
@@ -419,6 +420,7 @@ class Sandbox:
             "systemd": systemd_binary(),
             "unit": TARGET,
             "preserve": sorted({str(PROJECT_ROOT), sys.prefix, sys.base_prefix}),
+            "first_pid": FIRST_PID,
         }
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -19,7 +19,7 @@ M=org.freedesktop.machine1
 MP=/org/freedesktop/machine1
 MI=org.freedesktop.machine1.Manager
 # leader UNIT: start `sleep` as a service and print its PID
-leader() { systemd-run --quiet --unit="$1" sleep 1000; systemctl show -p MainPID --value "$1"; }
+leader() { systemd-run --quiet --unit="$1" sleep 999998; systemctl show -p MainPID --value "$1"; }
 pid() { echo "@@pid $1 $2"; }
 # call METHOD ARGS...: a Manager call through gdbus, which prints error names
 call() { gdbus call --system --dest $M --object-path $MP --method $MI."$1" "${@:2}" 2>&1; }

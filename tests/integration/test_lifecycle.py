@@ -98,15 +98,15 @@ systemctl is-active reg-svc.service
 
 def test_nspawn_registers_and_unregisters(ours: Sandbox, real: Sandbox) -> None:
     out = assert_same(ours, real, r"""
-systemd-run --quiet --unit=ns-a systemd-nspawn -q -D / --volatile=yes -M ns-a /bin/sleep 300
-systemd-run --quiet --unit=ns-b systemd-nspawn -q --keep-unit -D / --volatile=yes -M ns-b /bin/sleep 300
+systemd-run --quiet --unit=ns-a systemd-nspawn -q -D / --volatile=yes -M ns-a /bin/sleep 999999
+systemd-run --quiet --unit=ns-b systemd-nspawn -q --keep-unit -D / --volatile=yes -M ns-b /bin/sleep 999999
 until_listed ns-a; until_listed ns-b
 A=$(machinectl show ns-a -p Leader --value); B=$(machinectl show ns-b -p Leader --value); pid A $A; pid B $B
 until_comm $A sleep; until_comm $B sleep
 pid NA $(systemctl show -p MainPID --value ns-a); pid NB $(systemctl show -p MainPID --value ns-b)
 machinectl list
 state ns-a ns-b | grep -v '^ID='; links
-ps -eo pid,machine,cmd | grep -E 'ns-[ab]|sleep 300' | grep -v grep | sort -k2,2 -k3
+ps -eo pid,machine,cmd | grep -E 'ns-[ab]|sleep 999999' | grep -v grep | sort -k2,2 -k3
 systemd-cgls --no-pager -M ns-a
 machinectl status -n0 ns-b | grep -v '^\s*\(Leader\|└\|├\|│\)'
 systemd-nspawn -q -D / --volatile=yes -M ns-c /bin/true; echo "exit $?"
@@ -220,7 +220,7 @@ def test_restart_and_reexec_keep_the_registry(ours: Sandbox, real: Sandbox) -> N
     out = assert_same(ours, real, r"""
 P=$(leader rs-1); pid L1 $P
 call CreateMachine rs1 '[]' 'svc' vm $P '' '@a(sv) []' >/dev/null
-systemd-run --quiet --unit=rs-ns systemd-nspawn -q -D / --volatile=yes -M rs-ns /bin/sleep 300
+systemd-run --quiet --unit=rs-ns systemd-nspawn -q -D / --volatile=yes -M rs-ns /bin/sleep 999999
 until_listed rs-ns; pid N $(machinectl show rs-ns -p Leader --value)
 systemctl restart $SVC
 machinectl list
@@ -240,7 +240,7 @@ machinectl list; links
 
 def test_a_storm_of_200_machines_loses_none_and_leaks_no_scope(ours: Sandbox) -> None:
     out = run(ours, r"""
-for i in $(seq 200); do systemd-run --quiet --unit=storm-$i sleep 1000 & done; wait
+for i in $(seq 200); do systemd-run --quiet --unit=storm-$i sleep 999998 & done; wait
 for i in $(seq 200); do
   P=$(systemctl show -p MainPID --value storm-$i)
   gdbus call --system --dest $M --object-path $MP --method $MI.CreateMachine storm$i '[]' '' vm $P '' '@a(sv) []' >/dev/null 2>/tmp/storm-err-$i &
@@ -265,7 +265,7 @@ for i in $(seq 200); do echo storm-$i.service; done | xargs systemctl stop
 def test_dead_holder_of_a_name_is_replaced(ours: Sandbox) -> None:
     """Beyond upstream: a name held by a machine whose leader and unit are gone is freed."""
     out = normalize(run(ours, r"""
-systemd-run --quiet --unit=stale-svc sh -c 'sleep 1000 & echo $! > /tmp/stale-pid; wait'
+systemd-run --quiet --unit=stale-svc sh -c 'sleep 999998 & echo $! > /tmp/stale-pid; wait'
 sleep 0.3; P=$(cat /tmp/stale-pid); pid P $P
 call RegisterMachine stale '[]' '' container $P ''
 kill -9 $P; sleep 0.3
@@ -288,14 +288,14 @@ call TerminateMachine live; gone live
 def test_machine_self_and_lookup_by_any_pid_in_the_unit(ours: Sandbox, real: Sandbox) -> None:
     assert_same(ours, real, r"""
 rm -f /tmp/self.out
-systemd-run --quiet --unit=self-l sh -c 'sleep 1; gdbus call --system --dest org.freedesktop.machine1 --object-path /org/freedesktop/machine1/machine/self --method org.freedesktop.DBus.Properties.Get org.freedesktop.machine1.Machine Name > /tmp/self.out 2>&1; gdbus call --system --dest org.freedesktop.machine1 --object-path /org/freedesktop/machine1 --method org.freedesktop.machine1.Manager.GetMachineByPID 0 >> /tmp/self.out 2>&1; exec sleep 1000'
+systemd-run --quiet --unit=self-l sh -c 'sleep 1; gdbus call --system --dest org.freedesktop.machine1 --object-path /org/freedesktop/machine1/machine/self --method org.freedesktop.DBus.Properties.Get org.freedesktop.machine1.Machine Name > /tmp/self.out 2>&1; gdbus call --system --dest org.freedesktop.machine1 --object-path /org/freedesktop/machine1 --method org.freedesktop.machine1.Manager.GetMachineByPID 0 >> /tmp/self.out 2>&1; exec sleep 999998'
 P=$(systemctl show -p MainPID --value self-l); pid L $P
 call CreateMachine selfie '[]' '' container $P '' '@a(sv) []'
 sleep 1.5; cat /tmp/self.out
 mcall $MP/machine/self org.freedesktop.DBus.Properties.Get org.freedesktop.machine1.Machine Name
-systemd-run --quiet --unit=byunit-svc sh -c 'sleep 1000 & exec sleep 1001'
+systemd-run --quiet --unit=byunit-svc sh -c 'sleep 999998 & exec sleep 999997'
 S=$(systemctl show -p MainPID --value byunit-svc); pid S $S
-C=$(pgrep -f 'sleep 1000$' -P $S); pid C $C
+C=$(pgrep -f 'sleep 999998$' -P $S); pid C $C
 call RegisterMachine byunit '[]' '' container $S ''
 call GetMachineByPID $C
 call TerminateMachine selfie; gone selfie

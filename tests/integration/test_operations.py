@@ -129,10 +129,13 @@ call BindMountMachine opvm /tmp /tmp false false
 call CopyFromMachine opvm /a /b
 call MapFromMachineUser opvm 5
 call TerminateMachine opvm; gone opvm
-systemd-run --quiet --unit=opns systemd-nspawn -q -D / --volatile=yes -M opns /bin/sleep 300
+systemd-run --quiet --unit=opns systemd-nspawn -q -D / --volatile=yes -M opns /bin/sleep 999999
 until_listed opns
 call GetMachineAddresses opns
 call GetMachineUIDShift opns
+call OpenMachineLogin opns
+call OpenMachineShell opns '' '' '[]' '[]'
+machinectl shell opns /bin/true; echo "shell without a bus: rc=$?"
 call MapFromMachineUser opns 1000
 call MapFromMachineGroup opns 1000
 call MapToMachineUser 70000
@@ -150,7 +153,7 @@ machinectl terminate opns; gone opns
 
 def test_user_namespace_mapping(ours: Sandbox, real: Sandbox) -> None:
     assert_same(ours, real, r"""
-systemd-run --quiet --unit=userns-l unshare --user sleep 1000
+systemd-run --quiet --unit=userns-l unshare --user sleep 999998
 P=$(systemctl show -p MainPID --value userns-l); pid L $P
 echo '0 200000 65536' > /proc/$P/uid_map; echo '0 200000 65536' > /proc/$P/gid_map
 cat /proc/$P/uid_map

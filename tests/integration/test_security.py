@@ -57,7 +57,7 @@ def test_unprivileged_callers_get_what_upstream_gives(ours: Sandbox, real: Sandb
     script = "\n".join([
         "P=$(leader au-l); pid L $P",
         "call CreateMachine au1 '[]' '' vm $P '' '@a(sv) []' >/dev/null",
-        "systemd-run --quiet --unit=auc-ns systemd-nspawn -q -D / --volatile=yes -M auc /bin/sleep 300",
+        "systemd-run --quiet --unit=auc-ns systemd-nspawn -q -D / --volatile=yes -M auc /bin/sleep 999999",
         "until_listed auc",
         *lines,
         "runuser -u nobody -- machinectl list",
@@ -246,7 +246,7 @@ def test_pid_reuse_never_hits_the_newcomer() -> None:
     with Sandbox("ours") as sb:
         out = normalize(run(sb, r"""
 # the machine's unit outlives its leader: the service's shell reaps the leader and goes on
-systemd-run --quiet --unit=reuse-svc bash -c 'sleep 1000 & echo $! > /tmp/reuse-leader; wait; exec sleep 1001'
+systemd-run --quiet --unit=reuse-svc bash -c 'sleep 999998 & echo $! > /tmp/reuse-leader; wait; exec sleep 999997'
 sleep 0.3; P=$(cat /tmp/reuse-leader); pid L $P
 call RegisterMachine reuse '[]' '' container $P ''
 echo "pidfd ids persisted: $(grep -c '^LEADER_PIDFDID=[0-9]' /run/systemd/machines/reuse)"
@@ -289,7 +289,7 @@ def _registry_matches_scopes(sb: Sandbox, prefix: str) -> tuple[list[str], list[
 def test_sigkill_during_a_registration_storm_loses_nothing() -> None:
     with Sandbox("ours") as sb:
         run(sb, r"""
-for i in $(seq 60); do systemd-run --quiet --unit=kst-$i sleep 1000 & done; wait
+for i in $(seq 60); do systemd-run --quiet --unit=kst-$i sleep 999998 & done; wait
 machinectl list >/dev/null
 for i in $(seq 60); do
   P=$(systemctl show -p MainPID --value kst-$i)
@@ -313,7 +313,7 @@ machinectl list >/dev/null
 def test_daemon_reexec_and_reload_during_load_keep_the_registry_exact() -> None:
     with Sandbox("ours") as sb:
         out = run(sb, r"""
-for i in $(seq 40); do systemd-run --quiet --unit=rx-$i sleep 1000 & done; wait
+for i in $(seq 40); do systemd-run --quiet --unit=rx-$i sleep 999998 & done; wait
 machinectl list >/dev/null
 for i in $(seq 40); do
   P=$(systemctl show -p MainPID --value rx-$i)
