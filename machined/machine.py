@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 
 from machined.naming import HOST_MACHINE_NAME, machine_object_path
@@ -57,7 +58,7 @@ class Machine:
     # pidfd inode id read from a state file, to re-verify the leader after a restart.
     leader_pidfd_id: int = 0
 
-    @property
+    @functools.cached_property
     def object_path(self) -> str:
         return machine_object_path(self.name)
 
