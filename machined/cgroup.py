@@ -44,7 +44,3 @@ def pid_cgroup(pid: int) -> str | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
 
-
-def pid_unit(pid: int) -> str | None:
-    path = pid_cgroup(pid)
-    return cgroup_path_get_unit(path) if path else None

@@ -29,7 +29,6 @@ UNKNOWN_INTERFACE = _DBUS + "UnknownInterface"
 UNKNOWN_PROPERTY = _DBUS + "UnknownProperty"
 PROPERTY_READ_ONLY = _DBUS + "PropertyReadOnly"
 NO_REPLY = _DBUS + "NoReply"
-DISCONNECTED = _DBUS + "Disconnected"
 INTERACTIVE_AUTHORIZATION_REQUIRED = _DBUS + "InteractiveAuthorizationRequired"
 
 # sd-bus's errno → error-name table (bus-error.c); the rest is System.Error.<NAME>.

@@ -15,8 +15,6 @@ import tempfile
 from machined.errors import BusError, errno_error_name
 from machined.nsprobe import CLONE_NEWNS, setns
 
-COPY_REPLACE = 1
-
 _libc = ctypes.CDLL(None, use_errno=True)
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20

@@ -23,10 +23,6 @@ def ready(status: str) -> None:
     _notify(f"READY=1\nSTATUS={status}")
 
 
-def status(text: str) -> None:
-    _notify(f"STATUS={text}")
-
-
 def stopping() -> None:
     _notify("STOPPING=1\nSTATUS=Shutting down.")
 

@@ -458,7 +458,7 @@ class Sandbox:
                         d.rmdir()
                 except OSError:
                     if time.monotonic() > deadline:
-                        raise SandboxError(f"could not remove cgroup {cg}: processes remain in it")
+                        raise SandboxError(f"could not remove cgroup {cg}: processes remain in it") from None
                     self._kill_cgroup(root)
                     time.sleep(0.05)
 

@@ -10,7 +10,6 @@ import difflib
 import json
 import time
 import re
-import subprocess
 
 import pytest
 

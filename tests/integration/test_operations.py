@@ -13,7 +13,7 @@ import sys
 import time
 
 from machined.sandbox import Sandbox
-from tests.integration.differential import normalize, run
+from tests.integration.differential import run
 from tests.integration.test_lifecycle import assert_same
 
 ADDR = "198.51.100.2/24"  # TEST-NET-2: only ever configured inside the container's own namespace

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import sys
 
-import pytest
 
 from machined.sandbox import Sandbox
 from tests.integration.differential import normalize, run
