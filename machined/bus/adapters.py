@@ -20,6 +20,7 @@ from machined.bus.objects import BusObject, Call, FdReply, Handler
 from machined.bus.polkit import authorize
 from machined.machine import Machine, MachineClass
 from machined.naming import path_is_normalized_absolute
+from machined.access import MachineAccess
 from machined.manager import MachineManager
 from machined.envfile import env_is_valid
 from machined.errors import BusError
@@ -51,7 +52,7 @@ COPY_FLAGS_PUBLIC = 1  # bit 0: replace an existing destination
 
 
 
-def machine_methods(manager: MachineManager, machine: Machine) -> dict[str, Handler]:
+def machine_methods(manager: MachineManager, access: MachineAccess, machine: Machine) -> dict[str, Handler]:
     """The Machine interface's handlers, bound to *machine* (Unregister: Manager only)."""
 
     async def unregister(call: Call) -> None:
@@ -68,24 +69,24 @@ def machine_methods(manager: MachineManager, machine: Machine) -> dict[str, Hand
         await manager.kill(machine, who, signal)
 
     async def get_addresses(call: Call) -> list:
-        return [[(a.family, a.address) for a in await manager.addresses(machine)]]
+        return [[(a.family, a.address) for a in await access.addresses(machine)]]
 
     async def get_os_release(call: Call) -> list:
-        return [await manager.os_release(machine)]
+        return [await access.os_release(machine)]
 
     async def get_uid_shift(call: Call) -> list:
-        return [await manager.uid_shift(machine)]
+        return [await access.uid_shift(machine)]
 
     host = machine.is_host
 
     async def open_pty(call: Call) -> FdReply:
         await authorize(call, "host-open-pty" if host else "open-pty", {"machine": machine.name})
-        fd, path = await manager.open_pty(machine)
+        fd, path = await access.open_pty(machine)
         return FdReply([0, path], [fd])
 
     async def open_login(call: Call) -> FdReply:
         await authorize(call, "host-login" if host else "login", {"machine": machine.name, "verb": "login"})
-        fd, path = await manager.open_login(machine)
+        fd, path = await access.open_login(machine)
         return FdReply([0, path], [fd])
 
     async def open_shell(call: Call, user: str, path: str, args: list[str], env: list[str]) -> FdReply:
@@ -97,16 +98,16 @@ def machine_methods(manager: MachineManager, machine: Machine) -> dict[str, Hand
             raise BusError(errors.INVALID_ARGS, "Invalid environment assignments")
         await authorize(call, "host-shell" if host else "shell",
                         {"machine": machine.name, "user": user, "program": program})  # fmt: skip
-        fd, pty_path = await manager.open_shell(machine, user, program, argv, env)
+        fd, pty_path = await access.open_shell(machine, user, program, argv, env)
         return FdReply([0, pty_path], [fd])
 
     async def open_root_directory(call: Call) -> FdReply:
         await authorize(call, "manage-machines", {"machine": machine.name, "verb": "open_root_directory"})
-        return FdReply([0], [await manager.open_root_directory(machine)])
+        return FdReply([0], [await access.open_root_directory(machine)])
 
     def copier(copy_from: bool, with_flags: bool) -> Handler:
         async def handler(call: Call, src: str, dest: str, flags: int = 0) -> None:
-            manager.check_copy(machine)
+            access.check_copy(machine)
             if with_flags and flags & ~COPY_FLAGS_PUBLIC:
                 raise BusError.from_errno(errno.EINVAL)
             if not src.startswith("/"):
@@ -116,7 +117,7 @@ def machine_methods(manager: MachineManager, machine: Machine) -> dict[str, Hand
                 raise BusError(errors.INVALID_ARGS, "Destination path must be absolute.")
             await authorize(call, "manage-machines",
                             {"machine": machine.name, "verb": "copy", "src": src, "dest": dest})  # fmt: skip
-            await manager.copy(machine, copy_from, src, dest, bool(flags & COPY_FLAGS_PUBLIC))
+            await access.copy(machine, copy_from, src, dest, bool(flags & COPY_FLAGS_PUBLIC))
 
         return handler
 
@@ -130,7 +131,7 @@ def machine_methods(manager: MachineManager, machine: Machine) -> dict[str, Hand
             raise BusError(errors.INVALID_ARGS, "Destination path must be absolute and normalized.")
         await authorize(call, "manage-machines",
                         {"machine": machine.name, "verb": "bind", "src": src, "dest": dest})  # fmt: skip
-        await manager.bind_mount(machine, src, dest, read_only, mkdir)
+        await access.bind_mount(machine, src, dest, read_only, mkdir)
 
     return {
         "BindMount": bind_mount,
@@ -151,15 +152,15 @@ def machine_methods(manager: MachineManager, machine: Machine) -> dict[str, Hand
     }
 
 
-def _redirect(manager: MachineManager, target: str) -> Handler:
+def _redirect(manager: MachineManager, access: MachineAccess, target: str) -> Handler:
     async def handler(call: Call, name: str, *args: object) -> list:
         machine = manager.get(name)
-        return await machine_methods(manager, machine)[target](call, *args)
+        return await machine_methods(manager, access, machine)[target](call, *args)
 
     return handler
 
 
-def manager_object(manager: MachineManager) -> BusObject:
+def manager_object(manager: MachineManager, access: MachineAccess) -> BusObject:
     """The object at /org/freedesktop/machine1."""
 
     async def list_machines(call: Call) -> list:
@@ -203,17 +204,17 @@ def manager_object(manager: MachineManager) -> BusObject:
         return [(await manager.register(req)).object_path]
 
     async def map_from_user(call: Call, name: str, uid: int) -> list:
-        return [manager.map_from_machine(name, uid, "uid")]
+        return [access.map_from_machine(name, uid, "uid")]
 
     async def map_from_group(call: Call, name: str, gid: int) -> list:
-        return [manager.map_from_machine(name, gid, "gid")]
+        return [access.map_from_machine(name, gid, "gid")]
 
     async def map_to_user(call: Call, uid: int) -> list:
-        machine, inner = manager.map_to_machine(uid, "uid")
+        machine, inner = access.map_to_machine(uid, "uid")
         return [machine.name, machine.object_path, inner]
 
     async def map_to_group(call: Call, gid: int) -> list:
-        machine, inner = manager.map_to_machine(gid, "gid")
+        machine, inner = access.map_to_machine(gid, "gid")
         return [machine.name, machine.object_path, inner]
 
     i = MANAGER_IFACE
@@ -231,7 +232,7 @@ def manager_object(manager: MachineManager) -> BusObject:
         (i, "RegisterMachineWithNetwork"): register_machine_with_network,
     }
     for name, target in MACHINE_REDIRECTS.items():
-        methods[(i, name)] = _redirect(manager, target)
+        methods[(i, name)] = _redirect(manager, access, target)
     for name, handler in images.image_manager_methods(manager).items():
         methods[(i, name)] = handler
     return BusObject(
@@ -245,12 +246,12 @@ def manager_object(manager: MachineManager) -> BusObject:
     )
 
 
-def machine_object(manager: MachineManager, machine: Machine) -> BusObject:
+def machine_object(manager: MachineManager, access: MachineAccess, machine: Machine) -> BusObject:
     """The object of one machine, at its escaped path."""
     i = MACHINE_IFACE
     return BusObject(
         interfaces=[load_interface(i)],
-        methods={(i, name): h for name, h in machine_methods(manager, machine).items() if name != "Unregister"},
+        methods={(i, name): h for name, h in machine_methods(manager, access, machine).items() if name != "Unregister"},
         properties={
             (i, "Name"): lambda: machine.name,
             (i, "Id"): lambda: machine.id_bytes,

@@ -8,6 +8,7 @@ machine.
 
 from __future__ import annotations
 
+from machined.access import MachineAccess
 from machined.bus import adapters, images
 from machined.bus.logcontrol import LogControl
 from machined.bus.objects import BusObject, Call
@@ -23,7 +24,8 @@ class MachinedTree:
 
     def __init__(self, manager: MachineManager, log_control: LogControl) -> None:
         self.manager = manager
-        self._manager_object = adapters.manager_object(manager)
+        self.access = MachineAccess(manager)
+        self._manager_object = adapters.manager_object(manager, self.access)
         self._manager_object.children = ["image", "machine"]
         self._log_control_object = log_control.bus_object()
         self._static = {
@@ -53,5 +55,5 @@ class MachinedTree:
                 machine = self.manager.find_by_pid(creds.pid)
             else:
                 machine = self.manager.registry.get(bus_label_unescape(element))
-            return adapters.machine_object(self.manager, machine) if machine else None
+            return adapters.machine_object(self.manager, self.access, machine) if machine else None
         return None

@@ -1,0 +1,188 @@
+"""Access to what is inside a machine: addresses, OS release, UID shift and mapping,
+terminals (PTY, login, shell), the root directory, copies and bind mounts.
+
+Free of D-Bus like :mod:`machined.manager`, whose registry and service-manager
+port it uses. Anything that must enter a container's namespaces runs in a
+worker child (:mod:`machined.nsprobe`, :mod:`machined.machine_ops`) under a
+deadline; long copies count against the shared limit of 64 operations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+
+from machined import errors, idmap, inside, pty
+from machined.addresses import Address, read_addresses
+from machined.envfile import read_os_release
+from machined.errors import BusError
+from machined.machine import Machine, MachineClass
+from machined.manager import MachineManager
+from machined.worker import LIMITS_EXCEEDED, run_worker, run_worker_with_fd
+
+# How long a container may take to answer for a PTY, login, shell or mount before its caller gets an error.
+SESSION_TIMEOUT = 20.0
+
+
+class MachineAccess:
+    """The operations on one machine's inside, for the bus adapters."""
+
+    def __init__(self, manager: MachineManager) -> None:
+        self.manager = manager
+
+    # ----- looking inside machines ----------------------------------------------------
+
+    async def addresses(self, machine: Machine) -> list[Address]:
+        if machine.is_host:
+            return await asyncio.to_thread(read_addresses)
+        if machine.machine_class is not MachineClass.CONTAINER:
+            raise BusError(errors.NOT_SUPPORTED, "Requesting IP address data is only supported on container machines.")
+        if inside.same_netns(machine.leader):
+            raise BusError(errors.NO_PRIVATE_NETWORKING, f"Machine {machine.name} does not use private networking")
+        return await inside.container_addresses(machine.leader)
+
+    async def os_release(self, machine: Machine) -> dict[str, str]:
+        if machine.machine_class not in (MachineClass.HOST, MachineClass.CONTAINER):
+            raise BusError(errors.NOT_SUPPORTED, "Requesting OS release data is only supported on container machines.")
+        try:
+            if machine.is_host:
+                return read_os_release("/")  # a small local file: quicker than a thread hop
+            return await inside.container_os_release(machine.leader)
+        except FileNotFoundError:
+            raise BusError(errors.FAILED, "Machine does not contain OS release information") from None
+
+    async def uid_shift(self, machine: Machine) -> int:
+        if machine.is_host:
+            return 0
+        if machine.machine_class is not MachineClass.CONTAINER:
+            raise BusError(errors.NOT_SUPPORTED, "UID/GID shift may only be determined for container machines.")
+        shift = inside.uid_shift(machine.leader)
+        if shift is None:
+            raise BusError(
+                errors.NOT_SUPPORTED, f"Machine {machine.name} uses a complex UID/GID mapping, cannot determine shift"
+            )
+        return shift
+
+    # ----- copies and bind mounts --------------------------------------------------------
+
+    def check_copy(self, machine: Machine) -> None:
+        """What upstream checks before it even reads a copy request's arguments."""
+        if self.manager.operations.running >= self.manager.operations.limit:
+            raise BusError(LIMITS_EXCEEDED, "Too many ongoing copies.")
+        if machine.machine_class is not MachineClass.CONTAINER:
+            raise BusError(errors.NOT_SUPPORTED, "Copying files is only supported on container machines.")
+
+    async def copy(self, machine: Machine, copy_from: bool, src: str, dest: str, replace: bool) -> None:
+        shift = await self.uid_shift(machine)
+        host_path, container_path = (dest, src) if copy_from else (src, dest)
+        await self.manager.operations.run(
+            "machined.machine_ops:copy", "Too many ongoing copies.",
+            leader=machine.leader, copy_from=copy_from, host_path=host_path,
+            container_path=container_path, uid_shift=shift, replace=replace,
+        )  # fmt: skip
+
+    async def bind_mount(self, machine: Machine, src: str, dest: str, read_only: bool, mkdir: bool) -> None:
+        if await self.uid_shift(machine) != 0:
+            raise BusError(errors.NOT_SUPPORTED, "Can't bind mount on container with user namespacing applied.")
+        try:
+            await run_worker(
+                "machined.machine_ops:bind_mount", SESSION_TIMEOUT, leader=machine.leader, name=machine.name,
+                source=src, destination=dest, read_only=read_only, mkdir=mkdir,
+            )  # fmt: skip
+        except OSError as e:
+            code = e.errno or errno.EIO
+            raise BusError.from_errno(
+                code, f"Failed to mount {src} on {dest} in machine's namespace: {os.strerror(code)}"
+            ) from None
+
+    # ----- UID/GID mapping -------------------------------------------------------------
+
+    def map_from_machine(self, name: str, inner: int, kind: str) -> int:
+        """Host ID of container user/group *inner* (kind "uid" or "gid")."""
+        label = "user" if kind == "uid" else "group"
+        if not idmap.id_is_valid(inner):
+            raise BusError(errors.INVALID_ARGS, f"Invalid {label} ID {inner}")
+        machine = self.manager.get(name)
+        if machine.machine_class is not MachineClass.CONTAINER:
+            raise BusError(errors.INVALID_ARGS, "Not supported for non-container machines.")
+        outer = idmap.to_host(idmap.read_map(machine.leader, kind), inner)
+        if outer is None:
+            # Upstream names the group case NoSuchUserMapping too; clients may rely on it.
+            raise BusError(errors.NO_SUCH_USER_MAPPING, f"Machine '{name}' has no matching {label} mappings.")
+        return outer
+
+    def map_to_machine(self, outer: int, kind: str) -> tuple[Machine, int]:
+        """The container owning host user/group *outer*, and its ID there."""
+        label, host_label = ("User", "UID") if kind == "uid" else ("Group", "GID")
+        error = errors.NO_SUCH_USER_MAPPING if kind == "uid" else errors.NO_SUCH_GROUP_MAPPING
+        if not idmap.id_is_valid(outer):
+            raise BusError(errors.INVALID_ARGS, f"Invalid {label.lower()} ID {outer}")
+        if outer < 0x10000:
+            raise BusError(error, f"{label} {outer} belongs to host {host_label} range")
+        for machine in self.manager.registry:
+            if machine.machine_class is not MachineClass.CONTAINER:
+                continue
+            inner = idmap.to_container(idmap.read_map(machine.leader, kind), outer)
+            if inner is not None:
+                return machine, inner
+        raise BusError(error, f"No matching {label.lower()} mapping for {outer}.")
+
+    # ----- terminals and the root directory -------------------------------------------
+
+    def _require_host_or_container(self, machine: Machine) -> None:
+        if machine.machine_class not in (MachineClass.HOST, MachineClass.CONTAINER):
+            raise errors.not_supported()
+
+    async def open_pty(self, machine: Machine) -> tuple[int, str]:
+        self._require_host_or_container(machine)
+        if machine.is_host:
+            return pty.open_master()
+        path, fd = await run_worker_with_fd("machined.nsprobe:open_pty", SESSION_TIMEOUT, leader=machine.leader)
+        return fd, path
+
+    async def open_login(self, machine: Machine) -> tuple[int, str]:
+        self._require_host_or_container(machine)
+        if machine.is_host:
+            assert self.manager.systemd is not None
+            master, path = pty.open_master()
+            try:
+                await self.manager.systemd.start_login(path)
+            except BaseException:
+                os.close(master)
+                raise
+            return master, path
+        path, fd = await run_worker_with_fd(
+            "machined.nsprobe:open_login", SESSION_TIMEOUT, leader=machine.leader, name=machine.name
+        )
+        return fd, path
+
+    async def open_shell(self, machine: Machine, user: str, path: str, argv: list[str],
+                         env: list[str]) -> tuple[int, str]:  # fmt: skip
+        self._require_host_or_container(machine)
+        if machine.is_host:
+            assert self.manager.systemd is not None
+            master, pty_path = pty.open_master()
+            try:
+                slave = pty.open_slave(pty_path)
+                try:
+                    await self.manager.systemd.start_shell(slave, pty_path, user, path, argv, env)
+                finally:
+                    os.close(slave)
+            except BaseException:
+                os.close(master)
+                raise
+            return master, pty_path
+        pty_path, fd = await run_worker_with_fd(
+            "machined.nsprobe:open_shell", SESSION_TIMEOUT, leader=machine.leader, name=machine.name,
+            user=user, path=path, argv=argv, env=env,
+        )  # fmt: skip
+        return fd, pty_path
+
+    async def open_root_directory(self, machine: Machine) -> int:
+        if machine.is_host:
+            return os.open("/", os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
+        if machine.machine_class is not MachineClass.CONTAINER:
+            raise BusError(errors.NOT_SUPPORTED, "Opening the root directory is only supported on container machines.")
+        _, fd = await run_worker_with_fd("machined.nsprobe:open_root_directory", SESSION_TIMEOUT, leader=machine.leader)
+        return fd
