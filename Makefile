@@ -8,7 +8,7 @@ RUNDIR := .run
 
 # Debian packages: the reference daemon and its clients, the bus, polkit, the
 # build dependencies of systemd-python, and the tools the sandbox uses.
-DEBS := systemd systemd-container dbus polkitd libnss-mymachines libglib2.0-bin libsystemd-dev pkg-config \
+DEBS := systemd systemd-container systemd-userdbd dbus polkitd libnss-mymachines libglib2.0-bin libsystemd-dev pkg-config \
         gcc python3-dev python3-venv util-linux mount procps iproute2 hostname \
         btrfs-progs fdisk e2fsprogs
 

@@ -9,7 +9,7 @@ import os
 import sys
 
 from machined import __version__
-from machined.daemon import IDENTIFIER, STATE_DIR, Daemon, StartupError
+from machined.daemon import IDENTIFIER, STATE_DIR, USERDB_SOCKET, Daemon, StartupError
 
 
 def setup_logging(level: str) -> None:
@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where machine state files are kept (default: %(default)s; clients read them there)",
     )
     parser.add_argument(
+        "--userdb-socket",
+        default=USERDB_SOCKET,
+        help="varlink socket serving container users and groups (default: %(default)s; '' for none)",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("MACHINED_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
-        return asyncio.run(Daemon(bus_address=args.bus_address, state_dir=args.state_dir).run())
+        return asyncio.run(Daemon(bus_address=args.bus_address, state_dir=args.state_dir, userdb_socket=args.userdb_socket).run())
     except StartupError as e:
         logging.getLogger("machined").error("%s", e)
         return 1

@@ -21,11 +21,14 @@ from machined.bus.tree import MANAGER_PATH, MachinedTree
 from machined.machine import Machine, Timestamp, host_machine
 from machined.manager import MachineManager
 from machined.statefile import StateDir
+from machined.userdb import UserDatabase, varlink_methods
+from machined.varlink import VarlinkServer
 
 log = logging.getLogger(__name__)
 
 BUS_NAME = "org.freedesktop.machine1"
 STATE_DIR = "/run/systemd/machines"
+USERDB_SOCKET = "/run/systemd/userdb/io.systemd.Machine"
 IDENTIFIER = "machined"
 
 
@@ -51,8 +54,11 @@ def boot_timestamp() -> Timestamp:
 class Daemon:
     """machined's process: the bus connection, the manager, and the main loop."""
 
-    def __init__(self, bus_address: str | None = None, state_dir: str = STATE_DIR) -> None:
+    def __init__(self, bus_address: str | None = None, state_dir: str = STATE_DIR,
+                 userdb_socket: str = USERDB_SOCKET) -> None:  # fmt: skip
         self.bus_address = bus_address
+        self.userdb_socket = userdb_socket
+        self.userdb: VarlinkServer | None = None
         self.state_dir = state_dir
         machine_id = read_machine_id()
         self.machine_id = machine_id
@@ -80,6 +86,7 @@ class Daemon:
             await self._request_name(self.bus)
             await self.manager.load_state()
             self.manager.start_gc()
+            await self._start_userdb()
             dispatcher.ready.set()
             notify.ready(f"Serving {BUS_NAME}.")
             log.info("Serving %s on the bus.", BUS_NAME)
@@ -90,6 +97,8 @@ class Daemon:
             if watchdog is not None:
                 watchdog.cancel()
             await self.manager.stop_gc()
+            if self.userdb is not None:
+                await self.userdb.stop()
             if disconnected.done():
                 log.warning("Lost the connection to the bus; exiting.")
                 return 1
@@ -100,6 +109,17 @@ class Daemon:
         finally:
             if self.bus.connected:
                 self.bus.disconnect()
+
+    async def _start_userdb(self) -> None:
+        """Serve container users and groups to the host's user database, as upstream does."""
+        if not self.userdb_socket:
+            return
+        self.userdb = VarlinkServer(self.userdb_socket, varlink_methods(UserDatabase(self.manager)))
+        try:
+            await self.userdb.start()
+        except OSError as e:
+            log.warning("Not serving the user database on %s: %s", self.userdb_socket, e)
+            self.userdb = None
 
     def _announce(self, signal_name: str, machine: Machine) -> None:
         """MachineNew / MachineRemoved on the Manager object."""

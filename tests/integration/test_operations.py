@@ -234,3 +234,24 @@ stop_container hang2
     out = run(ours, script.replace("/work-python", sys.executable), timeout=180)
     worst = float(out.split("worst-ms", 1)[1].split()[0])
     assert worst < 100, out
+
+
+def test_container_users_in_the_host_user_database(ours: Sandbox, real: Sandbox) -> None:
+    """The io.systemd.UserDatabase varlink service: userdbctl and nss-systemd (getent) see vu-/vg- names."""
+    out = assert_same(ours, real, r"""
+systemd-run --quiet --unit=udb-l unshare --user sleep 999999
+P=$(systemctl show -p MainPID --value udb-l); pid L $P
+echo '0 200000 65536' > /proc/$P/uid_map; echo '0 200000 65536' > /proc/$P/gid_map
+call RegisterMachine udb '[]' '' container $P '' >/dev/null
+stat -c '%A %n' /run/systemd/userdb/io.systemd.Machine
+userdbctl user 200005 -j --no-pager 2>&1
+userdbctl user vu-udb-7 -j --no-pager 2>&1
+userdbctl group 200009 -j 2>&1
+userdbctl group vg-udb-9 -j 2>&1
+userdbctl user vu-udb-999999 2>&1; echo "rc=$?"
+userdbctl user vu-nope-5 2>&1; echo "rc=$?"
+getent passwd 200005 vu-udb-6; getent group vg-udb-12 200013
+call TerminateMachine udb; gone udb
+userdbctl user 200005 2>&1; echo "rc=$?"
+""")
+    assert "vu-udb-5:x:200005:65534:UID 5 of Container udb:/:/usr/sbin/nologin" in out

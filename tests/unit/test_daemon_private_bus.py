@@ -44,7 +44,8 @@ def private_bus(tmp_path: Path) -> Iterator[str]:
 
 def start_daemon(address: str, state_dir: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "machined", "--bus-address", address, "--state-dir", str(state_dir)],
+        [sys.executable, "-m", "machined", "--bus-address", address, "--state-dir", str(state_dir),
+         "--userdb-socket", str(state_dir) + ".userdb"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -1,0 +1,142 @@
+"""Users and groups of containers for the host's user database (``io.systemd.UserDatabase``).
+
+A container's UID 5 mapped to host UID 200005 shows up on the host as user
+``vu-NAME-5`` (group ``vg-NAME-5``), as systemd-machined 252 serves it to
+nss-systemd and userdbctl. Lookups only; no enumeration.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from machined import idmap
+from machined.machine import MachineClass
+from machined.manager import MachineManager
+from machined.varlink import VarlinkError
+
+SERVICE = "io.systemd.Machine"
+NOLOGIN = "/usr/sbin/nologin"
+NOBODY_GID = 65534
+HOST_RANGE_END = 0x10000
+LOGIN_NAME_MAX = 31  # what fits into utmp
+
+_ERROR = "io.systemd.UserDatabase."
+BAD_SERVICE = _ERROR + "BadService"
+NO_RECORD = _ERROR + "NoRecordFound"
+CONFLICT = _ERROR + "ConflictingRecordFound"
+NO_ENUMERATION = _ERROR + "EnumerationNotSupported"
+
+_STRICT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+class UserDbError(VarlinkError):
+    """A lookup answered with a varlink error of the UserDatabase interface."""
+
+
+def valid_user_group_name(name: str) -> bool:
+    """systemd's strict rule for names it synthesizes: POSIX-like, no dots, fits utmp."""
+    if not name or name.isdigit():
+        return False
+    return bool(_STRICT_NAME.fullmatch(name)) and len(name) <= LOGIN_NAME_MAX
+
+
+def valid_gecos(text: str) -> bool:
+    return ":" not in text and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
+def _parse_id(text: str) -> int | None:
+    if not text.isdigit():
+        return None
+    value = int(text)
+    return value if value < 2**32 and idmap.id_is_valid(value) else None
+
+
+class UserDatabase:
+    """Answers GetUserRecord / GetGroupRecord / GetMemberships from the registry."""
+
+    def __init__(self, manager: MachineManager) -> None:
+        self.manager = manager
+
+    def _containers(self) -> list:
+        return [m for m in self.manager.machines() if m.machine_class is MachineClass.CONTAINER]
+
+    def _by_host_id(self, outer: int, kind: str) -> tuple[str, int]:
+        """(machine name, inner ID) of host ID *outer*, for kind "uid" or "gid"."""
+        if outer < HOST_RANGE_END:
+            raise UserDbError(NO_RECORD)
+        for machine in self._containers():
+            try:
+                inner = idmap.to_container(idmap.read_map(machine.leader, kind), outer)
+            except OSError:
+                continue
+            if inner is not None:
+                return machine.name, inner
+        raise UserDbError(NO_RECORD)
+
+    def _by_name(self, name: str, prefix: str, kind: str) -> tuple[str, int, int]:
+        """(machine name, inner ID, host ID) of a synthesized ``vu-…``/``vg-…`` name."""
+        if not valid_user_group_name(name) or not name.startswith(prefix):
+            raise UserDbError(NO_RECORD)
+        machine_name, sep, number = name[len(prefix) :].rpartition("-")
+        inner = _parse_id(number)
+        machine = self.manager.registry.get(machine_name) if sep else None
+        if inner is None or machine is None or machine.machine_class is not MachineClass.CONTAINER:
+            raise UserDbError(NO_RECORD)
+        try:
+            outer = idmap.to_host(idmap.read_map(machine.leader, kind), inner)
+        except OSError:
+            outer = None
+        if outer is None:
+            raise UserDbError(NO_RECORD)
+        return machine.name, inner, outer
+
+    def get_record(self, params: dict[str, Any], kind: str) -> dict[str, Any]:
+        """The record a GetUserRecord (kind "uid") or GetGroupRecord ("gid") call asks for."""
+        id_key, name_key = ("uid", "userName") if kind == "uid" else ("gid", "groupName")
+        prefix = "vu-" if kind == "uid" else "vg-"
+        if params.get("service") != SERVICE:
+            raise UserDbError(BAD_SERVICE)
+        wanted_id = params.get(id_key)
+        wanted_name = params.get(name_key)
+        if isinstance(wanted_id, int) and idmap.id_is_valid(wanted_id):
+            machine_name, inner = self._by_host_id(wanted_id, kind)
+            name, outer = f"{prefix}{machine_name}-{inner}", wanted_id
+            if not valid_user_group_name(name):
+                raise UserDbError(NO_RECORD)
+        elif isinstance(wanted_name, str):
+            machine_name, inner, outer = self._by_name(wanted_name, prefix, kind)
+            name = wanted_name
+        else:
+            raise UserDbError(NO_ENUMERATION)
+        if (wanted_name is not None and wanted_name != name) or (
+            isinstance(wanted_id, int) and idmap.id_is_valid(wanted_id) and wanted_id != outer
+        ):
+            raise UserDbError(CONFLICT)
+        label = "UID" if kind == "uid" else "GID"
+        text = f"{label} {inner} of Container {machine_name}"
+        if kind == "uid":
+            record: dict[str, Any] = {"userName": name, "uid": outer, "gid": NOBODY_GID}
+            if valid_gecos(text):
+                record["realName"] = text
+            record.update(homeDirectory="/", shell=NOLOGIN, locked=True)
+        else:
+            record = {"groupName": name, "gid": outer}
+            if valid_gecos(text):
+                record["description"] = text
+        record.update(service=SERVICE, disposition="container")
+        return {"record": record}
+
+    def get_memberships(self, params: dict[str, Any]) -> dict[str, Any]:
+        if params.get("service") != SERVICE:
+            raise UserDbError(BAD_SERVICE)
+        raise UserDbError(NO_RECORD)
+
+
+def varlink_methods(db: UserDatabase) -> dict:
+    """The io.systemd.UserDatabase methods for :class:`machined.varlink.VarlinkServer`."""
+    return {
+        "io.systemd.UserDatabase.GetUserRecord": lambda p: db.get_record(p, "uid"),
+        "io.systemd.UserDatabase.GetGroupRecord": lambda p: db.get_record(p, "gid"),
+        "io.systemd.UserDatabase.GetMemberships": db.get_memberships,
+    }
