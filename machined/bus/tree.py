@@ -45,7 +45,7 @@ class MachinedTree:
             labels = sorted(bus_label_escape(m.name) for m in self.manager.machines())
             return BusObject(children=labels)
         if path == IMAGE_PATH_PREFIX:
-            return BusObject(children=images.image_children(self.manager))
+            return BusObject(children=await images.image_children(self.manager))
         parent, _, element = path.rpartition("/")
         if parent == IMAGE_PATH_PREFIX and element:
             return await images.image_object(self.manager, element, call)
