@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import time
 
@@ -51,6 +52,13 @@ def boot_timestamp() -> Timestamp:
     return Timestamp(realtime=now_us - since_boot_us, monotonic=0)
 
 
+def raise_fd_limit() -> None:
+    """Every machine holds its leader's pidfd: allow as many descriptors as the hard limit does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class Daemon:
     """machined's process: the bus connection, the manager, and the main loop."""
 
@@ -70,6 +78,7 @@ class Daemon:
 
     async def run(self) -> int:
         """Serve until SIGTERM (exit status 0) or until the bus goes away (1, so systemd restarts us)."""
+        raise_fd_limit()
         # Some programs test this directory's existence to decide that machined runs.
         os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
         self.bus = await self._connect()

@@ -46,6 +46,10 @@ class ProcessRef:
         try:
             fd = os.pidfd_open(pid)
         except OSError:
+            # No pidfd (out of descriptors, old kernel): fall back to the start time.
+            ref.start_time = start_time(pid)
+            if expect_start is not None and ref.start_time != expect_start:
+                ref.start_time = None
             return ref
         # The start time read after opening the pidfd belongs to the pinned process,
         # unless it died meanwhile: then the pidfd reports it and is_alive() says no.
@@ -64,20 +68,25 @@ class ProcessRef:
     def is_alive(self) -> bool:
         """The very process we pinned still runs (a recycled PID does not count)."""
         if self.pidfd is None:
-            return False
-        ready, _, _ = select.select([self.pidfd], [], [], 0)
-        return not ready  # a pidfd turns readable when its process exits
+            return self.start_time is not None and start_time(self.pid) == self.start_time
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return not poller.poll(0)  # a pidfd turns readable when its process exits
 
     def is_pid(self, pid: int) -> bool:
         """Whether *pid* currently names this (living) process."""
         return pid == self.pid and self.is_alive() and start_time(pid) == self.start_time
 
     def send_signal(self, sig: int) -> None:
-        if self.pidfd is None:
+        if self.pidfd is not None:
+            signal.pidfd_send_signal(self.pidfd, sig)
+        elif self.is_alive():
+            os.kill(self.pid, sig)
+        else:
             raise ProcessLookupError(3, "No such process")
-        signal.pidfd_send_signal(self.pidfd, sig)
 
     def release(self) -> None:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+            self.start_time = None
