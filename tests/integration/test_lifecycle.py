@@ -350,3 +350,36 @@ machinectl list
 ls /run/systemd/machines | sort
 call TerminateMachine ra1; gone ra1
 """)
+
+
+def test_1100_machines_more_than_the_default_descriptor_limit() -> None:
+    """Each machine pins its leader with a pidfd: 1,100 of them exceed the 1,024 soft limit services
+    start with, so the daemon raises it. The sandbox's bus allows more match rules than the stock
+    512 per connection (PID 1 spends one per referenced scope; upstream hits that limit too)."""
+    with Sandbox("ours", bus_limits={"max_match_rules_per_connection": 8192}) as sb:
+        out = run(sb, r"""
+systemd-run --quiet --unit=big-leaders -p TasksMax=infinity sh -c 'for i in $(seq 1100); do sleep 999999 & done; wait'
+for _ in $(seq 100); do [ "$(pgrep -c -f '^sleep 999999$')" -ge 1100 ] && break; sleep 0.1; done
+i=0
+for P in $(pgrep -f '^sleep 999999$'); do
+  i=$((i+1))
+  gdbus call --system --dest $M --object-path $MP --method $MI.CreateMachine big$i '[]' '' vm $P '' '@a(sv) []' \
+    >/dev/null 2>>/tmp/big.err &
+  [ $((i % 50)) = 0 ] && wait
+done
+wait
+echo "errors $(cat /tmp/big.err 2>/dev/null | wc -l)"
+echo "listed $(machinectl list --no-legend | wc -l)"
+echo "fds $(ls /proc/$(systemctl show -p MainPID --value machined)/fd | wc -l)"
+for i in $(seq 1100); do
+  gdbus call --system --dest $M --object-path $MP --method $MI.TerminateMachine big$i >/dev/null 2>&1 &
+  [ $((i % 50)) = 0 ] && wait
+done
+wait
+for _ in $(seq 300); do [ "$(machinectl list --no-legend | wc -l)" = 0 ] && break; sleep 0.2; done
+echo "after $(machinectl list --no-legend | wc -l) $(ls /run/systemd/machines | wc -l)"
+systemctl show machined -p NRestarts
+""", timeout=600)
+    assert "errors 0\nlisted 1100\n" in out, out
+    assert int(out.split("fds ", 1)[1].split()[0]) > 1100
+    assert "after 0 0\nNRestarts=0" in out, out
