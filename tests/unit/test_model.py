@@ -47,3 +47,20 @@ def test_interfaces_have_252_signatures() -> None:
     assert machine.properties["State"].signature == "s"
     xml = introspect_xml([machine], ["x"])
     assert xml.startswith("<!DOCTYPE node") and ' <node name="x"/>\n</node>\n' in xml
+
+
+def test_every_introspected_method_has_a_handler(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from machined.access import MachineAccess
+    from machined.bus import adapters
+    from machined.manager import MachineManager
+    from machined.statefile import StateDir
+
+    manager = MachineManager(host_machine(b"", Timestamp()), StateDir(str(tmp_path)))
+    access = MachineAccess(manager)
+    for obj, name in (
+        (adapters.manager_object(manager, access), "org.freedesktop.machine1.Manager"),
+        (adapters.machine_object(manager, access, manager.host), "org.freedesktop.machine1.Machine"),
+    ):
+        iface = load_interface(name)
+        assert [m for m in iface.methods if (name, m) not in obj.methods] == []
+        assert [p for p in iface.properties if (name, p) not in obj.properties] == []
