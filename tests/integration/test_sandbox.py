@@ -110,3 +110,26 @@ def test_boot_failure_shows_systemds_last_lines(monkeypatch) -> None:  # type: i
         sb.stop()
         raise AssertionError("a sandbox whose systemd exits must not start")
     assert not any(Path(c).exists() for c in sb.info.cgroups)
+
+
+def test_ctrl_c_tears_the_sandbox_down() -> None:
+    import signal
+    import time
+
+    before = {info.id for info, _ in Sandbox.list()}
+    cli = subprocess.Popen([sys.executable, "-m", "machined.sandbox.cli", "run", "--", "sleep", "60"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    new: set[str] = set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not new:
+        new = {info.id for info, alive in Sandbox.list() if alive} - before
+        time.sleep(0.1)
+    assert new, "the sandbox did not come up"
+    (sid,) = new
+    cgroups = Sandbox.attach(sid).info.cgroups
+    time.sleep(0.5)  # inside the command now
+    cli.send_signal(signal.SIGINT)
+    _, err = cli.communicate(timeout=60)
+    assert "Traceback" not in err
+    assert not (STATE_ROOT / sid).exists()
+    assert not any(Path(c).exists() for c in cgroups)
