@@ -585,6 +585,16 @@ def _parent_dir(path: str) -> Iterator[tuple[int, str]]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _directory(path: str) -> Iterator[int]:
+    """An fd of directory *path*, closed afterwards."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_DIRECTORY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def make_subvolume(path: str) -> None:
     """Create *path* as a btrfs subvolume (ENOTTY where btrfs is not)."""
     with _parent_dir(path) as (fd, name):
@@ -592,11 +602,8 @@ def make_subvolume(path: str) -> None:
 
 
 def set_subvolume_read_only(path: str, read_only: bool) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_DIRECTORY)
-    try:
+    with _directory(path) as fd:
         _set_subvolume_read_only_fd(fd, read_only)
-    finally:
-        os.close(fd)
 
 
 def _set_subvolume_read_only_fd(fd: int, read_only: bool) -> None:
@@ -806,11 +813,8 @@ def qgroup_destroy_recursive(fd: int, qgroup: int) -> None:
 
 
 def auto_qgroup_path(path: str, insert_intermediary: bool) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_DIRECTORY)
-    try:
+    with _directory(path) as fd:
         auto_qgroup(fd, insert_intermediary)
-    finally:
-        os.close(fd)
 
 
 def auto_qgroup(fd: int, insert_intermediary: bool, subvol: int = 0) -> None:
