@@ -9,16 +9,18 @@ import resource
 import signal
 import time
 
-from dbus_fast import BusType, Message, MessageType, RequestNameReply
+from dbus_fast import BusType, Message, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
 from machined import notify
+from machined.bus import writer_fix
+from machined.bus.client import call_bus_daemon
 from machined.bus.logcontrol import LogControl
 from machined.bus.objects import Dispatcher
 from machined.bus.systemd1 import Systemd
-from machined.bus import writer_fix
 from machined.bus.tree import MANAGER_PATH, MachinedTree
+from machined.errors import BusError
 from machined.machine import Machine, Timestamp, host_machine
 from machined.manager import MachineManager
 from machined.statefile import StateDir
@@ -165,19 +167,10 @@ class Daemon:
 
 
 async def _describe_owner(bus: MessageBus, name: str) -> str:
-    reply = await bus.call(
-        Message(
-            destination="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus",
-            member="GetConnectionUnixProcessID",
-            signature="s",
-            body=[name],
-        )
-    )
-    if reply is None or reply.message_type is not MessageType.METHOD_RETURN:
+    try:
+        (pid,) = await call_bus_daemon(bus, "GetConnectionUnixProcessID", "s", [name])
+    except BusError:
         return ""
-    pid = reply.body[0]
     try:
         with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
             return f" by PID {pid} ({f.read().strip()})"

@@ -7,10 +7,10 @@ PTY's slave, with upstream's unit properties.
 
 from __future__ import annotations
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from machined.errors import BusError
+from machined.bus.client import call_method
 
 LOGIN_SHELL_SCRIPT = (
     'shell=$(getent passwd {user} 2>/dev/null | {{ IFS=: read _ _ _ _ _ _ x; echo "$x"; }})\n'
@@ -50,21 +50,8 @@ def shell_properties(user: str, pty_path: str, path: str, argv: list[str], env: 
 
 
 async def _call(bus: MessageBus, member: str, signature: str, body: list, unix_fds: list[int] | None = None) -> None:
-    reply = await bus.call(
-        Message(
-            destination="org.freedesktop.systemd1",
-            path="/org/freedesktop/systemd1",
-            interface="org.freedesktop.systemd1.Manager",
-            member=member,
-            signature=signature,
-            body=body,
-            unix_fds=unix_fds or [],
-        )
-    )
-    if reply is None:
-        raise BusError("org.freedesktop.DBus.Error.NoReply", "No reply")
-    if reply.message_type is MessageType.ERROR:
-        raise BusError(reply.error_name or "org.freedesktop.DBus.Error.Failed", reply.body[0] if reply.body else "")
+    await call_method(bus, "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                      "org.freedesktop.systemd1.Manager", member, signature, body, unix_fds)  # fmt: skip
 
 
 async def start_login(bus: MessageBus, pty_path: str) -> None:

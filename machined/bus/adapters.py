@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import errno
 
-from dbus_fast import Variant
 
+from machined import errors
 from machined import images as pool
+from machined.access import MachineAccess
 from machined.bus import images
 from machined.bus.introspection import load_interface
-from machined import errors
 from machined.bus.objects import BusObject, Call, FdReply, Handler
 from machined.bus.polkit import authorize
-from machined.machine import Machine, MachineClass
-from machined.naming import path_is_normalized_absolute
-from machined.access import MachineAccess
-from machined.manager import MachineManager
 from machined.envfile import env_is_valid
 from machined.errors import BusError
+from machined.machine import Machine, MachineClass
+from machined.manager import MachineManager
+from machined.naming import path_is_normalized_absolute
 from machined.registration import validate_kill, validate_registration
 from machined.sessions import shell_command
 
@@ -184,13 +183,13 @@ def manager_object(manager: MachineManager, access: MachineAccess) -> BusObject:
     async def create_machine(call: Call, name: str, machine_id: bytes, service: str, machine_class: str,
                              leader: int, root: str, properties: list) -> list:  # fmt: skip
         req = await request(call, name, machine_id, service, machine_class, leader, root)
-        return [(await manager.create(req, _properties(properties))).object_path]
+        return [(await manager.create(req, properties)).object_path]
 
     async def create_machine_with_network(call: Call, name: str, machine_id: bytes, service: str,
                                           machine_class: str, leader: int, root: str, netif: list[int],
                                           properties: list) -> list:  # fmt: skip
         req = await request(call, name, machine_id, service, machine_class, leader, root, netif)
-        return [(await manager.create(req, _properties(properties))).object_path]
+        return [(await manager.create(req, properties)).object_path]
 
     async def register_machine(call: Call, name: str, machine_id: bytes, service: str, machine_class: str,
                                leader: int, root: str) -> list:  # fmt: skip
@@ -267,8 +266,3 @@ def machine_object(manager: MachineManager, access: MachineAccess, machine: Mach
         },
         hidden_properties={(i, "Scope"): ("s", lambda: machine.unit)},
     )
-
-
-def _properties(raw: list) -> list[tuple[str, Variant]]:
-    """The caller's scope properties, passed on to systemd as they came."""
-    return [(name, value) for name, value in raw]

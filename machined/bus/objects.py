@@ -23,6 +23,7 @@ from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from machined import errors
+from machined.bus.client import call_bus_daemon
 from machined.bus.introspection import Interface, introspect_xml
 from machined.errors import BusError
 
@@ -58,19 +59,10 @@ class Call:
     async def credentials(self) -> Credentials:
         """The sender's PID and UID, as the bus daemon knows them (never from arguments)."""
         if self._credentials is None:
-            reply = await self.bus.call(
-                Message(
-                    destination="org.freedesktop.DBus",
-                    path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus",
-                    member="GetConnectionCredentials",
-                    signature="s",
-                    body=[self.sender],
-                )
-            )
-            if reply is None or reply.message_type is not MessageType.METHOD_RETURN:
-                raise BusError.from_errno(errno.ESRCH, "Failed to get credentials of the caller")
-            creds = reply.body[0]
+            try:
+                (creds,) = await call_bus_daemon(self.bus, "GetConnectionCredentials", "s", [self.sender])
+            except BusError:
+                raise BusError.from_errno(errno.ESRCH, "Failed to get credentials of the caller") from None
             self._credentials = Credentials(
                 pid=int(creds["ProcessID"].value), uid=int(creds["UnixUserID"].value)
             )

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import errno
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Variant
 
 from machined import errors
+from machined.bus.client import call_method
 from machined.bus.objects import Call
 from machined.errors import BusError
 
@@ -30,23 +31,16 @@ async def authorize(call: Call, action: str, details: dict[str, str] | None = No
         return
     subject = ("system-bus-name", {"name": Variant("s", call.sender)})
     flags = 1 if call.allow_interactive_authorization else 0
-    reply = await call.bus.call(
-        Message(
-            destination=AUTHORITY,
-            path=AUTHORITY_PATH,
-            interface=AUTHORITY_IFACE,
-            member="CheckAuthorization",
-            signature="(sa{sv})sa{ss}us",
-            body=[subject, ACTION_PREFIX + action, details or {}, flags, ""],
-        )
-    )
-    if reply is None:
-        raise BusError.from_errno(errno.EACCES)
-    if reply.message_type is MessageType.ERROR:
-        if reply.error_name in _SERVICE_UNKNOWN:
-            raise BusError(errors.ACCESS_DENIED, "Permission denied")
-        raise BusError(reply.error_name or errors.ACCESS_DENIED, reply.body[0] if reply.body else "")
-    authorized, challenge, _ = reply.body[0]
+    try:
+        (result,) = await call_method(
+            call.bus, AUTHORITY, AUTHORITY_PATH, AUTHORITY_IFACE, "CheckAuthorization", "(sa{sv})sa{ss}us",
+            [subject, ACTION_PREFIX + action, details or {}, flags, ""],
+        )  # fmt: skip
+    except BusError as e:
+        if e.name in _SERVICE_UNKNOWN or e.name == errors.NO_REPLY:
+            raise BusError.from_errno(errno.EACCES) from None
+        raise  # polkit's own errors go to the caller as they are
+    authorized, challenge, _ = result
     if authorized:
         return
     if challenge:

@@ -16,6 +16,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from machined import errors, sessions
+from machined.bus.client import call_bus_daemon, call_method
 from machined.errors import BusError
 from machined.naming import bus_label_escape, bus_label_unescape
 
@@ -63,13 +64,9 @@ class Systemd:
         self.listener = listener
         self.bus.add_message_handler(self._on_signal)
         for rule in MATCH_RULES:
-            await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                             "AddMatch", "s", [rule])  # fmt: skip
+            await call_bus_daemon(self.bus, "AddMatch", "s", [rule])
         try:
-            self.owner = (
-                await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                                 "GetNameOwner", "s", [SYSTEMD])  # fmt: skip
-            )[0]
+            self.owner = (await call_bus_daemon(self.bus, "GetNameOwner", "s", [SYSTEMD]))[0]
         except BusError:
             self.owner = None
         await self.subscribe()
@@ -84,20 +81,8 @@ class Systemd:
 
     # ----- calls ---------------------------------------------------------------------
 
-    async def _call(self, dest: str, path: str, iface: str, member: str, sig: str = "",
-                    body: list[Any] | None = None) -> list[Any]:  # fmt: skip
-        reply = await self.bus.call(
-            Message(destination=dest, path=path, interface=iface, member=member, signature=sig, body=body or [])
-        )
-        if reply is None:
-            raise BusError(errors.NO_REPLY, "No reply")
-        if reply.message_type is MessageType.ERROR:
-            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
-            raise BusError(reply.error_name or errors.FAILED, text)
-        return reply.body
-
     async def _manager_call(self, member: str, sig: str = "", body: list[Any] | None = None) -> list[Any]:
-        return await self._call(SYSTEMD, SYSTEMD_PATH, SYSTEMD_MANAGER, member, sig, body)
+        return await call_method(self.bus, SYSTEMD, SYSTEMD_PATH, SYSTEMD_MANAGER, member, sig, body)
 
     async def start_transient_unit(self, name: str, properties: list[tuple[str, Variant]]) -> str:
         """Start a transient unit in mode "fail"; return the job path. Errors pass through."""
@@ -125,8 +110,8 @@ class Systemd:
     async def unit_is_active(self, unit: str) -> bool:
         """False only when systemd says the unit is inactive, failed, unknown or unloadable."""
         try:
-            (value,) = await self._call(SYSTEMD, unit_object_path(unit), "org.freedesktop.DBus.Properties",
-                                        "Get", "ss", ["org.freedesktop.systemd1.Unit", "ActiveState"])  # fmt: skip
+            (value,) = await call_method(self.bus, SYSTEMD, unit_object_path(unit), "org.freedesktop.DBus.Properties",
+                                         "Get", "ss", ["org.freedesktop.systemd1.Unit", "ActiveState"])  # fmt: skip
         except BusError as e:
             if e.name in (NO_SUCH_UNIT, LOAD_FAILED):
                 return False
@@ -136,8 +121,8 @@ class Systemd:
     async def job_is_active(self, job: str) -> bool:
         """Whether the job object still exists (its state does not matter)."""
         try:
-            await self._call(SYSTEMD, job, "org.freedesktop.DBus.Properties", "Get", "ss",
-                             ["org.freedesktop.systemd1.Job", "State"])  # fmt: skip
+            await call_method(self.bus, SYSTEMD, job, "org.freedesktop.DBus.Properties", "Get", "ss",
+                              ["org.freedesktop.systemd1.Job", "State"])  # fmt: skip
         except BusError as e:
             return e.name != errors.UNKNOWN_OBJECT
         return True

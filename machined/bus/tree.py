@@ -13,7 +13,12 @@ from machined.bus import adapters, images
 from machined.bus.logcontrol import LogControl
 from machined.bus.objects import BusObject, Call
 from machined.manager import MachineManager
-from machined.naming import IMAGE_PATH_PREFIX, MACHINE_PATH_PREFIX, bus_label_escape, bus_label_unescape
+from machined.naming import (
+    IMAGE_PATH_PREFIX,
+    MACHINE_PATH_PREFIX,
+    bus_label_escape,
+    bus_label_unescape,
+)
 
 MANAGER_PATH = "/org/freedesktop/machine1"
 LOG_CONTROL_PATH = "/org/freedesktop/LogControl1"
