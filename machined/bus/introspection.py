@@ -2,7 +2,8 @@
 
 The XML files are the single source of truth: they are served verbatim (in
 sd-bus's layout) and give each method's input signature, which the dispatcher
-checks before a handler runs.
+checks before a handler runs. They are package data (:mod:`machined.data`), so
+an installed wheel reads its own copies, an editable install the checkout's.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 
-INTERFACES_DIR = Path(__file__).resolve().parents[2] / "dbus-interfaces"
+from machined.data import interface_file
 
 DOCTYPE = (
     '<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"\n'
@@ -94,7 +94,7 @@ def _signature(element: ET.Element, direction: str | None) -> str:
 @cache
 def load_interface(name: str) -> Interface:
     """The interface *name* from ``dbus-interfaces/<name>.xml``."""
-    text = (INTERFACES_DIR / f"{name}.xml").read_text(encoding="utf-8")
+    text = interface_file(f"{name}.xml").read_text(encoding="utf-8")
     match = re.search(r'^ <interface name="[^"]+">\n.*?^ </interface>\n', text, re.S | re.M)
     if match is None:
         raise ValueError(f"{name}.xml has no interface block")

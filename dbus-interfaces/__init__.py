@@ -1,0 +1,1 @@
+"""Installed as the package ``machined.data.interfaces`` (pyproject.toml); see machined/data."""

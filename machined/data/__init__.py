@@ -1,0 +1,40 @@
+"""The files machined ships besides its code, read with :mod:`importlib.resources`.
+
+In the repository they stay where the design puts them: ``dbus-interfaces/``
+(interface XML, bus policy, bus activation file, polkit policy) and ``units/``
+(the service unit), at the top of the checkout. pyproject.toml maps those two
+folders onto the subpackages ``machined.data.interfaces`` and
+``machined.data.units``, so a wheel (built directly or from the sdist) carries
+them inside the package, and an editable install reads the checkout's files.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+from pathlib import Path
+
+INTERFACES = f"{__name__}.interfaces"  # dbus-interfaces/
+UNITS = f"{__name__}.units"  # units/
+
+
+def interface_file(name: str) -> Traversable:
+    """``dbus-interfaces/<name>``: interface XML, bus policy, activation file or polkit policy."""
+    return files(INTERFACES).joinpath(name)
+
+
+def unit_file(name: str) -> Traversable:
+    """``units/<name>``."""
+    return files(UNITS).joinpath(name)
+
+
+def file_path(resource: Traversable) -> Path:
+    """The file-system path of a shipped file, for what needs one (bind mounts, installing).
+
+    Wheels and editable installs put the package on disk (never in a zip), so
+    the path is the file itself and stays valid while the process runs.
+    """
+    path = Path(str(resource))
+    if not path.is_file():
+        raise FileNotFoundError(f"machined's data file {path} is missing (broken installation?)")
+    return path

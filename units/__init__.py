@@ -1,0 +1,1 @@
+"""Installed as the package ``machined.data.units`` (pyproject.toml); see machined/data."""
