@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from machined.data import file_path, interface_file, unit_file
+
 STATE_ROOT = Path("/run/machined-sandbox")
 CGROUP_PREFIX = "machined-sandbox-"
 EXEC_CGROUP = "sandbox-exec"
@@ -182,7 +184,7 @@ def systemd_binary() -> str:
 
 def our_unit_text(python: str) -> str:
     """The project's service unit with ExecStart pointed at this interpreter."""
-    text = (PROJECT_ROOT / "units" / "machined.service").read_text(encoding="utf-8")
+    text = unit_file("machined.service").read_text(encoding="utf-8")  # package data: works from a wheel
     return re.sub(r"(?m)^ExecStart=.*$", f"ExecStart={python} -m machined", text)
 
 
@@ -377,7 +379,7 @@ class Sandbox:
                 {"path": f"{unit_dir}/dbus-org.freedesktop.machine1.service", "symlink": "machined.service"}
             )
             for name, dst in POLICY_FILES.items():
-                binds.append({"src": str(PROJECT_ROOT / "dbus-interfaces" / name), "dst": dst})
+                binds.append({"src": str(file_path(interface_file(name))), "dst": dst})
         if self.bus_limits:
             limits = "".join(f'  <limit name="{k}">{v}</limit>\n' for k, v in self.bus_limits.items())
             files.append(
