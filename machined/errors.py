@@ -31,8 +31,10 @@ PROPERTY_READ_ONLY = _DBUS + "PropertyReadOnly"
 NO_REPLY = _DBUS + "NoReply"
 INTERACTIVE_AUTHORIZATION_REQUIRED = _DBUS + "InteractiveAuthorizationRequired"
 
-# sd-bus's errno → error-name table (bus-error.c); the rest is System.Error.<NAME>.
-_ERRNO_NAMES = {
+# What sd-bus 252 answers for a handler failing with an errno (sd_bus_error_set_errno(),
+# bus-error.c): a few errnos have a fixed org.freedesktop.DBus.Error name ...
+_ERRNO_CONST = {
+    errno.ENOMEM: "NoMemory",
     errno.EPERM: "AccessDenied",
     errno.EACCES: "AccessDenied",
     errno.EINVAL: "InvalidArgs",
@@ -40,29 +42,53 @@ _ERRNO_NAMES = {
     errno.ENOENT: "FileNotFound",
     errno.EEXIST: "FileExists",
     errno.ETIMEDOUT: "Timeout",
+    errno.ETIME: "Timeout",
     errno.EIO: "IOError",
-    errno.ENOMEM: "NoMemory",
-    errno.ENOBUFS: "LimitsExceeded",
+    errno.ENETRESET: "Disconnected",
+    errno.ECONNABORTED: "Disconnected",
+    errno.ECONNRESET: "Disconnected",
     errno.EOPNOTSUPP: "NotSupported",
+    errno.EADDRNOTAVAIL: "BadAddress",
+    errno.ENOBUFS: "LimitsExceeded",
     errno.EADDRINUSE: "AddressInUse",
     errno.EBADMSG: "InconsistentMessage",
-    errno.ENOTCONN: "Disconnected",
-    errno.ECONNRESET: "Disconnected",
-    errno.ECONNREFUSED: "Disconnected",
-    errno.ESHUTDOWN: "Disconnected",
-    errno.ENXIO: "FileNotFound",
-    errno.ENOSYS: "UnknownMethod",
-    errno.ENOMEDIUM: "NoNetwork",
-    errno.EHOSTDOWN: "NoServer",
-    errno.ELOOP: "Failed",
 }
+
+# ... every other one is System.Error.<its name in systemd's errno list>, and an errno
+# without a name (41, 58, >133 on Linux) is org.freedesktop.DBus.Error.Failed.
+# Linux's errno names from 1 on, "-" where no errno has that number.
+_ERRNO_LIST = """
+    EPERM ENOENT ESRCH EINTR EIO ENXIO E2BIG ENOEXEC EBADF ECHILD EAGAIN ENOMEM EACCES EFAULT
+    ENOTBLK EBUSY EEXIST EXDEV ENODEV ENOTDIR EISDIR EINVAL ENFILE EMFILE ENOTTY ETXTBSY EFBIG
+    ENOSPC ESPIPE EROFS EMLINK EPIPE EDOM ERANGE EDEADLK ENAMETOOLONG ENOLCK ENOSYS ENOTEMPTY
+    ELOOP - ENOMSG EIDRM ECHRNG EL2NSYNC EL3HLT EL3RST ELNRNG EUNATCH ENOCSI EL2HLT EBADE EBADR
+    EXFULL ENOANO EBADRQC EBADSLT - EBFONT ENOSTR ENODATA ETIME ENOSR ENONET ENOPKG EREMOTE
+    ENOLINK EADV ESRMNT ECOMM EPROTO EMULTIHOP EDOTDOT EBADMSG EOVERFLOW ENOTUNIQ EBADFD EREMCHG
+    ELIBACC ELIBBAD ELIBSCN ELIBMAX ELIBEXEC EILSEQ ERESTART ESTRPIPE EUSERS ENOTSOCK
+    EDESTADDRREQ EMSGSIZE EPROTOTYPE ENOPROTOOPT EPROTONOSUPPORT ESOCKTNOSUPPORT EOPNOTSUPP
+    EPFNOSUPPORT EAFNOSUPPORT EADDRINUSE EADDRNOTAVAIL ENETDOWN ENETUNREACH ENETRESET
+    ECONNABORTED ECONNRESET ENOBUFS EISCONN ENOTCONN ESHUTDOWN ETOOMANYREFS ETIMEDOUT
+    ECONNREFUSED EHOSTDOWN EHOSTUNREACH EALREADY EINPROGRESS ESTALE EUCLEAN ENOTNAM ENAVAIL
+    EISNAM EREMOTEIO EDQUOT ENOMEDIUM EMEDIUMTYPE ECANCELED ENOKEY EKEYEXPIRED EKEYREVOKED
+    EKEYREJECTED EOWNERDEAD ENOTRECOVERABLE ERFKILL EHWPOISON
+""".split()
+
+
+def errno_name(code: int) -> str | None:
+    """systemd's name of errno *code* ("ELOOP"), None for a number no errno has."""
+    code = abs(code)
+    if 1 <= code <= len(_ERRNO_LIST) and _ERRNO_LIST[code - 1] != "-":
+        return _ERRNO_LIST[code - 1]
+    return None
 
 
 def errno_error_name(code: int) -> str:
-    """The D-Bus error name sd-bus gives a handler failing with *code*."""
-    if code in _ERRNO_NAMES:
-        return _DBUS + _ERRNO_NAMES[code]
-    return "System.Error." + errno.errorcode.get(code, "EIO")
+    """The D-Bus error name sd-bus 252 gives a handler failing with *code*."""
+    code = abs(code)
+    if code in _ERRNO_CONST:
+        return _DBUS + _ERRNO_CONST[code]
+    name = errno_name(code)
+    return "System.Error." + name if name else FAILED
 
 
 class BusError(Exception):
