@@ -9,7 +9,7 @@ import resource
 import signal
 import time
 
-from dbus_fast import BusType, Message, RequestNameReply
+from dbus_fast import BusType, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
@@ -17,7 +17,7 @@ from machined import notify
 from machined.bus import writer_fix
 from machined.bus.client import call_bus_daemon
 from machined.bus.logcontrol import LogControl
-from machined.bus.objects import Dispatcher
+from machined.bus.objects import Dispatcher, new_signal
 from machined.bus.systemd1 import Systemd
 from machined.bus.tree import MANAGER_PATH, MachinedTree
 from machined.errors import BusError
@@ -137,7 +137,7 @@ class Daemon:
         if self.bus is None or not self.bus.connected:
             return
         self.bus.send(
-            Message.new_signal(
+            new_signal(
                 MANAGER_PATH,
                 "org.freedesktop.machine1.Manager",
                 signal_name,

@@ -154,6 +154,8 @@ class Dispatcher:
         except Exception:  # never a traceback to the client, never a crash
             log.exception("Internal error while handling %s.%s", message.interface, message.member)
             reply = Message.new_error(message, errors.FAILED, "Internal error")
+        # sd-bus flags every reply (and error) it sends as expecting no reply.
+        reply.flags = MessageFlag.NO_REPLY_EXPECTED
         try:
             if not message.flags & MessageFlag.NO_REPLY_EXPECTED:
                 await self.bus.send(reply)
@@ -248,6 +250,13 @@ class Dispatcher:
             )
         await setter(call, value.value)
         return Message.new_method_return(msg)
+
+
+def new_signal(path: str, interface: str, member: str, signature: str = "", body: list[Any] | None = None) -> Message:
+    """A signal as sd-bus builds one: flagged as expecting no reply."""
+    message = Message.new_signal(path, interface, member, signature, body or [])
+    message.flags = MessageFlag.NO_REPLY_EXPECTED
+    return message
 
 
 async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
