@@ -79,7 +79,8 @@ class Daemon:
         self._stop = asyncio.Event()
 
     async def run(self) -> int:
-        """Serve until SIGTERM (exit status 0) or until the bus goes away (1, so systemd restarts us)."""
+        """Serve until SIGTERM or until the bus goes away; exit status 0 either way, as 252
+        (bus activation starts us again on the next call)."""
         raise_fd_limit()
         # Some programs test this directory's existence to decide that machined runs.
         os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
@@ -111,8 +112,9 @@ class Daemon:
             if self.userdb is not None:
                 await self.userdb.stop()
             if disconnected.done():
+                disconnected.exception()  # how it went away (EOFError...) is no news: no traceback
                 log.warning("Lost the connection to the bus; exiting.")
-                return 1
+                return 0
             disconnected.cancel()
             notify.stopping()
             log.info("Exiting.")
