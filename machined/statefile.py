@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 HEADER = "# This is private data. Do not parse.\n"
 UNIT_LINK_PREFIX = "unit:"
+# Atomic writes go through ".#NAME<random>" in the same directory, as upstream names them.
+TEMPORARY_PREFIX = ".#"
 
 _C_ESCAPES = {
     "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v",
@@ -127,7 +129,7 @@ class StateDir:
     def save(self, machine: Machine) -> None:
         """Write *machine*'s state file atomically and make sure its ``unit:`` link exists."""
         self.ensure()
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".#{machine.name}")
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f"{TEMPORARY_PREFIX}{machine.name}")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(serialize(machine))
@@ -145,6 +147,17 @@ class StateDir:
             except FileExistsError:
                 pass  # an existing link is left alone, as upstream does
 
+    def _remove_temporary(self, name: str) -> None:
+        path = self.file_of(name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # a directory, or not ours to remove
+            log.warning("Cannot remove stale temporary file %s: %s", path, e)
+        else:
+            log.info("Removed stale temporary file %s.", path)
+
     def remove(self, machine: Machine) -> None:
         paths = [self.file_of(machine.name)]
         if machine.unit:
@@ -156,11 +169,18 @@ class StateDir:
                 pass
 
     def load_all(self) -> list[Machine]:
-        """Every machine with a readable state file; a corrupt file is skipped with a warning."""
+        """Every machine with a readable state file; a corrupt file is skipped with a warning.
+
+        Called at start, before anything is saved: temporaries left by a writer that was
+        killed mid-write are removed (upstream leaves them behind for good).
+        """
         try:
             names = sorted(os.listdir(self.path))
         except FileNotFoundError:
             return []
+        for name in names:
+            if name.startswith(TEMPORARY_PREFIX):
+                self._remove_temporary(name)
         machines = []
         for name in names:
             if name.startswith(UNIT_LINK_PREFIX) or not hostname_is_valid(name):
