@@ -164,6 +164,9 @@ class Dispatcher:
         finally:
             for fd in reply.unix_fds:
                 os.close(fd)
+            # The connection's reader keeps the last message it read until the next one
+            # comes: drop the arguments now, or one large call stays in memory for long.
+            message.body = []
 
     async def _dispatch(self, call: Call) -> Message:
         msg = call.message
