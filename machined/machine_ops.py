@@ -6,6 +6,7 @@ container's mount namespace, which must never happen in the daemon itself.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -23,6 +24,16 @@ MS_MOVE = 0x2000
 MS_SLAVE = 1 << 19
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
+AT_FDCWD = -100
+MOVE_MOUNT_F_SYMLINKS = 0x01
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+SYS_move_mount = 429  # the same number on every architecture (new syscalls are unified)
+
+
+def _move_mount(*args: object) -> int:
+    if hasattr(_libc, "move_mount"):  # glibc 2.36+
+        return _libc.move_mount(*args)
+    return _libc.syscall(SYS_move_mount, *args)
 
 
 # ----- copying ----------------------------------------------------------------------------
@@ -171,6 +182,17 @@ def _mount(source: str | None, target: str, flags: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
+def _move_mount_onto_fd(source: str, target_fd: int) -> None:
+    """mount(source, target, MS_MOVE) onto the file *target_fd* was opened on (O_PATH).
+
+    move_mount() with an empty target path: upstream mounts onto /proc/self/fd/N, but this
+    process is outside the container's PID namespace, where /proc/self does not resolve.
+    """
+    if _move_mount(AT_FDCWD, source.encode(), target_fd, b"", MOVE_MOUNT_F_SYMLINKS | MOVE_MOUNT_T_EMPTY_PATH) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 def _umount(target: str) -> None:
     _libc.umount2(target.encode(), MNT_DETACH | UMOUNT_NOFOLLOW)
 
@@ -242,13 +264,18 @@ def _move_into_container(leader: int, entry: str, destination: str, is_dir: bool
             os.close(read_end)
             setns(f"/proc/{leader}/ns/mnt", CLONE_NEWNS)
             if mkdir:
-                if is_dir:
-                    os.makedirs(destination, 0o755, exist_ok=True)
-                else:
+                # As upstream: best effort, whatever is in the way stays and the move decides.
+                with contextlib.suppress(OSError):
                     os.makedirs(os.path.dirname(destination), 0o755, exist_ok=True)
-                    if not os.path.exists(destination):
-                        os.close(os.open(destination, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-            _mount(f"/run/host/incoming/{entry}", destination, MS_MOVE)
+                with contextlib.suppress(OSError):
+                    if is_dir:
+                        os.mkdir(destination, 0o700)
+                    else:
+                        os.mknod(destination, stat.S_IFREG | 0o600)
+            # Onto the destination itself, never where a symlink there points (upstream's
+            # mount_nofollow(): a symlink, dangling or not, gets EINVAL for a directory).
+            target = os.open(destination, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            _move_mount_onto_fd(f"/run/host/incoming/{entry}", target)
         except OSError as e:
             code = e.errno or errno.EIO
         os.write(write_end, code.to_bytes(4, "little"))
