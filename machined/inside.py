@@ -26,13 +26,13 @@ def same_netns(leader: int) -> bool:
 
 
 async def container_addresses(leader: int) -> list[Address]:
-    data = await run_worker("machined.nsprobe:addresses", timeout=PROBE_TIMEOUT, leader=leader)
+    data = await run_worker("machined.nsprobe:addresses", timeout=PROBE_TIMEOUT, shared=True, leader=leader)
     assert isinstance(data, list)
     return [Address(int(f), 0, 0, bytes.fromhex(a)) for f, a in data]
 
 
 async def container_os_release(leader: int) -> dict[str, str]:
-    data = await run_worker("machined.nsprobe:os_release", timeout=PROBE_TIMEOUT, leader=leader)
+    data = await run_worker("machined.nsprobe:os_release", timeout=PROBE_TIMEOUT, shared=True, leader=leader)
     assert isinstance(data, dict)
     return {str(k): str(v) for k, v in data.items()}
 

@@ -52,6 +52,10 @@ def _check_name(name: str) -> None:
         raise BusError(errors.INVALID_ARGS, f"Image name '{name}' is invalid.")
 
 
+# Reading a disk image's metadata dissects it in a child; a wedged image costs its caller this long.
+METADATA_TIMEOUT = 20.0
+
+
 def _check_limit(limit: int) -> None:
     if limit > INT64_MAX and limit != pool.UINT64_MAX:
         raise BusError(errors.INVALID_ARGS, "New limit out of range")
@@ -72,7 +76,7 @@ async def _metadata(img: Image) -> dict:
     try:
         if img.type in ("directory", "subvolume"):
             return await asyncio.to_thread(pool.read_metadata, img.to_dict())
-        return await run_worker("machined.images:read_metadata", image=img.to_dict())
+        return await run_worker("machined.images:read_metadata", METADATA_TIMEOUT, shared=True, image=img.to_dict())
     except OSError as e:
         code = e.errno or errno.EIO
         raise BusError(errors.errno_error_name(code), f"Failed to read image metadata: {os.strerror(code)}") from None

@@ -12,9 +12,11 @@ sd-bus does. Handlers are coroutines; a reply is sent when they finish.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,7 +24,7 @@ from typing import Any, Protocol
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from machined import errors
+from machined import caller, errors
 from machined.bus.client import call_bus_daemon
 from machined.bus.introspection import Interface, introspect_xml
 from machined.errors import BusError
@@ -40,12 +42,33 @@ class Credentials:
     uid: int
 
 
+class CredentialCache:
+    """Credentials by unique bus name. A bus never reuses a unique name, and a connection's
+    credentials are fixed when it connects, so an entry never goes stale; the cache is bounded."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, Credentials] = OrderedDict()
+
+    def get(self, sender: str) -> Credentials | None:
+        creds = self._entries.get(sender)
+        if creds is not None:
+            self._entries.move_to_end(sender)
+        return creds
+
+    def put(self, sender: str, creds: Credentials) -> None:
+        self._entries[sender] = creds
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
 class Call:
     """One incoming method call, with what handlers may need to know of its sender."""
 
-    def __init__(self, bus: MessageBus, message: Message) -> None:
+    def __init__(self, bus: MessageBus, message: Message, cache: CredentialCache | None = None) -> None:
         self.bus = bus
         self.message = message
+        self._cache = cache
         self._credentials: Credentials | None = None
 
     @property
@@ -58,6 +81,8 @@ class Call:
 
     async def credentials(self) -> Credentials:
         """The sender's PID and UID, as the bus daemon knows them (never from arguments)."""
+        if self._credentials is None and self._cache is not None:
+            self._credentials = self._cache.get(self.sender)
         if self._credentials is None:
             try:
                 (creds,) = await call_bus_daemon(self.bus, "GetConnectionCredentials", "s", [self.sender])
@@ -66,7 +91,13 @@ class Call:
             self._credentials = Credentials(
                 pid=int(creds["ProcessID"].value), uid=int(creds["UnixUserID"].value)
             )
+            if self._cache is not None and self.sender:
+                self._cache.put(self.sender, self._credentials)
         return self._credentials
+
+    async def uid(self) -> int:
+        """The requester's UID (:class:`machined.caller.Requester`)."""
+        return (await self.credentials()).uid
 
 
 class FdReply:
@@ -119,6 +150,7 @@ class Dispatcher:
         self.tree = tree
         self.machine_id = machine_id
         self._tasks: set[asyncio.Task[None]] = set()
+        self.credentials = CredentialCache()
         # Calls wait until the registry is loaded, so nobody sees half of it.
         self.ready = asyncio.Event()
 
@@ -131,21 +163,26 @@ class Dispatcher:
         # Run the handler at once: most calls (lookups, properties, lists) never wait,
         # and finish here without the cost of a task. One that waits (for systemd, polkit,
         # a child process) continues as a task from where it stopped.
-        coro = self._handle(message)
+        # Each call runs in a context of its own, where it is the current requester.
+        call = Call(self.bus, message, self.credentials)
+        context = contextvars.copy_context()
+        context.run(caller.current.set, call)
+        coro = self._handle(call)
         try:
-            waiting_on = coro.send(None)
+            waiting_on = context.run(coro.send, None)
         except StopIteration:
             return True
-        task = asyncio.get_running_loop().create_task(_resume(coro, waiting_on))
+        task = asyncio.get_running_loop().create_task(_resume(coro, waiting_on), context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _handle(self, message: Message) -> None:
+    async def _handle(self, call: Call) -> None:
+        message = call.message
         if not self.ready.is_set():
             await self.ready.wait()
         try:
-            reply = await self._dispatch(Call(self.bus, message))
+            reply = await self._dispatch(call)
         except BusError as e:
             reply = Message.new_error(message, e.name, e.message)
         except OSError as e:

@@ -67,3 +67,56 @@ async def test_operations_are_capped() -> None:
     assert (e.value.name, e.value.message) == ("org.freedesktop.DBus.Error.LimitsExceeded", "Too many ongoing copies.")
     assert await asyncio.gather(*running) == ["rested", "rested"]
     assert ops.running == 0
+
+
+def my_pid() -> int:
+    time.sleep(0.3)
+    return os.getpid()
+
+
+class _Requester:
+    def __init__(self, uid: int) -> None:
+        self._uid = uid
+
+    async def uid(self) -> int:
+        return self._uid
+
+
+async def _as_user(uid: int, coro):  # type: ignore[no-untyped-def]
+    from machined import caller
+
+    caller.current.set(_Requester(uid))
+    return await coro
+
+
+async def test_identical_probes_in_flight_share_one_child() -> None:
+    pids = await asyncio.gather(*(run_worker("tests.unit.test_worker:my_pid", 10, shared=True) for _ in range(20)))
+    assert len(set(pids)) == 1
+    # not shared: one child each
+    pids = await asyncio.gather(*(run_worker("tests.unit.test_worker:my_pid", 10) for _ in range(3)))
+    assert len(set(pids)) == 3
+
+
+async def test_one_unprivileged_user_runs_at_most_four_children_and_root_is_not_held_up() -> None:
+    from machined import worker
+
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, worker.children._by_user.get(65534, 0))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.ensure_future(watch())
+    flood = [asyncio.ensure_future(_as_user(65534, run_worker("tests.unit.test_worker:nap", 30, seconds=0.5)))
+             for _ in range(12)]  # fmt: skip
+    await asyncio.sleep(0.2)
+    t = time.monotonic()
+    assert await _as_user(0, run_worker("tests.unit.test_worker:nap", 30, seconds=0)) == "rested"
+    root_took = time.monotonic() - t
+    assert await asyncio.gather(*flood) == ["rested"] * 12
+    watcher.cancel()
+    assert peak == worker.CHILDREN_PER_USER
+    assert root_took < 1.0  # root never waited for nobody's queue of three rounds of 0.5 s
+    assert worker.children.running == 0
