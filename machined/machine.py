@@ -52,7 +52,6 @@ class Machine:
     timestamp: Timestamp = field(default_factory=Timestamp)
     started: bool = False
     stopping: bool = False
-    referenced: bool = False
     # The leader pinned by pidfd from registration on; None for the host and unpinnable PIDs.
     leader_ref: ProcessRef | None = None
     # pidfd inode id read from a state file, to re-verify the leader after a restart.

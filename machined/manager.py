@@ -17,8 +17,8 @@ import asyncio
 import errno
 import logging
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from dbus_fast import Variant
 
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 POOL_PATH = "/var/lib/machines"
 MACHINE_SLICE = "machine.slice"
 SCOPE_TASKS_MAX = 16384
+# How long CreateMachine waits for its scope's start job (clients give up after 25 s).
+START_JOB_TIMEOUT = 20.0
 
 
 class ServiceManager(Protocol):
@@ -46,7 +48,6 @@ class ServiceManager(Protocol):
     async def start_transient_unit(self, name: str, properties: list[tuple[str, Variant]]) -> str: ...
     async def stop_unit(self, unit: str) -> str: ...
     async def kill_unit(self, unit: str, signal: int) -> None: ...
-    async def unref_unit(self, unit: str) -> None: ...
     async def unit_is_active(self, unit: str) -> bool: ...
     async def job_is_active(self, job: str) -> bool: ...
     async def start_login(self, pty_path: str) -> None: ...
@@ -65,7 +66,10 @@ def now() -> Timestamp:
 
 
 def scope_properties(machine: Machine, extra: list[tuple[str, Variant]]) -> list[tuple[str, Variant]]:
-    """The properties of a machine's scope, upstream's first, the caller's last (they win)."""
+    """The properties of a machine's scope, upstream's first, the caller's last (they win).
+
+    Unlike upstream, no ``AddRef``: a reference costs PID 1 a match rule per machine on the
+    bus (see :mod:`machined.bus.systemd1`)."""
     kind = "Virtual Machine" if machine.machine_class is MachineClass.VM else "Container"
     return [
         ("Slice", Variant("s", MACHINE_SLICE)),
@@ -73,7 +77,6 @@ def scope_properties(machine: Machine, extra: list[tuple[str, Variant]]) -> list
         ("PIDs", Variant("au", [machine.leader])),
         ("Delegate", Variant("b", True)),
         ("CollectMode", Variant("s", "inactive-or-failed")),
-        ("AddRef", Variant("b", True)),
         ("TasksMax", Variant("t", SCOPE_TASKS_MAX)),
         *extra,
     ]
@@ -109,6 +112,9 @@ class MachineManager:
         self._starting = 0
         # Machines between registration request and start: GC leaves them alone.
         self._in_progress: set[int] = set()
+        # Scopes of registrations given up on while PID 1 did not answer: stopped when it does.
+        self._abandoned: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ----- lookups -------------------------------------------------------------------
 
@@ -154,7 +160,16 @@ class MachineManager:
             self._create_waiters[id(machine)] = waiter
             self._claim_early_job(machine)
             try:
-                result = await waiter
+                result = await asyncio.wait_for(asyncio.shield(waiter), START_JOB_TIMEOUT)
+            except TimeoutError:
+                # systemd never told us (it left the bus, or is wedged): give up on this machine
+                # and stop its scope once systemd answers again, so no scope outlives it.
+                log.warning("Start job of %s did not finish in time; giving up on machine %s.",
+                            machine.unit, machine.name)  # fmt: skip
+                unit = machine.unit
+                await self.finalize(machine)
+                self._abandon(unit)
+                raise BusError.from_errno(errno.ETIMEDOUT, f"Start job for unit {unit} did not finish in time") from None
             finally:
                 self._create_waiters.pop(id(machine), None)
             if result != "done":
@@ -238,13 +253,14 @@ class MachineManager:
             self._starting += 1
             try:
                 job = await self.systemd.start_transient_unit(machine.unit, scope_properties(machine, properties))
-            except BaseException:
+            except BaseException as e:
                 self.state.remove(machine)
+                if isinstance(e, BusError) and e.name == errors.errno_error_name(errno.ETIMEDOUT):
+                    self._abandon(machine.unit)  # PID 1 may still start it: stop it when it answers
                 machine.unit = ""
                 raise
             finally:
                 self._starting -= 1
-            machine.referenced = True
             machine.scope_job = job
         self.registry.index_unit(machine)
         journal.machine_started(machine)
@@ -310,9 +326,6 @@ class MachineManager:
             machine.started = False
         if machine.leader_ref is not None:
             machine.leader_ref.release()
-        if machine.referenced and self.systemd is not None:
-            machine.referenced = False
-            await self.systemd.unref_unit(machine.unit)
 
     async def unregister(self, machine: Machine) -> None:
         await self.finalize(machine)
@@ -320,6 +333,8 @@ class MachineManager:
     # ----- events from systemd (they only queue GC) ----------------------------------
 
     def job_removed(self, job: str, unit: str, result: str) -> None:
+        if unit in self._abandoned:
+            self._spawn(self.reap_abandoned())
         machine = self.registry.by_unit(unit)
         if machine is None or machine.scope_job != job:
             if self._starting:
@@ -350,8 +365,49 @@ class MachineManager:
             self.queue_gc(machine)
 
     def manager_reloaded(self) -> None:
+        """systemd reloaded, reexecuted or came back to the bus: signals may have been lost.
+
+        Reconcile: every machine is checked by GC, registrations waiting for a start job
+        ask whether the job still exists, and abandoned scopes are stopped."""
         for machine in self.registry:
             self.queue_gc(machine)
+        self._spawn(self._recheck_start_jobs())
+        if self._abandoned:
+            self._spawn(self.reap_abandoned())
+
+    async def _recheck_start_jobs(self) -> None:
+        assert self.systemd is not None
+        for machine in [m for m in self.registry if id(m) in self._create_waiters and m.scope_job]:
+            job = machine.scope_job
+            if await self.systemd.job_is_active(job) or machine.scope_job != job:
+                continue
+            result = "done" if await self.systemd.unit_is_active(machine.unit) else "failed"
+            if machine.scope_job == job:
+                self._job_done(machine, result)
+
+    def _abandon(self, unit: str) -> None:
+        if unit:
+            self._abandoned.add(unit)
+            self._spawn(self.reap_abandoned())
+
+    async def reap_abandoned(self) -> None:
+        """Stop scopes that no machine owns any more because their registration was given up."""
+        assert self.systemd is not None
+        for unit in list(self._abandoned):
+            if self.registry.by_unit(unit) is not None:
+                self._abandoned.discard(unit)  # taken again by a new registration of that name
+                continue
+            try:
+                await self.systemd.stop_unit(unit)
+            except BusError as e:
+                log.debug("Could not stop abandoned scope %s yet: %s", unit, e.message)
+                continue
+            self._abandoned.discard(unit)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ----- garbage collection ----------------------------------------------------------
 

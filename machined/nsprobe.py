@@ -113,7 +113,7 @@ def open_login(leader: int, fd_socket: int, name: str) -> str:
     async def start() -> None:
         bus = await _container_bus(name)
         try:
-            await sessions.start_login(bus, path)
+            await sessions.start_login(sessions.manager_call(bus), path)
         finally:
             bus.disconnect()
 
@@ -131,7 +131,7 @@ def open_shell(leader: int, fd_socket: int, name: str, user: str, path: str, arg
     async def start() -> None:
         bus = await _container_bus(name)
         try:
-            await sessions.start_shell(bus, slave, pty_path, user, path, argv, env)
+            await sessions.start_shell(sessions.manager_call(bus), slave, pty_path, user, path, argv, env)
         finally:
             bus.disconnect()
 

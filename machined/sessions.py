@@ -7,6 +7,9 @@ PTY's slave, with upstream's unit properties.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
@@ -49,21 +52,28 @@ def shell_properties(user: str, pty_path: str, path: str, argv: list[str], env: 
     return props
 
 
-async def _call(bus: MessageBus, member: str, signature: str, body: list, unix_fds: list[int] | None = None) -> None:
-    await call_method(bus, "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
-                      "org.freedesktop.systemd1.Manager", member, signature, body, unix_fds)  # fmt: skip
+# Calls PID 1's manager: (member, signature, body, unix fds).
+ManagerCall = Callable[[str, str, list[Any], list[int] | None], Awaitable[None]]
 
 
-async def start_login(bus: MessageBus, pty_path: str) -> None:
+def manager_call(bus: MessageBus) -> ManagerCall:
+    """A plain :data:`ManagerCall` on *bus* (a container's own bus, from a worker child)."""
+
+    async def call(member: str, signature: str, body: list[Any], unix_fds: list[int] | None) -> None:
+        await call_method(bus, "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                          "org.freedesktop.systemd1.Manager", member, signature, body, unix_fds)  # fmt: skip
+
+    return call
+
+
+async def start_login(call: ManagerCall, pty_path: str) -> None:
     number = pty_path.removeprefix("/dev/pts/")
-    await _call(bus, "StartUnit", "ss", [f"container-getty@{number}.service", "replace"])
+    await call("StartUnit", "ss", [f"container-getty@{number}.service", "replace"], None)
 
 
-async def start_shell(bus: MessageBus, slave: int, pty_path: str, user: str, path: str, argv: list[str],
+async def start_shell(call: ManagerCall, slave: int, pty_path: str, user: str, path: str, argv: list[str],
                       env: list[str]) -> None:  # fmt: skip
     number = pty_path.removeprefix("/dev/pts/")
     props = shell_properties(user, pty_path, path, argv, env)
-    await _call(
-        bus, "StartTransientUnit", "ssa(sv)a(sa(sv))",
-        [f"container-shell@{number}.service", "fail", props, []], unix_fds=[slave],
-    )  # fmt: skip
+    await call("StartTransientUnit", "ssa(sv)a(sa(sv))", [f"container-shell@{number}.service", "fail", props, []],
+               [slave])  # fmt: skip

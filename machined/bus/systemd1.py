@@ -4,20 +4,44 @@ Signals from the service manager never change the registry themselves: they
 are handed to a :class:`SystemdListener` (the manager), which only queues
 machines for garbage collection. Only signals that really come from systemd
 (the current owner of ``org.freedesktop.systemd1``) are passed on.
+
+What machined costs PID 1 is bounded, whatever its callers do:
+
+- at most :data:`CALLS_MAX` method calls are in flight (dbus-daemon allows a
+  connection 128 pending replies, and polkit's questions need some too), served
+  root first and round-robin across users;
+- at most :data:`JOBS_MAX` jobs that we asked for are alive at once. PID 1
+  tracks the requester of every job with one match rule on its own connection,
+  and dbus-daemon disconnects PID 1 past 512 of them. A job's slot is held from
+  the call until its ``JobRemoved``, or until systemd, asked after a reconnect or
+  a deadline, no longer knows the job;
+- scopes are not referenced (no ``AddRef``): upstream's reference costs PID 1
+  one more match rule per machine for as long as it runs, which is what takes
+  PID 1 off a stock bus at about 510 machines. machined needs no reference: a
+  scope that stops is collected by systemd (CollectMode=inactive-or-failed), and
+  its UnitRemoved/JobRemoved signal or the absence of the unit tells us it is gone.
+
+Every call has a deadline (:data:`CALL_TIMEOUT`, before clients give up at 25 s);
+a call that misses it keeps its slot until PID 1 answers, so the bounds hold.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from machined import errors, sessions
+from machined import caller, errors, sessions
 from machined.bus.client import call_bus_daemon, call_method
 from machined.errors import BusError
+from machined.limits import FairLimiter, Release
 from machined.naming import bus_label_escape, bus_label_unescape
 
 log = logging.getLogger(__name__)
@@ -27,6 +51,11 @@ SYSTEMD_PATH = "/org/freedesktop/systemd1"
 SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+CALLS_MAX = 32
+CALLS_PER_USER = 8
+JOBS_MAX = 64
+CALL_TIMEOUT = 20.0
+JOB_SWEEP_INTERVAL = 30.0
 LOAD_FAILED = "org.freedesktop.systemd1.LoadFailed"
 
 MATCH_RULES = [
@@ -58,6 +87,12 @@ class Systemd:
         self.owner: str | None = None
         self.listener: SystemdListener | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.calls = FairLimiter("systemd-calls", CALLS_MAX, CALLS_PER_USER)
+        self.jobs = FairLimiter("systemd-jobs", JOBS_MAX, JOBS_MAX // 4)
+        # Jobs we asked for that PID 1 still runs: path → (release of their slot, when started).
+        self._live_jobs: dict[str, tuple[Release, float]] = {}
+        self._removed_jobs: OrderedDict[str, None] = OrderedDict()  # recently removed, for early signals
+        self._sweep_handle: asyncio.TimerHandle | None = None
 
     async def connect(self, listener: SystemdListener) -> None:
         """Match the signals, learn who systemd is on the bus, and Subscribe()."""
@@ -81,18 +116,87 @@ class Systemd:
 
     # ----- calls ---------------------------------------------------------------------
 
-    async def _manager_call(self, member: str, sig: str = "", body: list[Any] | None = None) -> list[Any]:
-        return await call_method(self.bus, SYSTEMD, SYSTEMD_PATH, SYSTEMD_MANAGER, member, sig, body)
+    async def _call(self, path: str, interface: str, member: str, sig: str = "", body: list[Any] | None = None,
+                    unix_fds: list[int] | None = None, *, job: bool = False) -> list[Any]:  # fmt: skip
+        """One call to PID 1 within the bounds; with *job*, the reply's first value is a job path."""
+        user = await caller.current_uid()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CALL_TIMEOUT
+
+        async def slots() -> tuple[Release | None, Release]:
+            release_job = await self.jobs.acquire(user, of_caller=False) if job else None
+            try:
+                return release_job, await self.calls.acquire(user, of_caller=False)
+            except BaseException:
+                if release_job is not None:
+                    release_job()
+                raise
+
+        # (wait_for, not asyncio.timeout: handlers start outside any task, see bus.objects)
+        try:
+            release_job, release_call = await asyncio.wait_for(slots(), CALL_TIMEOUT)
+        except TimeoutError:
+            raise _timed_out() from None
+        pending = asyncio.ensure_future(call_method(self.bus, SYSTEMD, path, interface, member, sig, body, unix_fds))
+        pending.add_done_callback(lambda _f: release_call())
+        pending.add_done_callback(_consume)
+        if release_job is not None:
+            pending.add_done_callback(lambda f: self._job_started(f, release_job))
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending), max(deadline - loop.time(), 0.1))
+        except TimeoutError:
+            raise _timed_out() from None
+
+    async def _manager_call(self, member: str, sig: str = "", body: list[Any] | None = None,
+                            unix_fds: list[int] | None = None, *, job: bool = False) -> list[Any]:  # fmt: skip
+        return await self._call(SYSTEMD_PATH, SYSTEMD_MANAGER, member, sig, body, unix_fds, job=job)
+
+    def _job_started(self, reply: asyncio.Future[list[Any]], release: Release) -> None:
+        """A job call returned: hold its slot until the job is removed."""
+        if reply.cancelled() or reply.exception() is not None:
+            release()
+            return
+        path = reply.result()[0]
+        if path in self._removed_jobs:  # JobRemoved overtook the reply
+            release()
+            return
+        self._live_jobs[path] = (release, time.monotonic())
+        if self._sweep_handle is None:
+            self._sweep_handle = asyncio.get_running_loop().call_later(JOB_SWEEP_INTERVAL, self._sweep_soon)
+
+    def _job_removed(self, path: str) -> None:
+        entry = self._live_jobs.pop(path, None)
+        if entry is not None:
+            entry[0]()
+        self._removed_jobs[path] = None
+        if len(self._removed_jobs) > 4096:
+            self._removed_jobs.popitem(last=False)
+
+    def live_jobs(self) -> int:
+        return len(self._live_jobs)
+
+    def _sweep_soon(self) -> None:
+        self._sweep_handle = None
+        self._spawn(self.sweep_jobs())
+
+    async def sweep_jobs(self, older_than: float = 0.0) -> None:
+        """Give back the slots of jobs systemd no longer knows (their JobRemoved was lost)."""
+        now = time.monotonic()
+        for path, (_, started) in list(self._live_jobs.items()):
+            if now - started >= older_than and path in self._live_jobs and not await self.job_is_active(path):
+                self._job_removed(path)
+        if self._live_jobs and self._sweep_handle is None:
+            self._sweep_handle = asyncio.get_running_loop().call_later(JOB_SWEEP_INTERVAL, self._sweep_soon)
 
     async def start_transient_unit(self, name: str, properties: list[tuple[str, Variant]]) -> str:
         """Start a transient unit in mode "fail"; return the job path. Errors pass through."""
         body = [name, "fail", [list(p) for p in properties], []]
-        return (await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))", body))[0]
+        return (await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))", body, job=True))[0]
 
     async def stop_unit(self, unit: str) -> str:
         """StopUnit(unit, "fail"); "" when the unit does not exist (nothing to stop)."""
         try:
-            return (await self._manager_call("StopUnit", "ss", [unit, "fail"]))[0]
+            return (await self._manager_call("StopUnit", "ss", [unit, "fail"], job=True))[0]
         except BusError as e:
             if e.name in (NO_SUCH_UNIT, LOAD_FAILED):
                 return ""
@@ -101,17 +205,11 @@ class Systemd:
     async def kill_unit(self, unit: str, signal: int) -> None:
         await self._manager_call("KillUnit", "ssi", [unit, "all", signal])
 
-    async def unref_unit(self, unit: str) -> None:
-        try:
-            await self._manager_call("UnrefUnit", "s", [unit])
-        except BusError as e:
-            log.warning("Failed to drop reference to machine scope, ignoring: %s", e.message)
-
     async def unit_is_active(self, unit: str) -> bool:
         """False only when systemd says the unit is inactive, failed, unknown or unloadable."""
         try:
-            (value,) = await call_method(self.bus, SYSTEMD, unit_object_path(unit), "org.freedesktop.DBus.Properties",
-                                         "Get", "ss", ["org.freedesktop.systemd1.Unit", "ActiveState"])  # fmt: skip
+            (value,) = await self._call(unit_object_path(unit), "org.freedesktop.DBus.Properties", "Get", "ss",
+                                        ["org.freedesktop.systemd1.Unit", "ActiveState"])  # fmt: skip
         except BusError as e:
             if e.name in (NO_SUCH_UNIT, LOAD_FAILED):
                 return False
@@ -119,27 +217,35 @@ class Systemd:
         return value.value not in ("inactive", "failed")
 
     async def job_is_active(self, job: str) -> bool:
-        """Whether the job object still exists (its state does not matter)."""
+        """Whether the job object still exists (its state does not matter); True when we cannot tell."""
         try:
-            await call_method(self.bus, SYSTEMD, job, "org.freedesktop.DBus.Properties", "Get", "ss",
-                              ["org.freedesktop.systemd1.Job", "State"])  # fmt: skip
+            await self._call(job, "org.freedesktop.DBus.Properties", "Get", "ss",
+                             ["org.freedesktop.systemd1.Job", "State"])  # fmt: skip
         except BusError as e:
             return e.name != errors.UNKNOWN_OBJECT
         return True
 
     async def start_login(self, pty_path: str) -> None:
-        await sessions.start_login(self.bus, pty_path)
+        await sessions.start_login(self._session_call, pty_path)
 
     async def start_shell(self, slave: int, pty_path: str, user: str, path: str, argv: list[str],
                           env: list[str]) -> None:  # fmt: skip
-        await sessions.start_shell(self.bus, slave, pty_path, user, path, argv, env)
+        await sessions.start_shell(self._session_call, slave, pty_path, user, path, argv, env)
+
+    async def _session_call(self, member: str, sig: str, body: list[Any], unix_fds: list[int] | None) -> None:
+        await self._manager_call(member, sig, body, unix_fds, job=True)
 
     # ----- signals -------------------------------------------------------------------
 
-    def _resubscribe(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.subscribe())
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _resubscribe(self) -> None:
+        """systemd came back (reexec, reconnect): it forgot our subscription and maybe our jobs' signals."""
+        self._spawn(self.subscribe())
+        self._spawn(self.sweep_jobs())
 
     def _on_signal(self, msg: Message) -> bool:
         if msg.message_type is not MessageType.SIGNAL or self.listener is None:
@@ -165,6 +271,7 @@ class Systemd:
         if msg.interface == SYSTEMD_MANAGER and msg.path == SYSTEMD_PATH:
             if msg.member == "JobRemoved" and msg.signature == "uoss":
                 _, job, unit, result = msg.body
+                self._job_removed(job)
                 self.listener.job_removed(job, unit, result)
             elif msg.member == "UnitRemoved" and msg.signature == "so":
                 self.listener.unit_changed(msg.body[0])
@@ -177,3 +284,13 @@ class Systemd:
             if element and "/" not in element:
                 self.listener.unit_changed(bus_label_unescape(element))
 
+
+
+def _timed_out() -> BusError:
+    return BusError.from_errno(errno.ETIMEDOUT, "Timed out waiting for the service manager")
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a call nobody waits for any more (it missed its deadline)."""
+    if not future.cancelled():
+        future.exception()
