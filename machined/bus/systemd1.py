@@ -146,6 +146,8 @@ class Systemd:
             return await asyncio.wait_for(asyncio.shield(pending), max(deadline - loop.time(), 0.1))
         except TimeoutError:
             raise _timed_out() from None
+        except (EOFError, OSError) as e:  # our own connection is gone
+            raise BusError(errors.NO_REPLY, f"Connection to the bus lost: {e}") from None
 
     async def _manager_call(self, member: str, sig: str = "", body: list[Any] | None = None,
                             unix_fds: list[int] | None = None, *, job: bool = False) -> list[Any]:  # fmt: skip
