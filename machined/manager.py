@@ -435,6 +435,11 @@ class MachineManager:
             try:
                 await self.gc(drop_not_started=True)
             except Exception:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Stopping: a wait_for() inside may have turned our cancellation into
+                    # the failure of the call it was waiting for (the bus went away).
+                    raise asyncio.CancelledError from None
                 log.exception("Garbage collection failed")
 
     async def may_gc(self, machine: Machine, drop_not_started: bool) -> bool:
