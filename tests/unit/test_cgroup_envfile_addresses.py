@@ -15,11 +15,13 @@ def test_unit_of_cgroup_path() -> None:
     assert cgroup_path_get_unit("/sandbox-exec") is None
 
 
-def test_proc_cgroup_prefers_name_systemd_on_hybrid_hosts() -> None:
-    hybrid = "9:name=systemd:/system.slice/a.service\n4:memory:/x\n0::/other\n"
-    assert parse_proc_cgroup(hybrid) == "/system.slice/a.service"
-    assert parse_proc_cgroup("0::/init.scope\n") == "/init.scope"
-    assert parse_proc_cgroup("") is None
+def test_proc_cgroup_line_follows_the_layout() -> None:
+    # More cases in test_cgroup_layout.py: systemd tracks units in cgroup2 unless legacy.
+    text = "9:name=systemd:/system.slice/a.service\n4:memory:/x\n0::/other\n"
+    assert parse_proc_cgroup(text, "hybrid") == "/other"
+    assert parse_proc_cgroup(text, "legacy") == "/system.slice/a.service"
+    assert parse_proc_cgroup("0::/init.scope\n", "unified") == "/init.scope"
+    assert parse_proc_cgroup("", "unified") is None
 
 
 def test_env_file_quoting_and_comments() -> None:
