@@ -115,6 +115,7 @@ class MachineManager:
         # Scopes of registrations given up on while PID 1 did not answer: stopped when it does.
         self._abandoned: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.gc_passes = 0  # read by the metrics exporter
 
     # ----- lookups -------------------------------------------------------------------
 
@@ -455,6 +456,7 @@ class MachineManager:
         return True
 
     async def gc(self, drop_not_started: bool) -> None:
+        self.gc_passes += 1
         while self._gc_queue:
             _, machine = self._gc_queue.popitem()
             if self.registry.get(machine.name) is not machine:
