@@ -31,6 +31,42 @@ def setup_logging(level: str) -> None:
     root.addHandler(handler)
 
 
+METRICS_PORT = 9765
+METRICS_LISTEN = f"127.0.0.1:{METRICS_PORT}"
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """``PORT`` (on 127.0.0.1), ``HOST:PORT`` or ``[IPV6]:PORT`` → (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    elif host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(f"'{text}': write an IPv6 address in brackets, as [::1]:{port}")
+    if not host:
+        raise argparse.ArgumentTypeError(
+            f"'{text}': name the address to listen on (127.0.0.1:{port}; 0.0.0.0:{port} or [::]:{port} for all)"
+        )
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"'{text}': the port must be a number from 0 to 65535")
+    return host, number
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"'{text}': a positive number of seconds")
+    return value
+
+
 M_MMAP_THRESHOLD = -3
 LARGE_ALLOCATION = 128 * 1024
 
@@ -71,12 +107,41 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("MACHINED_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
     )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="ADDR",
+        nargs="?",
+        const=("127.0.0.1", METRICS_PORT),  # (argparse does not convert a const)
+        type=listen_address,
+        help=f"serve Prometheus metrics over HTTP on ADDR: PORT, HOST:PORT or [IPV6]:PORT "
+        f"(without ADDR: {METRICS_LISTEN}; default: off)",
+    )
+    parser.add_argument(
+        "--metrics-textfile",
+        metavar="PATH",
+        help="write Prometheus metrics to PATH (ending in .prom, for node_exporter's textfile collector)",
+    )
+    parser.add_argument(
+        "--metrics-interval",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=15.0,
+        help="how often --metrics-textfile is rewritten (default: %(default)s)",
+    )
     parser.add_argument("--version", action="version", version=f"machined {__version__}")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     return_large_buffers_to_the_system()
     try:
-        return asyncio.run(Daemon(bus_address=args.bus_address, state_dir=args.state_dir, userdb_socket=args.userdb_socket).run())
+        daemon = Daemon(
+            bus_address=args.bus_address,
+            state_dir=args.state_dir,
+            userdb_socket=args.userdb_socket,
+            metrics_listen=args.metrics_listen,
+            metrics_textfile=args.metrics_textfile,
+            metrics_interval=args.metrics_interval,
+        )
+        return asyncio.run(daemon.run())
     except StartupError as e:
         logging.getLogger("machined").error("%s", e)
         return 1

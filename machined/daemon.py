@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import resource
 import signal
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from dbus_fast import BusType, RequestNameReply
 from dbus_fast.aio import MessageBus
@@ -16,6 +19,7 @@ from dbus_fast.constants import NameFlag
 from machined import notify
 from machined.bus import writer_fix
 from machined.bus.client import call_bus_daemon
+from machined.bus.introspection import STANDARD_INTERFACES_XML, load_interface
 from machined.bus.logcontrol import LogControl
 from machined.bus.objects import Dispatcher, new_signal
 from machined.bus.systemd1 import Systemd
@@ -26,6 +30,9 @@ from machined.manager import MachineManager
 from machined.statefile import StateDir
 from machined.userdb import UserDatabase, varlink_methods
 from machined.varlink import VarlinkServer
+
+if TYPE_CHECKING:
+    from machined.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +72,8 @@ class Daemon:
     """machined's process: the bus connection, the manager, and the main loop."""
 
     def __init__(self, bus_address: str | None = None, state_dir: str = STATE_DIR,
-                 userdb_socket: str = USERDB_SOCKET) -> None:  # fmt: skip
+                 userdb_socket: str = USERDB_SOCKET, metrics_listen: tuple[str, int] | None = None,
+                 metrics_textfile: str | None = None, metrics_interval: float = 15.0) -> None:  # fmt: skip
         self.bus_address = bus_address
         self.userdb_socket = userdb_socket
         self.userdb: VarlinkServer | None = None
@@ -77,6 +85,11 @@ class Daemon:
         self.log_control = LogControl(IDENTIFIER)
         self.bus: MessageBus | None = None
         self._stop = asyncio.Event()
+        self.metrics_listen = metrics_listen
+        self.metrics_textfile = metrics_textfile
+        self.metrics_interval = metrics_interval
+        self.metrics: Metrics | None = None
+        self._count_announcements: Callable[[str, Machine], None] | None = None
 
     async def run(self) -> int:
         """Serve until SIGTERM or until the bus goes away; exit status 0 either way, as 252
@@ -91,12 +104,17 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         try:
+            self._start_metrics()
             await systemd.connect(self.manager)
             tree = MachinedTree(self.manager, self.log_control)
             dispatcher = Dispatcher(self.bus, tree, self.machine_id)
+            if self.metrics is not None:
+                dispatcher.observe = self.metrics.observe_call
             dispatcher.install()
             await self._request_name(self.bus)
             await self.manager.load_state()
+            if self.metrics is not None:  # machines recovered from state files are no registrations
+                self._count_announcements = self.metrics.announced
             self.manager.start_gc()
             await self._start_userdb()
             dispatcher.ready.set()
@@ -120,6 +138,8 @@ class Daemon:
             log.info("Exiting.")
             return 0
         finally:
+            if self.metrics is not None:
+                self.metrics.stop()
             if self.bus.connected:
                 self.bus.disconnect()
 
@@ -134,8 +154,29 @@ class Daemon:
             log.warning("Not serving the user database on %s: %s", self.userdb_socket, e)
             self.userdb = None
 
+    def _start_metrics(self) -> None:
+        """Export metrics if asked to; prometheus_client is imported only then."""
+        if self.metrics_listen is None and not self.metrics_textfile:
+            return
+        from machined import worker
+        from machined.metrics import Metrics
+
+        self.metrics = Metrics(self.manager, worker.children, known_methods())
+        try:
+            if self.metrics_listen is not None:
+                host, port = self.metrics_listen
+                self.metrics.serve(host, port)
+                log.info("Serving metrics on http://%s/metrics.", _host_port(host, self.metrics.port))
+            if self.metrics_textfile:
+                self.metrics.start_textfile(self.metrics_textfile, self.metrics_interval)
+        except OSError as e:
+            self.metrics.stop()
+            raise StartupError(f"Cannot export metrics: {e}") from e
+
     def _announce(self, signal_name: str, machine: Machine) -> None:
         """MachineNew / MachineRemoved on the Manager object."""
+        if self._count_announcements is not None:
+            self._count_announcements(signal_name, machine)
         if self.bus is None or not self.bus.connected:
             return
         self.bus.send(
@@ -166,6 +207,20 @@ class Daemon:
             return
         owner = await _describe_owner(bus, BUS_NAME)
         raise StartupError(f"{BUS_NAME} is already owned on this bus{owner}; is systemd-machined running?")
+
+
+def known_methods() -> set[tuple[str, str]]:
+    """Every (interface, method) we serve: the only ones metrics may name."""
+    names = ["org.freedesktop.machine1.Manager", "org.freedesktop.machine1.Machine",
+             "org.freedesktop.machine1.Image", "org.freedesktop.LogControl1"]  # fmt: skip
+    known = {(name, method) for name in names for method in load_interface(name).methods}
+    standard = re.findall(r'<interface name="([^"]+)">(.*?)</interface>', STANDARD_INTERFACES_XML, re.S)
+    known.update((name, m) for name, body in standard for m in re.findall(r'<method name="([^"]+)"', body))
+    return known
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _describe_owner(bus: MessageBus, name: str) -> str:

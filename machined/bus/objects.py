@@ -16,6 +16,7 @@ import contextvars
 import errno
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -153,6 +154,8 @@ class Dispatcher:
         self.credentials = CredentialCache()
         # Calls wait until the registry is loaded, so nobody sees half of it.
         self.ready = asyncio.Event()
+        # Told of every call answered: (interface, member, error name or None, seconds).
+        self.observe: Callable[[str | None, str | None, str | None, float], None] | None = None
 
     def install(self) -> None:
         self.bus.add_message_handler(self._on_message)
@@ -179,6 +182,7 @@ class Dispatcher:
 
     async def _handle(self, call: Call) -> None:
         message = call.message
+        started = time.perf_counter()
         if not self.ready.is_set():
             await self.ready.wait()
         try:
@@ -204,6 +208,8 @@ class Dispatcher:
             # The connection's reader keeps the last message it read until the next one
             # comes: drop the arguments now, or one large call stays in memory for long.
             message.body = []
+        if self.observe is not None:
+            self.observe(message.interface, message.member, reply.error_name, time.perf_counter() - started)
 
     async def _dispatch(self, call: Call) -> Message:
         msg = call.message
