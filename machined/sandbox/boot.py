@@ -96,9 +96,12 @@ def boot(spec: dict) -> None:
         _mount("-o", "remount,bind,ro", path)
         os.close(fd)
 
-    # cgroups: thanks to the cgroup namespace only our own subtree is visible.
-    _mount("-t", "tmpfs", "-o", "mode=755,nosuid,nodev,noexec", "tmpfs", "/sys/fs/cgroup")
+    # cgroups: thanks to the cgroup namespace only our own subtree is visible. The v1
+    # controller hierarchies of the host stay hidden. systemd decides the layout from
+    # the file system type at /sys/fs/cgroup: tmpfs with unified/ is hybrid, cgroup2 is
+    # unified (then /proc/PID/cgroup still lists the host's name=systemd hierarchy).
     if spec["cgroup_layout"] == "hybrid":
+        _mount("-t", "tmpfs", "-o", "mode=755,nosuid,nodev,noexec", "tmpfs", "/sys/fs/cgroup")
         for sub, args in (
             ("systemd", ["-t", "cgroup", "-o", "none,name=systemd,nosuid,nodev,noexec"]),
             ("unified", ["-t", "cgroup2", "-o", "nosuid,nodev,noexec"]),

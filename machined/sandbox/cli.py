@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from machined.sandbox.core import Sandbox, SandboxError
+from machined.sandbox.core import CGROUP_ENV, LAYOUTS, Sandbox, SandboxError
+
+CGROUP_HELP = (
+    "cgroup layout inside: hybrid (name=systemd v1 + cgroup2 at unified/) or unified "
+    f"(cgroup2 only at /sys/fs/cgroup); default ${CGROUP_ENV}, else the host's"
+)
 
 
 def _pick(sandbox_id: str | None) -> Sandbox:
@@ -21,7 +26,7 @@ def _pick(sandbox_id: str | None) -> Sandbox:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    sb = Sandbox(args.impl).start()
+    sb = Sandbox(args.impl, cgroup=args.cgroup).start()
     print(sb.id)
     return 0
 
@@ -51,16 +56,17 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     rows = Sandbox.list()
-    print(f"{'ID':<10} {'IMPL':<5} {'INIT PID':>8}  STATE")
+    print(f"{'ID':<10} {'IMPL':<5} {'CGROUP':<8} {'INIT PID':>8}  STATE")
     for info, alive in rows:
-        print(f"{info.id:<10} {info.impl:<5} {info.init_pid:>8}  {'running' if alive else 'dead'}")
+        state = "running" if alive else "dead"
+        print(f"{info.id:<10} {info.impl:<5} {info.cgroup:<8} {info.init_pid:>8}  {state}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.command:
         raise SandboxError("run needs a command: machined-sandbox run [--impl X] -- CMD [ARGS...]")
-    with Sandbox(args.impl) as sb:
+    with Sandbox(args.impl, cgroup=args.cgroup) as sb:
         return sb.interactive(args.command)
 
 
@@ -80,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("start", help="boot a sandbox and print its id")
     s.add_argument("--impl", choices=["ours", "real"], default="ours")
+    s.add_argument("--cgroup", choices=list(LAYOUTS), default=None, help=CGROUP_HELP)
     s.set_defaults(func=cmd_start)
 
     s = sub.add_parser("exec", help="run a command inside a sandbox")
@@ -101,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="boot a sandbox, run one command in it, tear it down")
     s.add_argument("--impl", choices=["ours", "real"], default="ours")
+    s.add_argument("--cgroup", choices=list(LAYOUTS), default=None, help=CGROUP_HELP)
     s.add_argument("command", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_run)
 

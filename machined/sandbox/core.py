@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from machined import cgroup as _cg
 from machined.data import file_path, interface_file, unit_file
 
 STATE_ROOT = Path("/run/machined-sandbox")
@@ -110,6 +111,7 @@ class SandboxInfo:
     init_start_time: int = 0
     cgroups: list[str] = field(default_factory=list)
     created: float = 0.0
+    cgroup: str = "hybrid"  # the layout its systemd sees at /sys/fs/cgroup
 
     @property
     def state_dir(self) -> Path:
@@ -130,28 +132,53 @@ def _alive(pid: int, start_time: int) -> bool:
     return pid > 0 and _proc_start_time(pid) == start_time
 
 
+LAYOUTS = ("hybrid", "unified")
+CGROUP_ENV = "MACHINED_SANDBOX_CGROUP"  # the default layout of new sandboxes
+
+
 def cgroup_layout() -> str:
-    """``hybrid`` (v1 name=systemd + cgroup2 at unified/) or ``unified`` (cgroup2 only)."""
-    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
-        return "unified"
-    if os.path.isdir("/sys/fs/cgroup/systemd") and os.path.exists(
-        "/sys/fs/cgroup/unified/cgroup.controllers"
-    ):
-        return "hybrid"
-    raise SandboxError(
+    """The host's layout, decided as systemd does (file system types at /sys/fs/cgroup):
+    ``hybrid`` (v1 name=systemd + cgroup2 at unified/) or ``unified`` (cgroup2 only)."""
+    unusable = (
         "no usable cgroup hierarchy: need cgroup2 at /sys/fs/cgroup, or name=systemd at "
         "/sys/fs/cgroup/systemd plus cgroup2 at /sys/fs/cgroup/unified"
     )
+    try:
+        layout = _cg.detect_layout()
+    except OSError as e:
+        raise SandboxError(f"{unusable} ({e})") from None
+    if layout == _cg.UNIFIED:
+        return "unified"
+    if layout == _cg.HYBRID and _cg.fs_type("/sys/fs/cgroup/unified") == _cg.CGROUP2_SUPER_MAGIC:
+        if _cg.fs_type("/sys/fs/cgroup/systemd") == _cg.CGROUP_SUPER_MAGIC:
+            return "hybrid"
+    raise SandboxError(unusable)
 
 
-def _cgroup_roots(layout: str) -> list[Path]:
-    if layout == "hybrid":
+def _cgroup_roots(host_layout: str) -> list[Path]:
+    """Where a sandbox gets cgroups of its own on the host (whatever its own layout)."""
+    if host_layout == "hybrid":
         return [Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified")]
     return [Path("/sys/fs/cgroup")]
 
 
+def sandbox_layout(requested: str | None, host_layout: str) -> str:
+    """The layout a sandbox gets: *requested*, else $MACHINED_SANDBOX_CGROUP, else the host's.
+
+    On a hybrid host both work: ``unified`` mounts only (the sandbox's subtree of) the
+    host's cgroup2 at the sandbox's /sys/fs/cgroup. A unified host has no name=systemd
+    hierarchy to give a hybrid sandbox.
+    """
+    layout = requested or os.environ.get(CGROUP_ENV) or host_layout
+    if layout not in LAYOUTS:
+        raise SandboxError(f"unknown cgroup layout '{layout}' (hybrid or unified)")
+    if layout == "hybrid" and host_layout != "hybrid":
+        raise SandboxError("a hybrid sandbox needs a hybrid host (name=systemd at /sys/fs/cgroup/systemd)")
+    return layout
+
+
 def check_host() -> str:
-    """Refuse clearly when this host cannot run a sandbox; return the cgroup layout."""
+    """Refuse clearly when this host cannot run a sandbox; return its cgroup layout."""
     if os.geteuid() != 0:
         raise SandboxError("machined-sandbox must run as root (it creates namespaces and cgroups)")
     for tool in ("unshare", "nsenter", "mount"):
@@ -198,10 +225,15 @@ class Sandbox:
         bus_limits: dict[str, int] | None = None,
         machines_size: str = "512m",
         boot_timeout: float = 60.0,
+        cgroup: str | None = None,
     ) -> None:
+        """*cgroup*: ``hybrid`` or ``unified`` (see :func:`sandbox_layout`; None: the default)."""
         if impl not in ("ours", "real"):
             raise SandboxError(f"unknown implementation '{impl}' (ours or real)")
+        if cgroup is not None and cgroup not in LAYOUTS:
+            raise SandboxError(f"unknown cgroup layout '{cgroup}' (hybrid or unified)")
         self.info = SandboxInfo(id=secrets.token_hex(4), impl=impl)
+        self.requested_cgroup = cgroup
         self.bus_limits = bus_limits or {}
         self.machines_size = machines_size
         self.boot_timeout = boot_timeout
@@ -241,6 +273,7 @@ class Sandbox:
         sb.bus_limits = {}
         sb.machines_size = ""
         sb.boot_timeout = 60.0
+        sb.requested_cgroup = sb.info.cgroup
         sb._launcher = None
         return sb
 
@@ -261,10 +294,20 @@ class Sandbox:
     def alive(self) -> bool:
         return _alive(self.info.init_pid, self.info.init_start_time)
 
+    @property
+    def cgroup(self) -> str:
+        """The cgroup layout inside: ``hybrid`` or ``unified``."""
+        return self.info.cgroup
+
     def start(self) -> "Sandbox":
-        layout = check_host()
+        host_layout = check_host()
+        layout = sandbox_layout(self.requested_cgroup, host_layout)
+        self.info.cgroup = layout
         self.info.created = time.time()
-        self.info.cgroups = [str(r / (CGROUP_PREFIX + self.id)) for r in _cgroup_roots(layout)]
+        # On a hybrid host a unified sandbox still gets a name=systemd cgroup of its own:
+        # the kernel lists that hierarchy in /proc/PID/cgroup, and teardown finds every
+        # process of the sandbox in both trees.
+        self.info.cgroups = [str(r / (CGROUP_PREFIX + self.id)) for r in _cgroup_roots(host_layout)]
         try:
             self._start(layout)
         except BaseException:

@@ -14,8 +14,33 @@ from collections.abc import Iterator
 import pytest
 
 from machined.sandbox import Sandbox
+from machined.sandbox.core import CGROUP_ENV, LAYOUTS, cgroup_layout
 
 pytestmark = pytest.mark.integration
+
+# The cgroup layout of every sandbox of this run: MACHINED_TEST_CGROUP=hybrid|unified
+# (`make test` runs the suite once with each); unset: the host's own layout. Exported
+# for machined-sandbox itself too, so that sandboxes a test starts directly or through
+# the command line get the same layout as the ours/real fixtures.
+CGROUP_LAYOUT = os.environ.get("MACHINED_TEST_CGROUP") or None
+if CGROUP_LAYOUT is not None:
+    if CGROUP_LAYOUT not in LAYOUTS:
+        raise pytest.UsageError(f"MACHINED_TEST_CGROUP={CGROUP_LAYOUT}: hybrid or unified")
+    os.environ[CGROUP_ENV] = CGROUP_LAYOUT
+
+
+def sandbox_layout() -> str:
+    """The layout the sandboxes of this run get (inside them, at /sys/fs/cgroup)."""
+    if CGROUP_LAYOUT is not None:
+        return CGROUP_LAYOUT
+    try:
+        return cgroup_layout()
+    except Exception:  # not root or no cgroups: integration tests are skipped anyway
+        return "unknown"
+
+
+def pytest_report_header() -> str:
+    return f"sandbox cgroup layout: {sandbox_layout()}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -29,14 +54,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="module")
 def ours() -> Iterator[Sandbox]:
-    with Sandbox("ours") as sb:
+    with Sandbox("ours", cgroup=CGROUP_LAYOUT) as sb:
         yield sb
 
 
 @pytest.fixture(scope="module")
 def real() -> Iterator[Sandbox]:
-    with Sandbox("real") as sb:
+    with Sandbox("real", cgroup=CGROUP_LAYOUT) as sb:
         yield sb
+
+
+@pytest.fixture(scope="session")
+def layout() -> str:
+    """``hybrid`` or ``unified``: the cgroup layout inside this run's sandboxes."""
+    return sandbox_layout()
 
 
 def mask(text: str) -> str:
