@@ -87,9 +87,16 @@ def return_large_buffers_to_the_system() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in ("install", "uninstall"):
+        from machined.install import main as install_main  # the daemon itself never loads it
+
+        return install_main(words)
     parser = argparse.ArgumentParser(
         prog="machined",
         description="Virtual machine and container registration service (org.freedesktop.machine1).",
+        epilog="'machined install' puts machined in place of systemd-machined on this host; "
+        "'machined uninstall' goes back (see 'machined install --help').",
     )
     parser.add_argument("--bus-address", help="connect to this D-Bus address instead of the system bus")
     parser.add_argument(
