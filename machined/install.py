@@ -92,19 +92,28 @@ def default_exec_start() -> str:
     if os.path.basename(argv0) == "machined":
         script = os.path.abspath(argv0)
         if os.path.isfile(script) and os.access(script, os.X_OK):
-            return script
+            return _plain(script)
     if not sys.executable:
         raise InstallError("cannot tell which Python runs machined (sys.executable is empty)")
-    return f"{os.path.abspath(sys.executable)} -m machined"
+    return f"{_plain(os.path.abspath(sys.executable))} -m machined"
+
+
+def _plain(path: str) -> str:
+    """*path*, if ExecStart= takes it literally (no blanks, quotes, specifiers, variables)."""
+    if _UNSAFE_IN_EXEC.search(path):
+        raise InstallError(
+            f"cannot put {path!r} into ExecStart= (blanks, quotes, '%' or '$' in it); "
+            "install machined somewhere with a plain path"
+        )
+    return path
 
 
 def check_exec_start(exec_start: str) -> None:
+    """*exec_start*: an absolute program path and plain arguments, separated by single spaces."""
     for word in exec_start.split(" "):
-        if not word or _UNSAFE_IN_EXEC.search(word):
-            raise InstallError(
-                f"cannot put {exec_start!r} into ExecStart= (blanks, quotes, '%' or '$' in the path); "
-                "install machined somewhere with a plain path"
-            )
+        if not word:
+            raise InstallError(f"cannot put {exec_start!r} into ExecStart= (empty word)")
+        _plain(word)
     if not exec_start.startswith("/"):
         raise InstallError(f"ExecStart= needs an absolute path, not {exec_start!r}")
 
@@ -554,7 +563,12 @@ class Installation:
             assert d.content is not None
             _replace_atomically(p, lambda tmp: _write_file(tmp, d.content, d.mode))  # type: ignore[arg-type]
         entry = _entry(manifest, d.path)
-        verb = "created" if entry is not None and entry["before"]["type"] == "absent" else "replaced"
+        if current["type"] == "absent":
+            verb = "created"
+        elif entry is not None and entry["installed"] is not None and _same(current, entry["installed"]):
+            verb = "updated"  # an earlier install's version
+        else:
+            verb = "replaced"
         self.out(f"{verb} {d.path}" + (f" -> {d.target}" if d.target else "") + f" ({d.role})")
         return True
 
