@@ -49,3 +49,13 @@ unit: deps
 
 clean:
 	rm -rf $(VENV) $(RUNDIR) *.egg-info
+
+# This machine, for real: machined in place of systemd-machined (unit, bus alias and policy,
+# systemd-machined masked, switched over live); 'make uninstall' restores exactly what was
+# there. The service runs this checkout's .venv: uninstall before 'make clean' or moving it.
+.PHONY: install uninstall
+install: deps
+	$(BIN)/machined install
+
+uninstall: deps
+	$(BIN)/machined uninstall
