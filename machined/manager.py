@@ -430,18 +430,20 @@ class MachineManager:
                 pass
 
     async def _gc_loop(self) -> None:
+        # A wait_for() inside a pass may turn our cancellation (stop_gc) into the failure of the
+        # call it was waiting for when the bus goes away at the same moment, and that failure
+        # may be absorbed ("cannot tell"): so a pending cancellation is checked after each pass.
+        task = asyncio.current_task()
         while True:
             await self._gc_wakeup.wait()
             self._gc_wakeup.clear()
             try:
                 await self.gc(drop_not_started=True)
             except Exception:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # Stopping: a wait_for() inside may have turned our cancellation into
-                    # the failure of the call it was waiting for (the bus went away).
-                    raise asyncio.CancelledError from None
-                log.exception("Garbage collection failed")
+                if task is None or not task.cancelling():
+                    log.exception("Garbage collection failed")
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
 
     async def may_gc(self, machine: Machine, drop_not_started: bool) -> bool:
         if machine.is_host:

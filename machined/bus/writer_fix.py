@@ -54,6 +54,9 @@ def _write_callback(self: Any, remove_writer: bool = True) -> None:
                 self.fut.set_result(None)
             else:
                 self.fut.set_exception(e)
+                # Sends are often not awaited (signals, replies): the connection's end is
+                # reported by the bus itself, not as "Future exception was never retrieved".
+                self.fut.exception()
         self.bus._finalize(e)
 
 
