@@ -383,3 +383,24 @@ systemctl show machined -p NRestarts
     assert "errors 0\nlisted 1100\n" in out, out
     assert int(out.split("fds ", 1)[1].split()[0]) > 1100
     assert "after 0 0\nNRestarts=0" in out, out
+
+
+def test_registering_another_machines_leader_only_fails(ours: Sandbox, real: Sandbox) -> None:
+    """Deliberate difference (issue 9): when RegisterMachine fails because the leader already
+    leads another machine, 252 also stops that machine's scope (its leader dies, a stale entry
+    stays listed). Ours answers the same FileExists error and leaves the other machine alone."""
+    script = r"""
+P=$(leader dup-l)
+call CreateMachine dup1 '[]' '' vm $P '' '@a(sv) []' >/dev/null
+call RegisterMachine dup2 '[]' '' vm $P ''
+sleep 1
+machinectl list --no-legend
+systemctl is-active machine-dup1.scope
+kill -0 $P 2>/dev/null && echo leader-alive || echo leader-dead
+call TerminateMachine dup1 >/dev/null; gone dup1
+"""
+    got, expected = normalize(run(ours, script)), normalize(run(real, script))
+    error = "GDBus.Error:org.freedesktop.DBus.Error.FileExists: File exists"
+    assert error in got and error in expected
+    assert "dup1 vm" in expected and "inactive\nleader-dead" in expected, expected  # 252's side effect
+    assert "dup1 vm" in got and "\nactive\nleader-alive" in got, got  # ours: the other machine untouched
