@@ -573,20 +573,25 @@ class Installation:
         return True
 
     def _verify(self, host: SystemdHost) -> list[str]:
-        """After the reloads: systemd resolves the names to ours, as installed."""
+        """After the reloads: systemd resolves the names to ours, as installed.
+
+        Only a few places outrank /etc/systemd/system (systemd-analyze unit-paths):
+        *.control (set-property), /run/systemd/transient (systemd-run --unit=) and
+        /run/systemd/generator.early; a unit there under one of our names wins.
+        """
         problems = []
         ours = host.show(UNIT, "LoadState", "FragmentPath")
         if ours.get("LoadState") != "loaded" or ours.get("FragmentPath") != f"{UNIT_DIR}/{UNIT}":
             problems.append(
                 f"systemd loads {UNIT} from {ours.get('FragmentPath') or '?'} ({ours.get('LoadState')}), "
-                f"not {UNIT_DIR}/{UNIT}: a unit of that name in /run/systemd/system or elsewhere shadows ours"
+                f"not from {UNIT_DIR}/{UNIT}: that one outranks ours; remove it and try again"
             )
         alias = host.show(ALIAS, "Id").get("Id")
         if alias != UNIT:
-            problems.append(f"{ALIAS} is {alias}, not {UNIT} (something in /run/systemd/system shadows the alias?)")
+            problems.append(f"{ALIAS} is {alias}, not {UNIT}: a unit of that name outranks the alias")
         upstream = host.show(UPSTREAM_UNIT, "LoadState").get("LoadState")
         if upstream != "masked":
-            problems.append(f"{UPSTREAM_UNIT} is {upstream}, not masked")
+            problems.append(f"{UPSTREAM_UNIT} is {upstream}, not masked: a unit of that name outranks the mask")
         return problems
 
     # uninstall

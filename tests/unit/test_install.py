@@ -339,7 +339,7 @@ class FakeHost:
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
         if unit == inst.UNIT:
-            path = "/run/systemd/system/machined.service" if self.shadowed else "/etc/systemd/system/machined.service"
+            path = "/run/systemd/transient/machined.service" if self.shadowed else "/etc/systemd/system/machined.service"
             return {"LoadState": "loaded", "FragmentPath": path}
         if unit == inst.ALIAS:
             return {"Id": inst.UNIT}
@@ -415,7 +415,7 @@ def test_live_install_that_does_not_take_effect_is_undone(tmp_path: Path) -> Non
     root = debian_root(tmp_path)
     before = snapshot(root)
     host = FakeHost(root, {inst.UPSTREAM_UNIT}, shadowed=True)
-    with pytest.raises(inst.InstallError, match="/run/systemd/system/machined.service"):
+    with pytest.raises(inst.InstallError, match="/run/systemd/transient/machined.service"):
         installation(root, host).install()
     assert snapshot(root) == before
     assert host.calls[-2:] == ["ReloadConfig", "daemon-reload"]  # the undo, reloaded
