@@ -147,9 +147,7 @@ def polkit_actions(data: bytes) -> dict[str, tuple] | None:
     actions = {}
     for action in root.iter("action"):
         defaults = action.find("defaults")
-        values = tuple(
-            sorted((d.tag, (d.text or "").strip()) for d in (defaults if defaults is not None else []))
-        )
+        values = tuple(sorted((d.tag, (d.text or "").strip()) for d in (defaults if defaults is not None else [])))
         notes = tuple(sorted((a.get("key", ""), (a.text or "").strip()) for a in action.iter("annotate")))
         actions[action.get("id", "")] = (values, notes)
     return actions
@@ -268,12 +266,12 @@ def _write_file(tmp: Path, data: bytes, mode: int) -> None:
 
 
 def _restore_metadata(p: Path, state: dict) -> None:
-    os.chmod(p, int(state["mode"], 8))
     try:
-        os.chown(p, state["uid"], state["gid"])
+        os.chown(p, state["uid"], state["gid"])  # before chmod: chown clears set-id bits
     except PermissionError:
         if os.geteuid() == 0:
             raise  # pragma: no cover
+    os.chmod(p, int(state["mode"], 8))
     os.utime(p, ns=(state["atime_ns"], state["mtime_ns"]))
 
 
@@ -285,7 +283,7 @@ class SystemdHost:
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         try:
-            r = subprocess.run(list(args), capture_output=True, text=True, timeout=120)
+            r = subprocess.run(list(args), check=False, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise InstallError(f"'{' '.join(args)}' failed: {e}") from e
         if check and r.returncode != 0:
@@ -311,7 +309,9 @@ class SystemdHost:
 
     def reload_bus(self) -> None:
         # The bus's own method (dbus-daemon and dbus-broker alike), whatever its unit is called.
-        self._run("busctl", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "ReloadConfig")
+        self._run(
+            "busctl", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "ReloadConfig"
+        )
 
     def start(self, unit: str) -> None:
         self._run("systemctl", "start", unit)
@@ -429,7 +429,9 @@ class Installation:
         if effective and activation_settings(effective[1]) == activation_settings(ours_activation):
             notes.append(f"kept {effective[0]} (activates the name as ours does)")
         else:
-            desired.append(Desired(f"{ACTIVATION_DIRS[0]}/{ACTIVATION_FILE}", "bus activation", content=ours_activation))
+            desired.append(
+                Desired(f"{ACTIVATION_DIRS[0]}/{ACTIVATION_FILE}", "bus activation", content=ours_activation)
+            )
 
         existing_polkit = self.original(POLKIT_POLICY, manifest)
         if existing_polkit is not None and polkit_covers(existing_polkit, ours_polkit):
@@ -704,8 +706,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--root",
         metavar="DIR",
-        help="operate on the file system tree at DIR instead of the running system "
-        "(files only: no systemctl, no bus)",
+        help="operate on the file system tree at DIR instead of the running system (files only: no systemctl, no bus)",
     )
     parser.add_argument(
         "--no-start",

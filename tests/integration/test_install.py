@@ -112,7 +112,9 @@ def sb() -> Iterator[Sandbox]:
     if not MACHINED.exists():
         pytest.skip(f"no console script at {MACHINED}")
     with Sandbox("real") as sandbox:
-        out = sh(sandbox, "writable /etc; writable /var/lib; touch /etc/.w /var/lib/.w && rm /etc/.w /var/lib/.w && echo ok")
+        out = sh(
+            sandbox, "writable /etc; writable /var/lib; touch /etc/.w /var/lib/.w && rm /etc/.w /var/lib/.w && echo ok"
+        )
         assert out.strip().endswith("ok"), out
         yield sandbox
 

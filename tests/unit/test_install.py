@@ -166,7 +166,9 @@ def test_uninstall_restores_overwritten_files_byte_for_byte_and_removes_created_
     lines: list[str] = []
     installation(root, lines=lines).install()
     assert os.readlink(root / MASK) == "/dev/null"
-    assert "replaced /etc/systemd/system/systemd-machined.service -> /dev/null (masked, as systemctl mask does)" in lines
+    assert (
+        "replaced /etc/systemd/system/systemd-machined.service -> /dev/null (masked, as systemctl mask does)" in lines
+    )
     m = json.loads((root / MANIFEST).read_text())
     backups = {e["path"]: e["before"]["backup"] for e in m["entries"] if e["before"]["type"] == "file"}
     assert set(backups) == {"/" + MASK, "/" + POLICY, "/" + UNIT}
@@ -273,7 +275,9 @@ def test_a_directory_in_the_way_is_refused(tmp_path: Path) -> None:
     assert snapshot(root) == before
 
 
-def test_command_line_with_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_line_with_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = debian_root(tmp_path)
     before = snapshot(root)
     monkeypatch.setattr(sys, "argv", [EXEC])  # as if run as /opt/venv/bin/machined
@@ -303,7 +307,9 @@ def test_exec_start_without_a_console_script_is_this_interpreter(monkeypatch: py
     assert inst.default_exec_start() == f"{os.path.abspath(sys.executable)} -m machined"
 
 
-@pytest.mark.parametrize("bad", ["/opt/100%/machined", "/opt/$HOME/machined", "/opt/a\\b/machined", "machined", "/a  -m x"])
+@pytest.mark.parametrize(
+    "bad", ["/opt/100%/machined", "/opt/$HOME/machined", "/opt/a\\b/machined", "machined", "/a  -m x"]
+)
 def test_exec_start_that_systemd_would_misread_is_refused(bad: str) -> None:
     with pytest.raises(inst.InstallError):
         inst.check_exec_start(bad)
@@ -339,7 +345,9 @@ class FakeHost:
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
         if unit == inst.UNIT:
-            path = "/run/systemd/transient/machined.service" if self.shadowed else "/etc/systemd/system/machined.service"
+            path = (
+                "/run/systemd/transient/machined.service" if self.shadowed else "/etc/systemd/system/machined.service"
+            )
             return {"LoadState": "loaded", "FragmentPath": path}
         if unit == inst.ALIAS:
             return {"Id": inst.UNIT}
@@ -386,7 +394,13 @@ def test_live_install_reloads_the_bus_before_systemd_then_switches(tmp_path: Pat
     # Back: files first, then the reloads, then ours stops and systemd-machined starts.
     host.calls.clear()
     installation(root, host).uninstall()
-    assert host.calls == ["check", "ReloadConfig", "daemon-reload", "stop machined.service", "start systemd-machined.service"]
+    assert host.calls == [
+        "check",
+        "ReloadConfig",
+        "daemon-reload",
+        "stop machined.service",
+        "start systemd-machined.service",
+    ]
 
 
 def test_live_no_start_still_stops_the_service_that_cannot_run_on(tmp_path: Path) -> None:
