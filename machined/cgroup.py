@@ -137,8 +137,7 @@ def parse_proc_cgroup(text: str, layout: str) -> str | None:
                 continue
         elif parts[0] != "0":
             continue
-        path = parts[2]
-        return path[: -len(" (deleted)")] if path.endswith(" (deleted)") else path
+        return parts[2].removesuffix(" (deleted)")  # a zombie's
     return None
 
 

@@ -149,9 +149,12 @@ def cgroup_layout() -> str:
         raise SandboxError(f"{unusable} ({e})") from None
     if layout == _cg.UNIFIED:
         return "unified"
-    if layout == _cg.HYBRID and _cg.fs_type("/sys/fs/cgroup/unified") == _cg.CGROUP2_SUPER_MAGIC:
-        if _cg.fs_type("/sys/fs/cgroup/systemd") == _cg.CGROUP_SUPER_MAGIC:
-            return "hybrid"
+    if (
+        layout == _cg.HYBRID
+        and _cg.fs_type("/sys/fs/cgroup/unified") == _cg.CGROUP2_SUPER_MAGIC
+        and _cg.fs_type("/sys/fs/cgroup/systemd") == _cg.CGROUP_SUPER_MAGIC
+    ):
+        return "hybrid"
     raise SandboxError(unusable)
 
 
