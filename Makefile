@@ -41,8 +41,19 @@ stop: deps
 	@if [ -s $(RUNDIR)/sandbox-id ]; then $(BIN)/machined-sandbox stop $$(cat $(RUNDIR)/sandbox-id) && rm -f $(RUNDIR)/sandbox-id; \
 	else echo "no sandbox started by 'make run'"; fi
 
+# Everything but the integration tests once, then the integration tests in sandboxes of
+# each cgroup layout (hybrid: name=systemd v1 + cgroup2; unified: cgroup2 only). Every
+# run goes ahead even if an earlier one failed; the target fails if any did.
+CGROUP_LAYOUTS := hybrid unified
+
 test: deps
-	$(BIN)/python -m pytest -v -p no:cacheprovider tests
+	@status=0; \
+	$(BIN)/python -m pytest -v -p no:cacheprovider --ignore=tests/integration tests || status=1; \
+	for layout in $(CGROUP_LAYOUTS); do \
+		echo "== integration tests, sandbox cgroup layout: $$layout"; \
+		MACHINED_TEST_CGROUP=$$layout $(BIN)/python -m pytest -v -p no:cacheprovider tests/integration || status=1; \
+	done; \
+	exit $$status
 
 unit: deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
