@@ -135,7 +135,9 @@ def race(sb: Sandbox, tag: str) -> dict:
     lines = r.stdout.splitlines()
     results = [line for line in lines if line.startswith("{")]
     if not results:
-        pytest.fail(f"the caller failed in {sb.info.impl} (status {r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-4000:]}")
+        pytest.fail(
+            f"the caller failed in {sb.info.impl} (status {r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-4000:]}"
+        )
     res = json.loads(results[0])
     res["survived"] = lines[-1:] == ["caller survived"]
     return res
@@ -202,7 +204,10 @@ def assert_same(ours: Sandbox, real: Sandbox, script: str, timeout: float = 180)
 def test_nspawn_keep_unit_and_machinectl_start_register(ours: Sandbox, real: Sandbox, layout: str) -> None:
     """systemd-nspawn --keep-unit and `machinectl start` (systemd-nspawn@.service) register
     their own unit; GetMachineByPID finds the machine from nspawn's supervisor process."""
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 systemd-run --quiet --unit=lk-ns systemd-nspawn -q --keep-unit -D / --volatile=yes -M lk-ns /bin/sleep 999994
 until_listed lk-ns
 L=$(machinectl show lk-ns -p Leader --value); pid L $L; until_comm $L sleep
@@ -228,7 +233,8 @@ call GetMachineByPID $(systemctl show -p MainPID --value systemd-nspawn@lk-start
 machinectl list --no-legend
 machinectl terminate lk-start; gone lk-start
 rm -rf $d /run/systemd/nspawn/lk-start.nspawn
-""")
+""",
+    )
     assert "Unit=lk-ns.service" in out
     assert out.count("(objectpath '/org/freedesktop/machine1/machine/lk_2dns',)") == 2
     assert "start 0" in out and "Unit=systemd-nspawn@lk-start.service" in out

@@ -25,9 +25,7 @@ from machined.cgroup import (
 # A hybrid host right after PID 1 moved the process into a new scope: the cgroup2
 # line (where systemd tracks units) is current, the name=systemd copy still old.
 HYBRID_STALE = (
-    "9:name=systemd:/system.slice/caller.scope\n"
-    "4:memory:/system.slice/caller.scope\n"
-    "0::/machine.slice/new.scope\n"
+    "9:name=systemd:/system.slice/caller.scope\n4:memory:/system.slice/caller.scope\n0::/machine.slice/new.scope\n"
 )
 # A pure cgroup2 system where some container manager mounted a name=systemd hierarchy:
 # the kernel lists it, but nothing moves processes in it.
