@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import errno
+import inspect
 import logging
 import os
 import time
@@ -113,6 +114,7 @@ class FdReply:
 
 
 Handler = Callable[..., Awaitable[Any]]
+# The value of a property, or an awaitable of it (for one that must be read off the event loop).
 PropertyGetter = Callable[[], Any]
 
 
@@ -257,11 +259,11 @@ class Dispatcher:
             iface = obj.interface(iface_name)
             if iface is not None and prop in iface.properties:
                 getter = obj.properties[(iface_name, prop)]
-                value = Variant(iface.properties[prop].signature, getter())
+                value = Variant(iface.properties[prop].signature, await _value(getter))
                 return Message.new_method_return(msg, "v", [value])
             hidden = obj.hidden_properties.get((iface_name, prop))
             if hidden is not None:
-                return Message.new_method_return(msg, "v", [Variant(hidden[0], hidden[1]())])
+                return Message.new_method_return(msg, "v", [Variant(hidden[0], await _value(hidden[1]))])
             raise BusError(errors.UNKNOWN_PROPERTY, f"Unknown interface {iface_name} or property {prop}.")
         if msg.member == "GetAll":
             _check_signature(msg, PROPERTIES, "s")
@@ -274,7 +276,7 @@ class Dispatcher:
             else:
                 selected = obj.interfaces
             values = {
-                p.name: Variant(p.signature, obj.properties[(i.name, p.name)]())
+                p.name: Variant(p.signature, await _value(obj.properties[(i.name, p.name)]))
                 for i in selected
                 for p in i.properties.values()
             }
@@ -323,6 +325,12 @@ async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
             waiting_on = coro.send(None)
         except StopIteration:
             return
+
+
+async def _value(getter: PropertyGetter) -> Any:
+    """A property's value; only a getter that returns an awaitable costs a suspension."""
+    value = getter()
+    return await value if inspect.isawaitable(value) else value
 
 
 def _find_member(obj: BusObject, member: str) -> Interface | None:
