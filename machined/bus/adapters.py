@@ -12,7 +12,6 @@ import errno
 
 
 from machined import errors
-from machined import images as pool
 from machined.access import MachineAccess
 from machined.bus import images
 from machined.bus.introspection import load_interface
@@ -239,8 +238,7 @@ def manager_object(manager: MachineManager, access: MachineAccess) -> BusObject:
         methods=methods,
         properties={
             (i, "PoolPath"): lambda: manager.pool_path,
-            (i, "PoolUsage"): lambda: pool.pool_usage(manager.pool_path),
-            (i, "PoolLimit"): lambda: pool.pool_limit(manager.pool_path),
+            **{(i, name): getter for name, getter in images.image_manager_properties(manager).items()},
         },
     )
 

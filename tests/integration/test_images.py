@@ -237,7 +237,7 @@ def test_nspawn_refuses_an_image_we_hold(ours: Sandbox) -> None:
 rm -rf /var/lib/machines/held; mkdir -p /var/lib/machines/held
 "$PYTHON" - <<'EOF'
 import subprocess
-from machined.images import image_name_lock, image_path_lock
+from machined.images.lock import image_name_lock, image_path_lock
 with image_path_lock("/var/lib/machines/held", exclusive=True), image_name_lock("held"):
     r = subprocess.run(["systemd-nspawn", "-q", "-D", "/var/lib/machines/held", "--register=no", "true"],
                        capture_output=True, text=True)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from machined import image_ops
-from machined import images as pool
-from machined.images import Image, LockFile, image_name_is_valid, image_name_lock, image_path_lock
+from machined.fs import attrs, libc
+from machined.images import lock, metadata, operations, pool
+from machined.images.lock import LockFile, image_name_lock, image_path_lock
+from machined.images.pool import Image, image_name_is_valid
 from machined.worker import run_worker
 
 
@@ -50,7 +51,7 @@ def search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path,
         d.mkdir()
     monkeypatch.setattr(pool, "SEARCH_PATH", (str(first), str(tmp_path / "missing"), str(pool_dir), str(last)))
     monkeypatch.setattr(pool, "POOL_PATH", str(pool_dir))
-    monkeypatch.setattr(pool, "LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setattr(lock, "LOCK_DIR", str(tmp_path / "locks"))
     monkeypatch.setattr(pool, "NSPAWN_SETTINGS_DIRS", (str(tmp_path / "nspawn"),))
     return first, pool_dir, last
 
@@ -117,15 +118,15 @@ def test_vendor_images_are_read_only(search: tuple[Path, Path, Path]) -> None:
 def test_crtime_takes_the_older_of_btime_and_xattr(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_text("")
-    born = pool.crtime(str(f))
+    born = attrs.crtime(str(f))
     try:
         os.setxattr(f, "user.crtime_usec", struct.pack("<Q", 1_000_000))
     except OSError:
         pytest.skip("no user xattrs here")
-    assert pool.crtime(str(f)) == 1_000_000
+    assert attrs.crtime(str(f)) == 1_000_000
     if born:
         os.setxattr(f, "user.crtime_usec", struct.pack("<Q", born + 10_000_000))
-        assert pool.crtime(str(f)) == born
+        assert attrs.crtime(str(f)) == born
 
 
 # --- locks ---------------------------------------------------------------------
@@ -153,12 +154,12 @@ def test_image_path_lock_uses_nspawns_files(search: tuple[Path, Path, Path]) -> 
     st = os.stat(image)
     with image_path_lock(str(image), exclusive=True):
         assert (pool_dir / ".#img.lck").exists()
-        assert os.path.exists(f"{pool.LOCK_DIR}/inode-{st.st_dev}:{st.st_ino}")
+        assert os.path.exists(f"{lock.LOCK_DIR}/inode-{st.st_dev}:{st.st_ino}")
         with pytest.raises(OSError) as e, image_path_lock(str(image), exclusive=False):
             pass
         assert e.value.errno == errno.EBUSY
     assert not (pool_dir / ".#img.lck").exists()
-    assert os.listdir(pool.LOCK_DIR) == []
+    assert os.listdir(lock.LOCK_DIR) == []
 
 
 def test_host_and_names(search: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,7 +173,7 @@ def test_host_and_names(search: tuple[Path, Path, Path], monkeypatch: pytest.Mon
         pass
     assert e.value.errno == errno.EINVAL
     with image_name_lock("n"):
-        assert os.path.exists(f"{pool.LOCK_DIR}/name-n")
+        assert os.path.exists(f"{lock.LOCK_DIR}/name-n")
         with pytest.raises(OSError), image_name_lock("n"):
             pass
     monkeypatch.setenv("SYSTEMD_NSPAWN_LOCK", "0")
@@ -190,11 +191,11 @@ def test_chase_stays_inside_the_root(tmp_path: Path) -> None:
     (tmp_path / "real").write_text("outside")
     (root / "etc" / "abs").symlink_to("/real")
     (root / "etc" / "up").symlink_to("../../../real")
-    assert pool.chase(str(root), "/etc/abs") == str(root / "real")
-    assert pool.chase(str(root), "/etc/up") == str(root / "real")
+    assert metadata.chase(str(root), "/etc/abs") == str(root / "real")
+    assert metadata.chase(str(root), "/etc/up") == str(root / "real")
     (root / "etc" / "loop").symlink_to("loop")
     with pytest.raises(OSError):
-        pool.chase(str(root), "/etc/loop")
+        metadata.chase(str(root), "/etc/loop")
 
 
 def test_tree_metadata(tmp_path: Path) -> None:
@@ -206,7 +207,7 @@ def test_tree_metadata(tmp_path: Path) -> None:
     (root / "etc" / "machine-info").write_text('PRETTY_HOSTNAME="Nice host"\nCHASSIS=vm\n')
     (root / "usr" / "lib" / "os-release").write_text('ID=test\nPRETTY_NAME="Test OS"\n')
     (root / "etc" / "os-release").symlink_to("/usr/lib/os-release")
-    meta = pool.read_metadata(Image("img", str(root), "directory", False).to_dict())
+    meta = metadata.read_metadata(Image("img", str(root), "directory", False))
     assert meta == {
         "hostname": "My-Host.example",
         "machine_id": "0123456789abcdef0123456789abcdef",
@@ -220,7 +221,7 @@ def test_tree_metadata(tmp_path: Path) -> None:
     [("foo\n", "foo"), ("a..b", "a.b"), ("-a-", "a"), ("a--\n", ""), ("föö", "f"), ("", ""), ("#x\n", "")],
 )
 def test_hostname_cleanup_as_systemd(text: str, hostname: str) -> None:
-    assert pool._hostname(text) == hostname
+    assert metadata._hostname(text) == hostname
 
 
 @pytest.mark.parametrize(
@@ -228,7 +229,7 @@ def test_hostname_cleanup_as_systemd(text: str, hostname: str) -> None:
     [("0" * 32, "0" * 32), ("a" * 32 + "\n", "a" * 32), ("uninitialized\n", ""), ("a" * 31, ""), (None, "")],
 )
 def test_machine_id_files(text: str | None, machine_id: str) -> None:
-    assert pool._machine_id(text) == machine_id
+    assert metadata._machine_id(text) == machine_id
 
 
 # --- operations ------------------------------------------------------------------
@@ -248,7 +249,7 @@ def test_clone_copies_trees_faithfully(search: tuple[Path, Path, Path]) -> None:
     nspawn = Path(pool.NSPAWN_SETTINGS_DIRS[0])
     nspawn.mkdir()
     (nspawn / "src.nspawn").write_text("[Exec]\n")
-    image_ops.clone(pool.find("src").to_dict(), "copy", read_only=False)  # type: ignore[union-attr]
+    operations.clone(pool.find("src"), "copy", read_only=False)  # type: ignore[arg-type]
     dst = pool_dir / "copy"
     assert (dst / "file").read_text() == "data" and os.stat(dst / "file").st_mode & 0o777 == 0o640
     assert os.stat(dst / "hardlink").st_ino == os.stat(dst / "file").st_ino
@@ -256,7 +257,7 @@ def test_clone_copies_trees_faithfully(search: tuple[Path, Path, Path]) -> None:
     assert os.stat(dst / "sub").st_mtime_ns == 2_000_000_000 and os.stat(dst).st_mode & 0o777 == 0o711
     assert (nspawn / "copy.nspawn").read_text() == "[Exec]\n"
     with pytest.raises(OSError) as e:
-        image_ops.clone(pool.find("src").to_dict(), "copy", read_only=False)  # type: ignore[union-attr]
+        operations.clone(pool.find("src"), "copy", read_only=False)  # type: ignore[arg-type]
     assert e.value.errno == errno.EEXIST
 
 
@@ -264,7 +265,7 @@ def test_clone_raw_read_only_keeps_times(search: tuple[Path, Path, Path]) -> Non
     _, pool_dir, _ = search
     make_raw(pool_dir / "disk.raw", size=8192)
     os.utime(pool_dir / "disk.raw", ns=(10**18, 10**18))
-    image_ops.clone(pool.find("disk").to_dict(), "disk2", read_only=True)  # type: ignore[union-attr]
+    operations.clone(pool.find("disk"), "disk2", read_only=True)  # type: ignore[arg-type]
     copy = pool.find("disk2")
     assert copy is not None and copy.read_only and copy.mtime == 10**15
     assert (pool_dir / "disk2.raw").read_bytes() == (pool_dir / "disk.raw").read_bytes()
@@ -277,11 +278,12 @@ def test_rename_moves_companions_and_refuses_taken_names(search: tuple[Path, Pat
     (pool_dir / "disk.nspawn").write_text("")
     (pool_dir / "disk.roothash").write_text("")
     (first / "taken").mkdir()
-    disk = pool.find("disk").to_dict()  # type: ignore[union-attr]
+    disk = pool.find("disk")
+    assert disk is not None
     with pytest.raises(OSError) as e:
-        image_ops.rename(disk, "taken")
+        operations.rename(disk, "taken")
     assert e.value.errno == errno.EEXIST
-    image_ops.rename(disk, "new")
+    operations.rename(disk, "new")
     assert sorted(os.listdir(pool_dir)) == ["new.nspawn", "new.raw", "new.roothash"]
 
 
@@ -291,26 +293,27 @@ def test_remove_honours_locks_and_refuses_host(search: tuple[Path, Path, Path]) 
     busy = pool.find("busy")
     assert busy is not None
     with image_path_lock(busy.path, exclusive=False), pytest.raises(OSError) as e:
-        image_ops.remove(busy.to_dict())
+        operations.remove(busy)
     assert e.value.errno == errno.EBUSY
-    image_ops.remove(busy.to_dict())
+    operations.remove(busy)
     assert os.listdir(pool_dir) == []
     for img in (pool.host_image(), Image("v", "/usr/lib/machines/v", "directory", True)):
         with pytest.raises(OSError) as e:
-            image_ops.remove(img.to_dict())
+            operations.remove(img)
         assert e.value.errno == errno.EROFS
 
 
 def test_read_only_raw_and_limits(search: tuple[Path, Path, Path]) -> None:
     _, pool_dir, _ = search
     make_raw(pool_dir / "disk.raw")
-    disk = pool.find("disk").to_dict()  # type: ignore[union-attr]
-    image_ops.mark_read_only(disk, True)
+    disk = pool.find("disk")
+    assert disk is not None
+    operations.mark_read_only(disk, True)
     assert os.stat(pool_dir / "disk.raw").st_mode & 0o777 == 0o444
-    image_ops.mark_read_only(disk, False)
+    operations.mark_read_only(disk, False)
     assert os.stat(pool_dir / "disk.raw").st_mode & 0o777 == 0o644
     with pytest.raises(OSError) as e:
-        image_ops.set_limit(disk, 1 << 30)
+        operations.set_limit(disk, 1 << 30)
     assert e.value.errno == errno.EOPNOTSUPP
 
 
@@ -319,12 +322,12 @@ def test_clean_pool_hidden_then_all(search: tuple[Path, Path, Path]) -> None:
     (pool_dir / ".hid").mkdir()
     (pool_dir / "vis").mkdir()
     make_raw(pool_dir / ".hraw.raw", size=4096)
-    removed = image_ops.clean_pool("hidden")
+    removed = operations.clean_pool("hidden")
     assert sorted(name for name, _ in removed) == [".hid", ".hraw"]
     assert dict(removed)[".hid"] == pool.UINT64_MAX
     (first / "inuse").mkdir()
     with image_path_lock(str(first / "inuse"), exclusive=False):
-        assert [name for name, _ in image_ops.clean_pool("all")] == ["vis"]
+        assert [name for name, _ in operations.clean_pool("all")] == ["vis"]
     assert os.listdir(first) == ["inuse"]
 
 
@@ -332,33 +335,34 @@ def test_rename_noreplace(tmp_path: Path) -> None:
     (tmp_path / "a").write_text("a")
     (tmp_path / "b").write_text("b")
     with pytest.raises(OSError) as e:
-        image_ops.rename_noreplace(str(tmp_path / "a"), str(tmp_path / "b"))
+        libc.rename_noreplace(str(tmp_path / "a"), str(tmp_path / "b"))
     assert e.value.errno == errno.EEXIST
 
 
 def test_worker_reports_errno_of_an_operation() -> None:
     with pytest.raises(OSError) as e:
-        asyncio.run(run_worker("machined.image_ops:remove", image=pool.host_image().to_dict()))
+        asyncio.run(run_worker("machined.images.operations:remove_in_child", image=pool.host_image().fields()))
     assert e.value.errno == errno.EROFS
 
 
 def test_read_only_directory_is_immutable_and_still_renamable(search: tuple[Path, Path, Path]) -> None:
     _, pool_dir, _ = search
     (pool_dir / "tree").mkdir()
-    tree = pool.find("tree").to_dict()  # type: ignore[union-attr]
+    tree = pool.find("tree")
+    assert tree is not None
     try:
-        image_ops.mark_read_only(tree, True)
+        operations.mark_read_only(tree, True)
     except OSError as e:
         if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP):
             pytest.skip("this file system has no immutable flag")
         raise
     try:
         assert pool.find("tree").read_only  # type: ignore[union-attr]
-        image_ops.rename(tree, "tree2")
+        operations.rename(tree, "tree2")
         renamed = pool.find("tree2")
         assert renamed is not None and renamed.read_only
     finally:
         for name in ("tree", "tree2"):
-            image_ops._chattr(str(pool_dir / name), 0, pool.FS_IMMUTABLE_FL, ignore_errors=True)
-    image_ops.remove(renamed.to_dict())
+            attrs.chattr(str(pool_dir / name), 0, attrs.FS_IMMUTABLE_FL, ignore_errors=True)
+    operations.remove(renamed)
     assert os.listdir(pool_dir) == []
