@@ -3,8 +3,10 @@ terminals (PTY, login, shell), the root directory, copies and bind mounts.
 
 Free of D-Bus like :mod:`machined.manager`, whose registry and service-manager
 port it uses. Anything that must enter a container's namespaces runs in a
-worker child (:mod:`machined.nsprobe`, :mod:`machined.machine_ops`) under a
-deadline; long copies count against the shared limit of 64 operations.
+worker child or the container's helper (:mod:`machined.inside`,
+:mod:`machined.nsprobe`, :mod:`machined.machine_ops`) under a deadline, and gets
+in through the leader's pidfd; long copies count against the shared limit of 64
+operations.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class MachineAccess:
             raise BusError(errors.NOT_SUPPORTED, "Requesting IP address data is only supported on container machines.")
         if inside.same_netns(machine.leader):
             raise BusError(errors.NO_PRIVATE_NETWORKING, f"Machine {machine.name} does not use private networking")
-        return await inside.container_addresses(machine.leader)
+        return await inside.container_addresses(machine)
 
     async def os_release(self, machine: Machine) -> dict[str, str]:
         if machine.machine_class not in (MachineClass.HOST, MachineClass.CONTAINER):
@@ -48,7 +50,7 @@ class MachineAccess:
         try:
             if machine.is_host:
                 return read_os_release("/")  # a small local file: quicker than a thread hop
-            return await inside.container_os_release(machine.leader)
+            return await inside.container_os_release(machine)
         except FileNotFoundError:
             raise BusError(errors.FAILED, "Machine does not contain OS release information") from None
 
@@ -76,20 +78,23 @@ class MachineAccess:
     async def copy(self, machine: Machine, copy_from: bool, src: str, dest: str, replace: bool) -> None:
         shift = await self.uid_shift(machine)
         host_path, container_path = (dest, src) if copy_from else (src, dest)
-        await self.manager.operations.run(
-            "machined.machine_ops:copy", "Too many ongoing copies.",
-            leader=machine.leader, copy_from=copy_from, host_path=host_path,
-            container_path=container_path, uid_shift=shift, replace=replace,
-        )  # fmt: skip
+        with inside.leader_pidfd(machine) as leader_fd:
+            await self.manager.operations.run(
+                "machined.machine_ops:copy", "Too many ongoing copies.", fds={"leader_fd": leader_fd},
+                leader=machine.leader, copy_from=copy_from, host_path=host_path,
+                container_path=container_path, uid_shift=shift, replace=replace,
+            )  # fmt: skip
 
     async def bind_mount(self, machine: Machine, src: str, dest: str, read_only: bool, mkdir: bool) -> None:
         if await self.uid_shift(machine) != 0:
             raise BusError(errors.NOT_SUPPORTED, "Can't bind mount on container with user namespacing applied.")
         try:
-            await run_worker(
-                "machined.machine_ops:bind_mount", SESSION_TIMEOUT, leader=machine.leader, name=machine.name,
-                source=src, destination=dest, read_only=read_only, mkdir=mkdir,
-            )  # fmt: skip
+            with inside.leader_pidfd(machine) as leader_fd:
+                await run_worker(
+                    "machined.machine_ops:bind_mount", SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
+                    leader=machine.leader, name=machine.name, source=src, destination=dest, read_only=read_only,
+                    mkdir=mkdir,
+                )  # fmt: skip
         except OSError as e:
             code = e.errno or errno.EIO
             raise BusError.from_errno(
@@ -138,8 +143,7 @@ class MachineAccess:
         self._require_host_or_container(machine)
         if machine.is_host:
             return pty.open_master()
-        path, fd = await run_worker_with_fd("machined.nsprobe:open_pty", SESSION_TIMEOUT, leader=machine.leader)
-        return fd, path
+        return await inside.open_pty(machine, SESSION_TIMEOUT)
 
     async def open_login(self, machine: Machine) -> tuple[int, str]:
         self._require_host_or_container(machine)
@@ -152,9 +156,11 @@ class MachineAccess:
                 os.close(master)
                 raise
             return master, path
-        path, fd = await run_worker_with_fd(
-            "machined.nsprobe:open_login", SESSION_TIMEOUT, leader=machine.leader, name=machine.name
-        )
+        with inside.leader_pidfd(machine) as leader_fd:
+            path, fd = await run_worker_with_fd(
+                "machined.nsprobe:open_login", SESSION_TIMEOUT, fds={"leader_fd": leader_fd}, leader=machine.leader,
+                name=machine.name,
+            )  # fmt: skip
         return fd, path
 
     async def open_shell(self, machine: Machine, user: str, path: str, argv: list[str],
@@ -173,10 +179,11 @@ class MachineAccess:
                 os.close(master)
                 raise
             return master, pty_path
-        pty_path, fd = await run_worker_with_fd(
-            "machined.nsprobe:open_shell", SESSION_TIMEOUT, leader=machine.leader, name=machine.name,
-            user=user, path=path, argv=argv, env=env,
-        )  # fmt: skip
+        with inside.leader_pidfd(machine) as leader_fd:
+            pty_path, fd = await run_worker_with_fd(
+                "machined.nsprobe:open_shell", SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
+                leader=machine.leader, name=machine.name, user=user, path=path, argv=argv, env=env,
+            )  # fmt: skip
         return fd, pty_path
 
     async def open_root_directory(self, machine: Machine) -> int:
@@ -184,5 +191,4 @@ class MachineAccess:
             return os.open("/", os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
         if machine.machine_class is not MachineClass.CONTAINER:
             raise BusError(errors.NOT_SUPPORTED, "Opening the root directory is only supported on container machines.")
-        _, fd = await run_worker_with_fd("machined.nsprobe:open_root_directory", SESSION_TIMEOUT, leader=machine.leader)
-        return fd
+        return await inside.open_root_directory(machine, SESSION_TIMEOUT)

@@ -1,7 +1,8 @@
 """Copying files into and out of a container, and bind mounting host paths into it.
 
 These functions run in a worker child (:mod:`machined.worker`): they join the
-container's mount namespace, which must never happen in the daemon itself.
+container's mount namespace, which must never happen in the daemon itself, through
+the leader's pidfd (*leader_fd*, see :mod:`machined.nsprobe`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tempfile
 from machined.errors import BusError, errno_error_name
 from machined.fs import libc
 from machined.fs.copy import CopyOptions, copy_tree_at
-from machined.nsprobe import CLONE_NEWNS, setns
+from machined.nsprobe import CLONE_NEWNS, join_mount_namespace, open_leader_file, setns
 
 # ----- copying ----------------------------------------------------------------------------
 
@@ -27,7 +28,7 @@ def _open_parent(path: str) -> tuple[int, str]:
     return os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), name
 
 
-def copy(leader: int, copy_from: bool, host_path: str, container_path: str, uid_shift: int,
+def copy(leader: int, leader_fd: int, copy_from: bool, host_path: str, container_path: str, uid_shift: int,
          replace: bool) -> None:  # fmt: skip
     """Copy *container_path* to *host_path* (copy_from) or the other way round."""
     try:
@@ -35,7 +36,7 @@ def copy(leader: int, copy_from: bool, host_path: str, container_path: str, uid_
     except OSError as e:
         raise BusError(errno_error_name(e.errno or errno.EIO),
                        f"Failed to open host directory {host_path}: {os.strerror(e.errno or errno.EIO)}") from None  # fmt: skip
-    setns(f"/proc/{leader}/ns/mnt", CLONE_NEWNS)
+    join_mount_namespace(leader_fd)
     container_dir, container_name = _open_parent(container_path)
     # As upstream (COPY_REFLINK|COPY_MERGE|COPY_HARDLINKS): with a UID shift, what arrives
     # belongs to root on its side.
@@ -64,7 +65,8 @@ def _remove_mount_point(path: str, is_dir: bool) -> None:
         pass
 
 
-def bind_mount(leader: int, name: str, source: str, destination: str, read_only: bool, mkdir: bool) -> None:
+def bind_mount(leader: int, leader_fd: int, name: str, source: str, destination: str, read_only: bool,
+               mkdir: bool) -> None:  # fmt: skip
     """Bind *source* (host) onto *destination* in the container, through nspawn's propagation directory.
 
     The new mount is prepared in a private playground, moved into
@@ -72,8 +74,12 @@ def bind_mount(leader: int, name: str, source: str, destination: str, read_only:
     ``/run/host/incoming`` inside), and from there moved onto the destination
     inside the container's mount namespace.
     """
-    if os.stat(f"/proc/{leader}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino:
-        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+    mntns = open_leader_file(leader, leader_fd, "ns/mnt", os.O_RDONLY)
+    try:
+        if os.fstat(mntns).st_ino == os.stat("/proc/self/ns/mnt").st_ino:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+    finally:
+        os.close(mntns)
     propagate = f"/run/systemd/nspawn/propagate/{name}"
     if not os.path.isdir(propagate + "/"):
         raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
@@ -96,7 +102,7 @@ def bind_mount(leader: int, name: str, source: str, destination: str, read_only:
             _remove_mount_point(staged, is_dir)
         finally:
             libc.umount_detach(playground)
-        _move_into_container(leader, os.path.basename(outside), destination, is_dir, mkdir)
+        _move_into_container(leader_fd, os.path.basename(outside), destination, is_dir, mkdir)
     finally:
         if outside is not None:
             libc.umount_detach(outside)
@@ -107,15 +113,16 @@ def bind_mount(leader: int, name: str, source: str, destination: str, read_only:
             pass
 
 
-def _move_into_container(leader: int, entry: str, destination: str, is_dir: bool, mkdir: bool) -> None:
-    """In a child that joins the container's mount namespace: move the incoming mount in place."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
+def _move_into_container(leader_fd: int, entry: str, destination: str, is_dir: bool, mkdir: bool) -> None:
+    """Join the container's mount namespace, move the incoming mount in place, come back.
+
+    (This process is a disposable child, root in the host's user namespace: it may go
+    back to the host's mount namespace, where the caller cleans up, without a fork.)
+    """
+    host = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        join_mount_namespace(leader_fd)
         try:
-            os.close(read_end)
-            setns(f"/proc/{leader}/ns/mnt", CLONE_NEWNS)
             if mkdir:
                 # As upstream: best effort, whatever is in the way stays and the move decides.
                 with contextlib.suppress(OSError):
@@ -128,15 +135,11 @@ def _move_into_container(leader: int, entry: str, destination: str, is_dir: bool
             # Onto the destination itself, never where a symlink there points (upstream's
             # mount_nofollow(): a symlink, dangling or not, gets EINVAL for a directory).
             target = os.open(destination, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-            libc.move_mount_onto_fd(f"/run/host/incoming/{entry}", target)
-        except OSError as e:
-            code = e.errno or errno.EIO
-        os.write(write_end, code.to_bytes(4, "little"))
-        os._exit(0)
-    os.close(write_end)
-    data = os.read(read_end, 4)
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    code = int.from_bytes(data, "little") if len(data) == 4 else errno.EIO
-    if code:
-        raise OSError(code, os.strerror(code))
+            try:
+                libc.move_mount_onto_fd(f"/run/host/incoming/{entry}", target)
+            finally:
+                os.close(target)
+        finally:
+            setns(host, CLONE_NEWNS)
+    finally:
+        os.close(host)

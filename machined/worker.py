@@ -1,18 +1,41 @@
-"""Run a function in a child process, with a deadline; the daemon never forks itself.
+"""Run functions in child processes, with deadlines; the daemon never enters a namespace itself.
 
 Work that enters another namespace (setns affects a whole thread, and the daemon
-is threaded), or that takes long (copies, image removal), runs as
-``python -m machined.worker MODULE:FUNCTION`` with keyword arguments as JSON
-on stdin. The child prints ``{"result": ...}`` or ``{"errno": N, "message": ...}``
-or ``{"error": NAME, "message": ...}``. A child that dies or hangs costs only
-its caller an error.
+is threaded), or that takes long (copies, image removal), runs in a child. The
+children come from a fork server (:mod:`machined.forkserver`): one
+single-threaded process, started at first use, that has imported what the
+operations need. It forks children ahead of time, *spares* that wait for a job,
+and hands each to the daemon as a pidfd and one end of a stream socketpair, the
+child's *job socket*; the daemon keeps a few in stock and asks for more as it
+takes them. So an operation pays neither for a new interpreter nor for a fork,
+and its request goes straight to its child. If the fork server cannot start,
+the same protocol runs in ``python -m machined.worker --job FD`` instead (an
+interpreter per call).
 
-Every child counts against one limit, :data:`children` (64 at once, served
-root first and round-robin across users; one unprivileged user runs at most 4
-at once and queues at most 64 more, then gets ``LimitsExceeded``). Children
-started for unprivileged users run at a lower CPU priority, so that a flood
-never slows the daemon itself. Identical read-only probes in flight at the same
-time share one child. A deadline covers the wait for a slot too.
+On the job socket the daemon writes the request ``{"target": "MODULE:FUNCTION",
+"kwargs": {...}, "names": [...], ...}`` with fds attached (a leader's pidfd, …,
+passed to the function as keyword arguments under *names*) and shuts its side
+down. The child calls the function, may hand fds back (:func:`send_fd`), writes
+``{"result": ...}`` or ``{"errno": N, "message": ...}`` or ``{"error": NAME,
+"message": ...}`` and exits. Through the child's pidfd the daemon kills it when
+the deadline passes or the caller goes away, and learns when it has exited. A
+child that dies or hangs costs only its caller an error; so does the death of
+the fork server (its children die with it), which is started again at the next
+operation.
+
+A :class:`HelperPool` keeps long-lived children (*helpers*) that serve requests
+one at a time over a channel, each answered on a socket of its own: a helper per
+running container enters the container once and then answers cheap looks
+inside it without a fork per look (:mod:`machined.inside`).
+
+Every child, and every request to a helper, counts against one limit,
+:data:`children` (64 at once, served root first and round-robin across users;
+one unprivileged user runs at most 4 at once and queues at most 64 more, then
+gets ``LimitsExceeded``). A child's slot is given back when the child has
+exited. Children serving unprivileged users run at a lower CPU priority, so
+that a flood never slows the daemon itself. Identical read-only probes in
+flight at the same time share one child. A deadline covers the wait for a slot
+too.
 
 :class:`Operations` caps how many long-running children run at once (64, as
 upstream's ``OPERATIONS_MAX``) and refuses more at once, as upstream does.
@@ -20,13 +43,23 @@ upstream's ``OPERATIONS_MAX``) and refuses more at once, as upstream does.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import contextlib
+import ctypes
 import errno
 import importlib
 import json
+import logging
 import os
+import select
+import signal
 import socket
+import subprocess
 import sys
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from machined import caller, errors
@@ -38,111 +71,638 @@ CHILDREN_MAX = 64
 CHILDREN_PER_USER = 4
 CHILDREN_QUEUE_MAX = 64
 UNPRIVILEGED_NICENESS = 10
+OUTPUT_MAX = 16 << 20  # bytes a child may answer with
+FDS_MAX = 16  # fds one message may carry
+FORKSERVER_START_TIMEOUT = 30.0
+FORKSERVER_RETRY = 5.0  # after a failed start, calls take the exec path this long before the next try
+SPARES = 2  # children the fork server forks ahead, each waiting for a job
+HELPERS_MAX = 32
+HELPER_IDLE = 60.0  # seconds a helper stays without requests
+HELPER_START_TIMEOUT = 10.0
 
-__all__ = ["LIMITS_EXCEEDED", "Operations", "children", "run_worker", "run_worker_with_fd", "send_fd"]
+DIED = "Child died abnormally."
+
+__all__ = [
+    "LIMITS_EXCEEDED", "HelperPool", "Operations", "children", "run_helper", "run_worker", "run_worker_with_fd",
+    "send_fd", "serve_job", "serve_requests",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 children = FairLimiter(
     "children", CHILDREN_MAX, CHILDREN_PER_USER, CHILDREN_QUEUE_MAX, "Too many ongoing operations, try again later."
 )
 _shared: dict[str, asyncio.Future[Any]] = {}
+_live: set[Child] = set()  # children not yet known to be gone
+
+_ANCBUF = socket.CMSG_SPACE(FDS_MAX * array.array("i").itemsize)
 
 
-async def run_worker_with_fd(target: str, timeout: float | None = None, **kwargs: Any) -> tuple[Any, int]:
-    """Like :func:`run_worker`; the function gets ``fd_socket`` and sends one fd back over it."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        result = await run_worker(target, timeout, pass_fds=(theirs.fileno(),), fd_socket=theirs.fileno(), **kwargs)
-        theirs.close()
-        ours.setblocking(False)
+# ----- fds over unix sockets ---------------------------------------------------------------
+
+
+def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(data[: len(data) - len(data) % got.itemsize])
+            fds.extend(got)
+    return fds
+
+
+def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([data], ancillary)
+
+
+def _close_all(fds: Any) -> None:
+    for fd in fds:
         try:
-            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
-        except BlockingIOError:
-            fds = []
-        if not fds:
-            raise BusError(errors.FAILED, "Child failed.")
-        return result, fds[0]
-    finally:
-        theirs.close()
-        ours.close()
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def send_fd(fd_socket: int, fd: int) -> None:
-    """In a worker: hand *fd* to the daemon (see :func:`run_worker_with_fd`)."""
+    """In a child: hand *fd* to the daemon (see :func:`run_worker_with_fd`)."""
     sock = socket.socket(fileno=os.dup(fd_socket))
     try:
-        socket.send_fds(sock, [b"F"], [fd])
+        _send_with_fds(sock, b"\0", [fd])  # one NUL per fd; the outcome follows
     finally:
         sock.close()
 
 
-async def run_worker(target: str, timeout: float | None = None, pass_fds: tuple[int, ...] = (),
+# ----- the daemon's side ---------------------------------------------------------------------
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: no "never retrieved" warning for outcomes nobody awaits
+
+
+class _Reader:
+    """Reads a stream socket in the event loop until EOF: the bytes, and the fds that came with them."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[bytes] = self.loop.create_future()
+        self.future.add_done_callback(_retrieve)
+        self.data = bytearray()
+        self.fds: list[int] = []
+        self.reading = True
+        sock.setblocking(False)
+        self.loop.add_reader(self.fd, self._readable)
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                data, ancdata, flags, _ = self.sock.recvmsg(1 << 16, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. ECONNRESET: the child went away without reading the request
+                data, ancdata, flags = b"", [], 0
+            self.fds.extend(_fds_from(ancdata))
+            if data and not flags & socket.MSG_CTRUNC and len(self.data) + len(data) <= OUTPUT_MAX:
+                self.data += data
+                continue
+            self.stop()
+            if not self.future.done():
+                if data:  # too much, or fds lost
+                    self.future.set_exception(BusError(errors.FAILED, DIED))
+                else:
+                    self.future.set_result(bytes(self.data))
+            return
+
+    def stop(self) -> None:
+        if self.reading:
+            self.reading = False
+            if not self.loop.is_closed():  # (a closed one was of an earlier test)
+                self.loop.remove_reader(self.fd)
+
+    def fail(self, exc: BaseException) -> None:
+        self.stop()
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+    def close(self) -> None:
+        self.stop()
+        if not self.future.done() and not self.loop.is_closed():
+            self.future.cancel()
+        _close_all(self.take_fds())
+
+
+class Child:
+    """A child serving one request (or, for a helper, many); its outcome comes on its job socket.
+
+    ``output`` resolves with the bytes the child wrote once it closed the job socket;
+    ``gone`` once the process has exited.
+    """
+
+    def __init__(self, sock: socket.socket, pid: int, pidfd: int, popen: subprocess.Popen[bytes] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.reader = _Reader(sock)
+        self.output = self.reader.future
+        self.gone: asyncio.Future[None] = self.loop.create_future()
+        self.pid = pid
+        self.pidfd: int | None = pidfd
+        self._popen = popen  # ours to reap (exec path); the fork server reaps its own
+        self._on_gone: list[Callable[[], None]] = []
+        self._unsent = b""
+        _live.add(self)
+        self.loop.add_reader(pidfd, self._exited)
+
+    @property
+    def running(self) -> bool:
+        """Not yet known to have exited."""
+        return self in _live
+
+    def when_gone(self, callback: Callable[[], None]) -> None:
+        """Call *callback* (synchronously) once the process has exited."""
+        if self in _live:
+            self._on_gone.append(callback)
+        else:
+            callback()
+
+    def _set_gone(self) -> None:
+        _live.discard(self)
+        callbacks, self._on_gone = self._on_gone, []
+        if not self.gone.done() and not self.loop.is_closed():
+            self.gone.set_result(None)
+        for callback in callbacks:
+            callback()
+
+    def _exited(self) -> None:
+        assert self.pidfd is not None
+        self.loop.remove_reader(self.pidfd)
+        if self._popen is not None:
+            self._popen.wait()
+        os.close(self.pidfd)
+        self.pidfd = None
+        self._set_gone()
+
+    def kill(self) -> None:
+        """SIGKILL through the pidfd: never a process that merely reuses the PID."""
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def fail(self, exc: BaseException) -> None:
+        """It must not answer any more (its fork server died): kill it, fail its output."""
+        self.kill()
+        self.reader.fail(exc)
+
+    def abandon(self) -> None:
+        """Its event loop is gone (tests): kill it, and count it gone."""
+        self.kill()
+        if self.pidfd is not None:
+            if not self.loop.is_closed():
+                self.loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+        self.close()
+        self._set_gone()
+
+    def queue(self, request: bytes, fds: list[int]) -> None:
+        """Write the request, its fds with its first bytes, as far as it fits in the socket now."""
+        sent = self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds
+                                 else [])  # fmt: skip
+        self._unsent = request[sent:]
+        if not self._unsent:
+            self.sock.shutdown(socket.SHUT_WR)
+
+    async def send(self) -> None:
+        """The rest of the request; a child that died meanwhile is told by its (empty) output."""
+        if self._unsent:
+            try:
+                await self.loop.sock_sendall(self.sock, self._unsent)
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self._unsent = b""
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+_Spare = tuple[int, int, socket.socket]  # pid, pidfd, our end of its job socket
+
+
+class _ForkServer:
+    """The daemon's end of :mod:`machined.forkserver`, started at first use.
+
+    The server forks *spares*, children waiting for a job, and hands each to the daemon
+    (its pidfd and the daemon's end of its job socket). The daemon keeps :data:`SPARES`
+    in stock and asks for more as it takes them, so that an operation waits for neither
+    a fork nor the server: its request goes straight to the spare.
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.ctl: socket.socket | None = None
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.pidfd: int | None = None
+        self.stock: deque[_Spare] = deque()
+        self.waiting: deque[asyncio.Future[_Spare]] = deque()
+        self.asked = 0  # spares asked for, not yet come
+        self.unsent = 0  # of those, asks not yet written (its queue was full)
+        self.children: set[Child] = set()
+        self.writing = False  # waiting for room in its queue
+        self.starting: asyncio.Task[bool] | None = None
+        self.failed_at = -FORKSERVER_RETRY
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None and self.ctl is not None else None
+
+    async def ready(self) -> bool:
+        """Whether the fork server runs (starting it if needed); False: take the exec path."""
+        loop = asyncio.get_running_loop()
+        if self.ctl is not None and self.loop is not loop:
+            self._abandon()  # started by another event loop (tests)
+        if self.ctl is not None:
+            return True
+        if self.starting is not None and self.starting.get_loop() is not loop:
+            self.starting = None
+        if self.starting is None:
+            if time.monotonic() - self.failed_at < FORKSERVER_RETRY:
+                return False
+            self.starting = loop.create_task(self._start())
+        return await asyncio.shield(self.starting)
+
+    async def _start(self) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as e:
+            return self._start_failed(f"socketpair: {e}")
+        try:
+            try:
+                popen = subprocess.Popen(  # noqa: ASYNC220 (vfork and exec: no wait on the child)
+                    [sys.executable, "-m", "machined.forkserver", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                )  # fmt: skip
+            finally:
+                theirs.close()
+            pidfd = os.pidfd_open(popen.pid)  # ours, not reaped: the PID is still this process's
+        except OSError as e:
+            ours.close()
+            return self._start_failed(str(e))
+        ours.setblocking(False)
+        try:
+            hello = await asyncio.wait_for(loop.sock_recv(ours, 64), FORKSERVER_START_TIMEOUT)
+        except (TimeoutError, OSError):
+            hello = b""
+        if hello != b"ready":
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
+            ours.close()
+            await asyncio.to_thread(popen.wait)
+            return self._start_failed(f"exit status {popen.returncode}")
+        self.loop, self.ctl, self.popen, self.pidfd = loop, ours, popen, pidfd
+        self.stock, self.waiting, self.asked, self.unsent, self.children = deque(), deque(), 0, 0, set()
+        loop.add_reader(ours.fileno(), self._control)
+        loop.add_reader(pidfd, self._died)
+        self.starting = None
+        log.debug("fork server %d started", popen.pid)
+        return True
+
+    def _start_failed(self, why: str) -> bool:
+        log.warning("Fork server did not start (%s); children are started one interpreter each for now", why)
+        self.failed_at = time.monotonic()
+        self.starting = None
+        return False
+
+    async def child(self) -> Child:
+        """A spare, as a child of ours to send a request to."""
+        pid, pidfd, sock = await self._spare()
+        child = Child(sock, pid, pidfd)
+        self.children.add(child)
+        child.when_gone(lambda: self.children.discard(child))
+        return child
+
+    async def _spare(self) -> _Spare:
+        assert self.loop is not None
+        if self.stock:
+            spare = self.stock.popleft()
+            self._replenish()
+            return spare
+        waiter: asyncio.Future[_Spare] = self.loop.create_future()
+        self.waiting.append(waiter)
+        self._replenish()
+        try:
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._give(waiter.result())  # it came as we went away: for the next one
+            elif waiter in self.waiting:
+                self.waiting.remove(waiter)
+            raise
+
+    def _replenish(self) -> None:
+        """Ask for spares until the stock (and those waiting for one) will be served."""
+        assert self.loop is not None and self.ctl is not None
+        missing = SPARES + len(self.waiting) - len(self.stock) - self.asked
+        if missing <= 0:
+            return
+        self.asked += missing
+        self.unsent += missing
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self.loop is not None and self.ctl is not None
+        while self.unsent:
+            try:
+                self.ctl.send(b"spare")
+            except BlockingIOError:
+                if not self.writing:
+                    self.loop.add_writer(self.ctl.fileno(), self._flush)
+                    self.writing = True
+                return
+            except OSError:
+                return  # dead: _died() follows
+            self.unsent -= 1
+        if self.writing:
+            self.loop.remove_writer(self.ctl.fileno())
+            self.writing = False
+
+    def _give(self, spare: _Spare) -> None:
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(spare)
+                return
+        self.stock.append(spare)
+
+    def _control(self) -> None:
+        while self.ctl is not None:
+            try:
+                data, ancdata, _, _ = self.ctl.recvmsg(4096, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, ancdata = b"", []
+            fds = _fds_from(ancdata)
+            if not data:
+                _close_all(fds)
+                self._died()
+                return
+            try:
+                message = json.loads(data)
+                pid = int(message.get("pid", 0))
+                code = int(message.get("errno", 0))
+            except (ValueError, TypeError, AttributeError):
+                _close_all(fds)
+                continue
+            self.asked = max(self.asked - 1, 0)
+            if pid and len(fds) == 2:
+                self._give((pid, fds[0], socket.socket(fileno=fds[1])))
+                continue
+            _close_all(fds)
+            while self.waiting:  # it could not fork: one waiting caller learns why
+                waiter = self.waiting.popleft()
+                if not waiter.done():
+                    code = code or errno.EIO
+                    waiter.set_exception(OSError(code, os.strerror(code)))
+                    break
+
+    def _died(self) -> None:
+        """It exited (or its control socket broke): its children go with it and fail."""
+        if self.ctl is None:
+            return
+        assert self.loop is not None and self.pidfd is not None and self.popen is not None
+        log.warning("Fork server %d died; it is started again at the next operation", self.popen.pid)
+        self.loop.remove_reader(self.ctl.fileno())
+        if self.writing:
+            self.loop.remove_writer(self.ctl.fileno())
+            self.writing = False
+        self.ctl.close()
+        self.ctl = None
+        pidfd, popen = self.pidfd, self.popen
+        self.loop.remove_reader(pidfd)
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+        def reap() -> None:
+            assert self.loop is not None
+            self.loop.remove_reader(pidfd)
+            popen.wait()
+            os.close(pidfd)
+
+        self.loop.add_reader(pidfd, reap)
+        self.pidfd = None
+        self._drop_spares()
+        for waiter in self.waiting:
+            if not waiter.done():
+                waiter.set_exception(BusError(errors.FAILED, DIED))
+        self.waiting = deque()
+        doomed, self.children = self.children, set()
+        for child in doomed:
+            child.fail(BusError(errors.FAILED, DIED))
+
+    def _drop_spares(self) -> None:
+        for _, pidfd, sock in self.stock:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
+            sock.close()
+        self.stock = deque()
+        self.asked = self.unsent = 0
+
+    def _abandon(self) -> None:
+        """Forget a server of an event loop that is gone; closing its socket makes it exit."""
+        if self.ctl is not None:
+            self.ctl.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        self._drop_spares()
+        self.loop = self.ctl = self.pidfd = self.popen = None  # subprocess reaps the Popen
+        self.waiting, self.children, self.writing = deque(), set(), False
+
+
+_server = _ForkServer()
+
+
+def forkserver_pid() -> int | None:
+    """The fork server's PID while it runs."""
+    return _server.pid
+
+
+def _spawn() -> Child:
+    """The exec path: a new interpreter for this one child."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "machined.worker", "--job", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except OSError:
+        ours.close()
+        popen.kill()
+        popen.wait()
+        raise
+    return Child(ours, popen.pid, pidfd, popen)
+
+
+async def _start_child(request: bytes, fds: list[int]) -> Child:
+    """A child (a spare of the fork server, else exec'd) given *request* and *fds* (copied).
+
+    The caller awaits ``send()`` for what of the request did not fit in the socket at once.
+    """
+    loop = asyncio.get_running_loop()
+    for stale in [c for c in _live if c.loop is not loop]:
+        stale.abandon()
+    for attempt in range(2):
+        child = await _server.child() if await _server.ready() else _spawn()
+        try:
+            child.queue(request, fds)
+            return child
+        except OSError:  # a spare that died waiting: one more try
+            child.kill()
+            child.close()
+            if attempt:
+                raise BusError(errors.FAILED, DIED) from None
+        except BaseException:
+            child.kill()
+            child.close()
+            raise
+    raise AssertionError("unreachable")
+
+
+def _request(target: str, kwargs: Mapping[str, Any], names: list[str], nice: int = 0,
+             fd_socket: bool = False) -> bytes:  # fmt: skip
+    """A child's request; its fds come with it, in the order of *names*."""
+    return json.dumps(
+        {"target": target, "kwargs": dict(kwargs), "names": names, "nice": nice, "fd_socket": fd_socket}
+    ).encode()
+
+
+def _decode(data: bytes) -> Any:
+    """A child's outcome: its result, or its error raised."""
+    try:
+        outcome = json.loads(data.lstrip(b"\0") or b"null")
+    except ValueError:
+        outcome = None
+    if not isinstance(outcome, dict):
+        raise BusError(errors.FAILED, DIED)
+    if "result" in outcome:
+        return outcome["result"]
+    if "errno" in outcome:
+        raise OSError(int(outcome["errno"]), str(outcome.get("message", "")))
+    if "error" in outcome:
+        raise BusError(str(outcome["error"]), str(outcome.get("message", "")))
+    raise BusError(errors.FAILED, "Child failed.")
+
+
+def _own(fds: Mapping[str, int] | None) -> dict[str, int]:
+    """Copies of the caller's fds, taken before the first await: the caller may close its own."""
+    return {name: os.dup(fd) for name, fd in (fds or {}).items()}
+
+
+async def run_worker_with_fd(target: str, timeout: float | None = None, fds: Mapping[str, int] | None = None,
+                             **kwargs: Any) -> tuple[Any, int]:  # fmt: skip
+    """Like :func:`run_worker`; the function gets ``fd_socket`` and sends one fd back over it."""
+    result, got = await _run_limited(target, timeout, _own(fds), kwargs, True)
+    if not got:
+        raise BusError(errors.FAILED, "Child failed.")
+    _close_all(got[1:])
+    return result, got[0]
+
+
+async def run_worker(target: str, timeout: float | None = None, fds: Mapping[str, int] | None = None,
                      shared: bool = False, **kwargs: Any) -> Any:  # fmt: skip
     """Call ``MODULE:FUNCTION(**kwargs)`` in a child; return its result or raise its error.
 
-    With *shared*, a call identical to one in flight waits for that one's outcome instead of
-    starting a child of its own (for read-only probes).
+    *fds* (name → fd) are passed to the function as keyword arguments, as its own fds;
+    they are copied at once, the caller keeps its own. With *shared*, a call identical to
+    one in flight waits for that one's outcome instead of starting a child of its own
+    (for read-only probes without fds).
     """
-    if not shared or pass_fds:
-        return await _run_limited(target, timeout, pass_fds, kwargs)
+    if not shared or fds:
+        result, got = await _run_limited(target, timeout, _own(fds), kwargs, False)
+        _close_all(got)
+        return result
     key = target + json.dumps(kwargs, sort_keys=True)
+    return await _coalesced(key, lambda: _run_limited(target, timeout, {}, kwargs, False))
+
+
+async def _coalesced(key: str, start: Callable[[], Any]) -> Any:
     future = _shared.get(key)
     if future is None:
-        future = asyncio.ensure_future(_run_limited(target, timeout, pass_fds, kwargs))
+        future = asyncio.ensure_future(start())
         _shared[key] = future
-        future.add_done_callback(lambda f: (_shared.pop(key, None), f.cancelled() or f.exception()))
-    return await asyncio.shield(future)
+
+        def forget(f: asyncio.Future[Any]) -> None:
+            if _shared.get(key) is f:
+                del _shared[key]
+            _retrieve(f)
+
+        future.add_done_callback(forget)
+    result, got = await asyncio.shield(future)
+    _close_all(got)  # none: calls that hand fds back are never shared
+    return result
 
 
-async def _run_limited(target: str, timeout: float | None, pass_fds: tuple[int, ...], kwargs: dict[str, Any]) -> Any:
-    user = await caller.current_uid()
-
-    async def run() -> Any:
-        release = await children.acquire(user, of_caller=False)
-        try:
-            return await _run_child(target, pass_fds, kwargs, user not in (None, 0))
-        finally:
-            release()
-
+async def _deadline(work: Any, timeout: float | None) -> Any:
     # (wait_for, not asyncio.timeout: handlers start outside any task, see bus.objects)
     try:
-        return await asyncio.wait_for(run(), timeout)
+        return await asyncio.wait_for(work, timeout)
     except TimeoutError:
         raise BusError.from_errno(errno.ETIMEDOUT, "Timed out waiting for the child process") from None
 
 
-async def _run_child(target: str, pass_fds: tuple[int, ...], kwargs: dict[str, Any], background: bool) -> Any:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "machined.worker", target,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        pass_fds=pass_fds,
-    )  # fmt: skip
-    if background:
-        try:
-            os.setpriority(os.PRIO_PROCESS, proc.pid, UNPRIVILEGED_NICENESS)
-        except OSError:
-            pass
+async def _run_limited(target: str, timeout: float | None, fds: dict[str, int], kwargs: dict[str, Any],
+                       want_fd: bool) -> tuple[Any, list[int]]:  # fmt: skip
+    """Run one child under the limit and the deadline; *fds* are ours (closed here)."""
     try:
-        out, _ = await proc.communicate(json.dumps(kwargs).encode())
-    except BaseException:  # deadline or cancellation: the child goes with its caller
-        if proc.returncode is None:
-            proc.kill()
-            await asyncio.shield(proc.wait())
-        raise
-    try:
-        data = json.loads(out or b"null")
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        raise BusError(errors.FAILED, "Child died abnormally.")
-    if "result" in data:
-        return data["result"]
-    if "errno" in data:
-        raise OSError(int(data["errno"]), str(data.get("message", "")))
-    if "error" in data:
-        raise BusError(str(data["error"]), str(data.get("message", "")))
-    raise BusError(errors.FAILED, "Child failed.")
+        user = await caller.current_uid()
+        nice = UNPRIVILEGED_NICENESS if user not in (None, 0) else 0
+        request = _request(target, kwargs, list(fds), nice, want_fd)
+
+        async def run() -> tuple[Any, list[int]]:
+            release = await children.acquire(user, of_caller=False)
+            try:
+                child = await _start_child(request, list(fds.values()))
+            except BaseException:
+                release()
+                raise
+            child.when_gone(release)  # the slot is held until it has exited
+            try:
+                await child.send()
+                data = await child.output
+                got = child.reader.take_fds()
+            except BaseException:  # deadline or cancellation: the child goes with its caller
+                child.kill()
+                raise
+            finally:
+                child.close()
+            try:
+                return _decode(data), got
+            except BaseException:
+                _close_all(got)
+                raise
+
+        return await _deadline(run(), timeout)
+    finally:
+        _close_all(fds.values())
 
 
 class Operations:
@@ -162,20 +722,358 @@ class Operations:
             self.running -= 1
 
 
-def main() -> int:
-    target = sys.argv[1]
-    module_name, _, func_name = target.partition(":")
+# ----- helpers: long-lived children serving requests --------------------------------------
+
+
+class _Gone(Exception):
+    """The helper went away without answering."""
+
+
+class _Helper:
+    def __init__(self, child: Child, channel: socket.socket) -> None:
+        self.child = child
+        self.channel = channel
+        self.lock = asyncio.Lock()
+        self.used = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def alive(self) -> bool:
+        return self.channel.fileno() >= 0 and self.child.running
+
+    def busy(self) -> bool:
+        return self.lock.locked()
+
+    def close(self) -> None:
+        """No more requests: it exits when it sees its channel closed."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.channel.close()
+
+    async def call(self, op: str, args: Mapping[str, Any], want_fd: bool) -> tuple[bytes, list[int]]:
+        async with self.lock:
+            if not self.alive():
+                raise _Gone
+            self.used = time.monotonic()
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                try:
+                    _send_with_fds(self.channel, json.dumps({"op": op, "args": dict(args), "fd_socket": want_fd})
+                                   .encode(), [theirs.fileno()])  # fmt: skip
+                except OSError:
+                    raise _Gone from None
+                finally:
+                    theirs.close()
+                reader = _Reader(ours)
+                try:
+                    data = await reader.future
+                    got = reader.take_fds()
+                except BaseException:  # a request in flight was given up: the helper may be stuck
+                    self.child.kill()
+                    self.close()
+                    raise
+                finally:
+                    reader.close()
+            finally:
+                ours.close()
+            self.used = time.monotonic()
+        if not data:
+            _close_all(got)
+            raise _Gone  # it died or left (its leader exited, its container changed) first
+        return data, got
+
+
+class HelperPool:
+    """Long-lived children running *target*, one per key, each serving requests one at a time.
+
+    A helper is started at the first request for its key, with the keyword arguments and
+    named fds given then, plus ``channel``; *target* prepares (enters a container, …) and
+    calls :func:`serve_requests`. Helpers idle for *idle* seconds are closed; at *limit*
+    helpers, the least recently used idle one makes room.
+    """
+
+    def __init__(self, target: str, limit: int = HELPERS_MAX, idle: float = HELPER_IDLE) -> None:
+        self.target = target
+        self.limit = limit
+        self.idle = idle
+        self.helpers: dict[Hashable, _Helper] = {}  # least recently used first
+        self._starting: dict[Hashable, asyncio.Task[_Helper]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def pids(self) -> list[int]:
+        return [h.child.pid for h in self.helpers.values() if h.alive()]
+
+    async def call(self, key: Hashable, kwargs: Mapping[str, Any], fds: Mapping[str, int], op: str,
+                   args: Mapping[str, Any], want_fd: bool) -> tuple[Any, list[int]]:  # fmt: skip
+        """*op*'s outcome from the helper for *key*; a helper that went away is replaced once."""
+        for _ in range(2):
+            helper = await self._get(key, kwargs, fds)
+            try:
+                data, got = await helper.call(op, args, want_fd)
+            except _Gone:
+                self._forget(key, helper)
+                continue
+            try:
+                return _decode(data), got
+            except BaseException:
+                _close_all(got)
+                raise
+        raise BusError(errors.FAILED, DIED)
+
+    async def _get(self, key: Hashable, kwargs: Mapping[str, Any], fds: Mapping[str, int]) -> _Helper:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._reset(loop)
+        helper = self.helpers.get(key)
+        if helper is not None and helper.alive():
+            self.helpers[key] = self.helpers.pop(key)  # most recently used
+            return helper
+        task = self._starting.get(key)
+        if task is None:
+            task = loop.create_task(self._start(key, kwargs, _own(fds)))
+            self._starting[key] = task
+
+            def done(t: asyncio.Task[_Helper]) -> None:
+                if self._starting.get(key) is t:
+                    del self._starting[key]
+                _retrieve(t)
+
+            task.add_done_callback(done)
+        return await asyncio.shield(task)
+
+    async def _start(self, key: Hashable, kwargs: Mapping[str, Any], fds: dict[str, int]) -> _Helper:
+        try:
+            helper = await _start_helper(self.target, kwargs, fds)
+        finally:
+            _close_all(fds.values())
+        self._make_room()
+        old = self.helpers.pop(key, None)
+        if old is not None:
+            old.close()
+        self.helpers[key] = helper
+        helper.child.when_gone(lambda: self._forget(key, helper))
+        self._arm(key, helper, self.idle)
+        return helper
+
+    def _make_room(self) -> None:
+        while len(self.helpers) >= self.limit:
+            idle = next(((k, h) for k, h in self.helpers.items() if not h.busy()), None)
+            if idle is None:
+                return  # all busy: bounded by the limit on children anyway
+            self._forget(*idle)
+
+    def _arm(self, key: Hashable, helper: _Helper, delay: float) -> None:
+        def check() -> None:
+            helper.timer = None
+            left = helper.used + self.idle - time.monotonic()
+            if helper.busy() or left > 0:
+                self._arm(key, helper, max(left, 1.0))
+            else:
+                self._forget(key, helper)
+
+        assert self._loop is not None
+        helper.timer = self._loop.call_later(delay, check)
+
+    def _forget(self, key: Hashable, helper: _Helper) -> None:
+        if self.helpers.get(key) is helper:
+            del self.helpers[key]
+        helper.close()
+        helper.child.when_gone(helper.child.close)
+
+    def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A new event loop (tests): helpers of the old one are let go."""
+        for helper in self.helpers.values():
+            if helper.timer is not None:
+                helper.timer.cancel()
+            helper.channel.close()
+        self.helpers, self._starting, self._loop = {}, {}, loop
+
+
+async def _start_helper(target: str, kwargs: Mapping[str, Any], fds: Mapping[str, int]) -> _Helper:
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        kwargs = json.loads(sys.stdin.read() or "{}")
-        func = getattr(importlib.import_module(module_name), func_name)
-        result = func(**kwargs)
+        named = {**fds, "channel": theirs.fileno()}
+        child = await _start_child(_request(target, kwargs, list(named)), list(named.values()))
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    try:
+        await child.send()
+        ours.setblocking(False)
+        try:
+            hello = await asyncio.wait_for(loop.sock_recv(ours, 64), HELPER_START_TIMEOUT)
+        except TimeoutError:
+            raise BusError.from_errno(errno.ETIMEDOUT, "Timed out waiting for the child process") from None
+        if hello != b"ready":  # it could not get ready: its outcome says why
+            data = await asyncio.wait_for(child.output, HELPER_START_TIMEOUT)
+            _decode(data)
+            raise BusError(errors.FAILED, DIED)
+    except BaseException:
+        child.kill()
+        child.close()
+        ours.close()
+        raise
+    return _Helper(child, ours)
+
+
+async def run_helper(pool: HelperPool, key: Hashable, op: str, *, timeout: float | None,
+                     start_kwargs: Mapping[str, Any], start_fds: Mapping[str, int],
+                     args: Mapping[str, Any] | None = None, shared: bool = False,
+                     want_fd: bool = False) -> tuple[Any, list[int]]:  # fmt: skip
+    """*op* served by *pool*'s helper for *key*, under the limit on children and the deadline.
+
+    Returns (result, fds handed back). With *shared*, an identical request in flight is
+    joined. *start_fds* are copied at once (the caller keeps its own).
+    """
+    fds = _own(start_fds)
+    args = dict(args or {})
+
+    async def limited() -> tuple[Any, list[int]]:
+        try:
+            user = await caller.current_uid()
+
+            async def run() -> tuple[Any, list[int]]:
+                release = await children.acquire(user, of_caller=False)
+                try:
+                    return await pool.call(key, start_kwargs, fds, op, args, want_fd)
+                finally:
+                    release()
+
+            return await _deadline(run(), timeout)
+        finally:
+            _close_all(fds.values())
+
+    if not shared or want_fd:
+        return await limited()
+    return await _coalesced(f"{id(pool)} {key!r} {op} {json.dumps(args, sort_keys=True)}", limited), []
+
+
+# ----- the child's side ----------------------------------------------------------------------
+
+HELPER_NAME = b"machined-helper"  # the process name (comm) of helpers
+PR_SET_NAME = 15
+
+
+def set_name(name: bytes) -> None:
+    """This process's name (comm, as ps shows it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+
+
+def _outcome(func: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return {"result": func(**kwargs)}
     except BusError as e:
-        print(json.dumps({"error": e.name, "message": e.message}))
-        return 1
+        return {"error": e.name, "message": e.message}
     except OSError as e:
-        print(json.dumps({"errno": e.errno or errno.EIO, "message": e.strerror or str(e)}))
-        return 1
-    print(json.dumps({"result": result}))
+        return {"errno": e.errno or errno.EIO, "message": e.strerror or str(e)}
+
+
+def _target(target: str) -> Callable[..., Any]:
+    module_name, _, func_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), func_name)  # type: ignore[no-any-return]
+
+
+def serve_job(job_fd: int, on_request: Callable[[], None] | None = None) -> None:
+    """In a child: read the request (and its fds) from the job socket, run it, write the outcome.
+
+    *on_request* is called once the request has come (a spare waits for it).
+    """
+    sock = socket.socket(fileno=job_fd)
+    sock.setblocking(True)
+    chunks, fds = [], []
+    while True:
+        data, ancdata, _, _ = sock.recvmsg(1 << 16, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+        fds.extend(_fds_from(ancdata))
+        if not data:
+            break
+        chunks.append(data)
+    if not chunks:
+        return  # the daemon let go of this spare
+    if on_request is not None:
+        on_request()
+    request = json.loads(b"".join(chunks))
+    if request.get("nice"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, int(request["nice"]))
+        except OSError:
+            pass
+    kwargs = dict(request.get("kwargs") or {})
+    names = request.get("names") or []
+    if len(names) != len(fds):
+        raise OSError(errno.EBADF, "fds lost on the way")
+    kwargs.update(zip(names, fds))
+    if request.get("fd_socket"):
+        kwargs["fd_socket"] = job_fd
+    outcome = _outcome(_target(request["target"]), kwargs)
+    sock.sendall(json.dumps(outcome).encode())
+    sock.close()
+
+
+def serve_requests(channel: int, handlers: Mapping[str, Callable[..., Any]], watch_fd: int | None = None,
+                   fresh: Callable[[], bool] | None = None) -> None:  # fmt: skip
+    """In a helper: say ready, then answer requests one at a time until the channel closes.
+
+    Each request ``{"op": NAME, "args": {...}, "fd_socket": bool}`` comes with a socket to
+    answer on (as :func:`serve_job` does). The helper also leaves when *watch_fd* turns
+    readable (its container's leader exited), or, before answering, when *fresh* says
+    that what it prepared no longer holds: it then closes the request's socket unanswered,
+    and the daemon asks a new helper.
+    """
+    set_name(HELPER_NAME)
+    sock = socket.socket(fileno=channel)
+    sock.send(b"ready")
+    poller = select.poll()
+    poller.register(channel, select.POLLIN)
+    if watch_fd is not None:
+        poller.register(watch_fd, select.POLLIN)
+    while True:
+        events = poller.poll()
+        if any(fd == watch_fd for fd, _ in events):
+            return
+        try:
+            data, ancdata, _, _ = sock.recvmsg(1 << 16, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        fds = _fds_from(ancdata)
+        if not data:
+            _close_all(fds)
+            return
+        if not fds:
+            continue
+        _close_all(fds[1:])
+        reply = socket.socket(fileno=fds[0])
+        try:
+            if fresh is not None and not fresh():
+                return
+            request = json.loads(data)
+            handler = handlers.get(request.get("op"))
+            args = dict(request.get("args") or {})
+            if request.get("fd_socket"):
+                args["fd_socket"] = reply.fileno()
+            if handler is None:
+                outcome: dict[str, Any] = {"errno": errno.EOPNOTSUPP, "message": os.strerror(errno.EOPNOTSUPP)}
+            else:
+                outcome = _outcome(handler, args)
+            reply.sendall(json.dumps(outcome).encode())
+        except OSError:
+            pass  # the daemon gave up on this request
+        finally:
+            reply.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The exec path: ``python -m machined.worker --job FD``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "--job":
+        print("usage: python -m machined.worker --job FD", file=sys.stderr)
+        return 2
+    serve_job(int(argv[1]))
     return 0
 
 

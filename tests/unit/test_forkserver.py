@@ -1,0 +1,287 @@
+"""The fork server and the helpers: where children come from, restart, kills, fds, namespaces, zombies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from machined import forkserver, nsprobe, worker
+from machined.errors import BusError
+from machined.worker import HelperPool, run_helper, run_worker, run_worker_with_fd, send_fd, serve_requests
+
+REPO = Path(__file__).resolve().parents[2]
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
+
+
+# ----- functions the children run -------------------------------------------------------------
+
+
+def parent() -> int:
+    return os.getppid()
+
+
+def pid_then_nap(path: str, seconds: float) -> None:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(seconds)
+
+
+def read_and_hand_back(source: int, fd_socket: int, path: str) -> str:
+    data = os.read(source, 100).decode()
+    send_fd(fd_socket, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    return data
+
+
+def net_namespace_through(leader_fd: int) -> int:
+    nsprobe.setns(leader_fd, nsprobe.CLONE_NEWNET)
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def nap(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def napping_helper(channel: int) -> None:
+    serve_requests(channel, {"pid": os.getpid, "nap": nap})
+
+
+# ----- helpers of the tests ---------------------------------------------------------------------
+
+
+def exited(pidfd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def state_and_name(pid: int) -> tuple[str, str]:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "gone", ""
+    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    return stat[stat.rindex(")") + 2], name
+
+
+async def wait_for_file(path: Path) -> int:
+    for _ in range(500):
+        if path.exists() and path.read_text():
+            return int(path.read_text())
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{path} never written")
+
+
+# ----- the tests -------------------------------------------------------------------------------
+
+
+async def test_children_come_from_the_fork_server_which_keeps_spares() -> None:
+    assert await run_worker("tests.unit.test_forkserver:parent") == worker.forkserver_pid()
+    server = worker.forkserver_pid()
+    assert server is not None and state_and_name(server)[1] == "machined-fork"
+    for _ in range(200):  # spares are asked for as they are taken
+        if len(worker._server.stock) == worker.SPARES:
+            break
+        await asyncio.sleep(0.01)
+    names = [state_and_name(p)[1] for p in children_of(server)]
+    assert names.count("machined-spare") == worker.SPARES
+
+
+async def test_a_dead_fork_server_fails_its_children_and_is_started_again(tmp_path: Path) -> None:
+    await run_worker("os:getpid")
+    first = worker.forkserver_pid()
+    assert first is not None
+    job = asyncio.ensure_future(
+        run_worker("tests.unit.test_forkserver:pid_then_nap", 30, path=str(tmp_path / "pid"), seconds=30)
+    )
+    child = os.pidfd_open(await wait_for_file(tmp_path / "pid"))
+    try:
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(BusError) as e:
+            await job
+        assert (e.value.name, e.value.message) == ("org.freedesktop.DBus.Error.Failed", "Child died abnormally.")
+        assert exited(child, 5), "the child outlived its fork server"
+    finally:
+        os.close(child)
+    assert await run_worker("tests.unit.test_forkserver:parent") == worker.forkserver_pid() != first
+
+
+async def test_the_deadline_kills_the_child_and_nothing_is_left(tmp_path: Path) -> None:
+    job = asyncio.ensure_future(
+        run_worker("tests.unit.test_forkserver:pid_then_nap", 1.0, path=str(tmp_path / "pid"), seconds=30)
+    )
+    pid = await wait_for_file(tmp_path / "pid")
+    child = os.pidfd_open(pid)
+    try:
+        with pytest.raises(BusError) as e:
+            await job
+        assert e.value.name == "org.freedesktop.DBus.Error.Timeout"
+        assert exited(child, 5)
+    finally:
+        os.close(child)
+    for _ in range(200):  # reaped by the fork server: no zombie
+        if state_and_name(pid)[0] == "gone":
+            break
+        await asyncio.sleep(0.01)
+    assert state_and_name(pid)[0] == "gone"
+    for _ in range(200):
+        if worker.children.running == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert worker.children.running == 0  # its slot came back
+
+
+async def test_fds_go_both_ways(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("back")
+    r, w = os.pipe()
+    os.write(w, b"there")
+    os.close(w)
+    try:
+        result, fd = await run_worker_with_fd(
+            "tests.unit.test_forkserver:read_and_hand_back", 10, fds={"source": r}, path=str(tmp_path / "f")
+        )
+    finally:
+        os.close(r)  # the caller's own: the worker passed a copy
+    try:
+        assert result == "there" and os.read(fd, 10) == b"back"
+    finally:
+        os.close(fd)
+
+
+async def test_no_zombies_after_many_children(tmp_path: Path) -> None:
+    await asyncio.gather(*(run_worker("os:getpid") for _ in range(20)))
+    with pytest.raises(BusError):
+        await run_worker("tests.unit.test_forkserver:pid_then_nap", 0.3, path=str(tmp_path / "p"), seconds=30)
+    server = worker.forkserver_pid()
+    assert server is not None
+    for _ in range(300):
+        kids = [state_and_name(p) for p in children_of(server)]
+        if all(name == "machined-spare" for _, name in kids):
+            break
+        await asyncio.sleep(0.01)
+    assert all(state != "Z" and name == "machined-spare" for state, name in kids), kids
+    assert len(kids) <= worker.SPARES + 1
+
+
+async def test_the_exec_path_when_the_fork_server_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = worker._ForkServer()
+    broken.failed_at = time.monotonic()  # just failed: the exec path serves for a while
+    monkeypatch.setattr(worker, "_server", broken)
+    assert await run_worker("tests.unit.test_forkserver:parent") == os.getpid()
+    (result, fd) = await run_worker_with_fd("tests.unit.test_forkserver:read_and_hand_back", 30,
+                                            fds={"source": os.open("/dev/null", os.O_RDONLY)}, path="/dev/null")  # fmt: skip
+    os.close(fd)
+    assert result == ""
+
+
+def test_the_fork_server_and_its_children_go_with_the_daemon() -> None:
+    script = (
+        "import asyncio, os\n"
+        "from machined import worker\n"
+        "async def main():\n"
+        "    await worker.run_worker('os:getpid')\n"
+        "    await asyncio.sleep(0.5)\n"  # spares come
+        "    print(worker.forkserver_pid(), flush=True)\n"
+        "    os._exit(0)\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    server = int(out.stdout)
+    for _ in range(500):
+        state, name = state_and_name(server)
+        if state in ("gone", "Z") or name != "machined-fork":
+            break
+        time.sleep(0.01)
+    assert state in ("gone", "Z") or name != "machined-fork", "the fork server outlived the daemon"
+
+
+async def test_a_helper_that_misses_its_deadline_is_killed_and_replaced() -> None:
+    pool = HelperPool("tests.unit.test_forkserver:napping_helper")
+
+    async def ask(op: str, timeout: float, **args: float) -> object:
+        result, _ = await run_helper(pool, "key", op, timeout=timeout, start_kwargs={}, start_fds={}, args=args)
+        return result
+
+    first = await ask("pid", 10)
+    assert await ask("pid", 10) == first  # one process serves request after request
+    pidfd = os.pidfd_open(first)
+    try:
+        with pytest.raises(BusError) as e:
+            await ask("nap", 0.5, seconds=30)
+        assert e.value.name == "org.freedesktop.DBus.Error.Timeout"
+        assert exited(pidfd, 5)
+    finally:
+        os.close(pidfd)
+    assert await ask("pid", 10) not in (first, None)
+
+
+@needs_root
+async def test_a_child_enters_a_namespace_through_the_pidfd() -> None:
+    leader = subprocess.Popen(["unshare", "--net", "sleep", "30"])
+    try:
+        own = os.stat("/proc/self/ns/net").st_ino
+        for _ in range(200):  # unshare execs sleep once the namespace is there
+            if os.stat(f"/proc/{leader.pid}/ns/net").st_ino != own:
+                break
+            time.sleep(0.01)
+        theirs = os.stat(f"/proc/{leader.pid}/ns/net").st_ino
+        pidfd = os.pidfd_open(leader.pid)
+        try:
+            ns = await run_worker("tests.unit.test_forkserver:net_namespace_through", 10, fds={"leader_fd": pidfd})
+        finally:
+            os.close(pidfd)
+        assert ns == theirs != own
+    finally:
+        leader.kill()
+        leader.wait()
+
+
+@needs_root
+async def test_a_container_helper_answers_looks_and_leaves_with_its_leader() -> None:
+    from machined import inside
+    from machined.envfile import read_os_release
+    from machined.machine import Machine, MachineClass
+    from machined.process import ProcessRef
+
+    leader = subprocess.Popen(["unshare", "--mount", "--net", "--user", "--map-root-user", "sleep", "30"])
+    try:
+        for _ in range(200):
+            if os.readlink(f"/proc/{leader.pid}/ns/user") != os.readlink("/proc/self/ns/user"):
+                break
+            time.sleep(0.01)
+        machine = Machine(name="t", machine_class=MachineClass.CONTAINER, leader=leader.pid,
+                          leader_ref=ProcessRef.take(leader.pid))  # fmt: skip
+        assert await inside.container_os_release(machine) == read_os_release("/")
+        assert await inside.container_addresses(machine) == []  # only lo: host scope
+        master, path = await inside.open_pty(machine, 10)
+        os.close(master)
+        assert path.startswith("/dev/pts/")
+        (helper,) = inside.helpers.pids()
+        await inside.container_os_release(machine)
+        assert inside.helpers.pids() == [helper]
+        assert state_and_name(helper)[1] == worker.HELPER_NAME.decode()
+        helper_fd = os.pidfd_open(helper)
+        leader.kill()
+        leader.wait()
+        try:
+            assert exited(helper_fd, 5), "the helper outlived its leader"
+        finally:
+            os.close(helper_fd)
+        with pytest.raises(OSError):
+            await inside.container_os_release(machine)
+    finally:
+        leader.kill()
+        leader.wait()
