@@ -70,3 +70,12 @@ install: deps
 
 uninstall: deps
 	$(BIN)/machined uninstall
+
+# Benchmarks against systemd-machined 252 (README "Benchmarks"): every row, ours and real each
+# in fresh sandboxes, interleaved, medians of BENCH_RUNS runs; one table, JSON in bench/results/.
+# bench/inside.py (looks inside booted containers) runs after it when present.
+BENCH_RUNS ?= 3
+.PHONY: bench
+bench: deps
+	$(BIN)/python bench/run.py --runs $(BENCH_RUNS)
+	@if [ -f bench/inside.py ]; then $(BIN)/python bench/inside.py --out bench/results/inside-latest.json; fi

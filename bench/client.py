@@ -1,0 +1,242 @@
+"""The benchmark client, run inside a sandbox with the project's interpreter (bench/run.py).
+
+    client.py main SERVICE [--machines N] [--calls N] [--sequential N] [--list-calls N]
+    client.py big SERVICE [--machines N]
+
+``main``: idle memory, CreateMachine one after another and 32 in flight, lookups (Peer.Ping,
+GetMachine, GetMachineByPID, Properties.Get/GetAll of a machine), ListMachines latency and
+the daemon's CPU time for 50 of them, ``machinectl list``, memory with N machines, restart
+until all N are listed again, and TerminateMachine of all until the registry is empty.
+``big``: N machines created by 4 connections with 128 calls in flight, listed, terminated.
+
+SERVICE is the daemon's unit (its MainPID is measured). Prints one JSON object: every
+sample, in milliseconds unless the key says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import time
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+DEST = "org.freedesktop.machine1"
+PATH = "/org/freedesktop/machine1"
+MANAGER = "org.freedesktop.machine1.Manager"
+MACHINE = "org.freedesktop.machine1.Machine"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def manager_call(member: str, sig: str = "", body: list[Any] | None = None) -> Message:
+    return Message(destination=DEST, path=PATH, interface=MANAGER, member=member, signature=sig, body=body or [])
+
+
+def machine_path(name: str) -> str:
+    # Bench names are plain letters and digits: escaping only touches a leading digit.
+    return f"{PATH}/machine/{name}"
+
+
+def spawn_leaders(n: int) -> list[int]:
+    devnull = os.open("/dev/null", os.O_RDWR)
+    actions = [(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)]
+    pids = [os.posix_spawn("/bin/sleep", ["sleep", "999998"], os.environ, file_actions=actions) for _ in range(n)]
+    os.close(devnull)
+    return pids
+
+
+def main_pid(service: str) -> int:
+    out = subprocess.run(["systemctl", "show", "-p", "MainPID", "--value", service],
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return int(out.strip() or 0)
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of the whole process, in clock ticks (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of *pid* in nanoseconds (schedstat: finer than clock ticks)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass
+    return total
+
+
+async def settle(pid: int, timeout: float = 30) -> None:
+    """Until the daemon is idle (under 10 ms of CPU in half a second): work left over from a
+    registration storm (GC asking PID 1 about each new machine) must not count as lookups."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_ns(pid)
+        await asyncio.sleep(0.5)
+        if cpu_ns(pid) - before < 10_000_000:
+            return
+
+
+async def check(bus: MessageBus, message: Message) -> Message:
+    reply = await bus.call(message)
+    assert reply is not None and reply.message_type is MessageType.METHOD_RETURN, (
+        message.member, reply and reply.error_name, reply and reply.body)
+    return reply
+
+
+async def sequential(bus: MessageBus, make, count: int) -> list[float]:
+    """Latency of *count* calls made one after another, in ms."""
+    lat = []
+    for i in range(count):
+        message = make(i)
+        t = time.perf_counter()
+        await check(bus, message)
+        lat.append((time.perf_counter() - t) * 1000)
+    return lat
+
+
+async def in_flight(buses: list[MessageBus], make, count: int, concurrency: int) -> float:
+    """Seconds for *count* calls with at most *concurrency* in flight over *buses*."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with gate:
+            await check(buses[i % len(buses)], make(i))
+
+    t = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return time.perf_counter() - t
+
+
+async def listed(bus: MessageBus) -> int:
+    return len((await check(bus, manager_call("ListMachines"))).body[0])
+
+
+async def until_listed(bus: MessageBus, count: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            reply = await bus.call(manager_call("ListMachines"))
+            if reply.message_type is MessageType.METHOD_RETURN and len(reply.body[0]) == count:
+                return
+        except Exception:
+            pass
+        await asyncio.sleep(0.005)
+    raise TimeoutError(f"never listed {count} machines")
+
+
+def machinectl_list(expect: int) -> float:
+    t = time.perf_counter()
+    r = subprocess.run(["machinectl", "list", "--no-pager", "--no-legend"], capture_output=True, text=True)
+    elapsed = (time.perf_counter() - t) * 1000
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == expect, (r.returncode, r.stderr, len(r.stdout.splitlines()))
+    return elapsed
+
+
+def create(name: str, leader: int) -> Message:
+    return manager_call("CreateMachine", "sayssusa(sv)", [name, b"", "", "vm", leader, "", []])
+
+
+async def bench_main(args: argparse.Namespace) -> dict[str, Any]:
+    n, out = args.machines, {}
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    await check(bus, manager_call("ListMachines"))  # activation
+    pid = main_pid(args.service)
+    await asyncio.sleep(1)
+    await settle(pid)
+    out["rss_idle_mib"] = rss_mib(pid)
+    # Lookups on an almost empty registry are what most clients see; the rows below run with N.
+    leaders = spawn_leaders(n)
+    seq = args.sequential
+    out["create_sequential_ms"] = await sequential(bus, lambda i: create(f"b{i}", leaders[i]), seq)
+    out["create_32_in_flight_s"] = await in_flight([bus], lambda i: create(f"b{seq + i}", leaders[seq + i]), n - seq, 32)
+    out["create_32_in_flight_count"] = n - seq
+    assert await listed(bus) == n + 1
+    await settle(pid)
+    calls = args.calls
+    ping = lambda i: Message(destination=DEST, path=PATH, interface="org.freedesktop.DBus.Peer", member="Ping")  # noqa: E731
+    out["ping_ms"] = await sequential(bus, ping, calls)
+    out["get_machine_ms"] = await sequential(bus, lambda i: manager_call("GetMachine", "s", [f"b{i % n}"]), calls)
+    out["get_machine_by_pid_ms"] = await sequential(
+        bus, lambda i: manager_call("GetMachineByPID", "u", [leaders[i % n]]), calls)
+    out["properties_get_ms"] = await sequential(bus, lambda i: Message(
+        destination=DEST, path=machine_path(f"b{i % n}"), interface="org.freedesktop.DBus.Properties",
+        member="Get", signature="ss", body=[MACHINE, "State"]), calls)
+    out["properties_get_all_ms"] = await sequential(bus, lambda i: Message(
+        destination=DEST, path=machine_path(f"b{i % n}"), interface="org.freedesktop.DBus.Properties",
+        member="GetAll", signature="s", body=[MACHINE]), calls)
+    out["list_machines_ms"] = await sequential(bus, lambda i: manager_call("ListMachines"), args.list_calls)
+    ticks, ns = cpu_ticks(pid), cpu_ns(pid)
+    await sequential(bus, lambda i: manager_call("ListMachines"), 50)
+    out["list_machines_cpu50_stat_s"] = (cpu_ticks(pid) - ticks) / CLK_TCK
+    out["list_machines_cpu50_s"] = (cpu_ns(pid) - ns) / 1e9
+    out["machinectl_list_ms"] = [machinectl_list(n) for _ in range(args.machinectl)]
+    await settle(pid)
+    out["rss_machines_mib"] = rss_mib(pid)
+    # Restart: from the stop request until a fresh daemon lists all N again.
+    t = time.perf_counter()
+    subprocess.run(["systemctl", "restart", args.service], check=True)
+    await until_listed(bus, n + 1)
+    out["restart_listed_s"] = time.perf_counter() - t
+    pid = main_pid(args.service)
+    await settle(pid)
+    out["rss_machines_after_restart_mib"] = rss_mib(pid)
+    t = time.perf_counter()
+    await in_flight([bus], lambda i: manager_call("TerminateMachine", "s", [f"b{i}"]), n, 32)
+    await until_listed(bus, 1)
+    out["terminate_until_gone_s"] = time.perf_counter() - t
+    return out
+
+
+async def bench_big(args: argparse.Namespace) -> dict[str, Any]:
+    n, out = args.machines, {}
+    buses = [await MessageBus(bus_type=BusType.SYSTEM).connect() for _ in range(4)]
+    bus = buses[0]
+    await check(bus, manager_call("ListMachines"))
+    leaders = spawn_leaders(n)
+    out["create_s"] = await in_flight(buses, lambda i: create(f"g{i}", leaders[i]), n, 128)
+    assert await listed(bus) == n + 1
+    await settle(main_pid(args.service))
+    out["list_machines_ms"] = await sequential(bus, lambda i: manager_call("ListMachines"), 20)
+    out["machinectl_list_ms"] = [machinectl_list(n) for _ in range(3)]
+    out["rss_machines_mib"] = rss_mib(main_pid(args.service))
+    t = time.perf_counter()
+    await in_flight(buses, lambda i: manager_call("TerminateMachine", "s", [f"g{i}"]), n, 32)
+    await until_listed(bus, 1)
+    out["terminate_until_gone_s"] = time.perf_counter() - t
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["main", "big"])
+    ap.add_argument("service")
+    ap.add_argument("--machines", type=int, default=1000)
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--sequential", type=int, default=200)
+    ap.add_argument("--list-calls", type=int, default=200)
+    ap.add_argument("--machinectl", type=int, default=5)
+    args = ap.parse_args()
+    result = asyncio.run(bench_main(args) if args.mode == "main" else bench_big(args))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
