@@ -56,6 +56,9 @@ class Machine:
     leader_ref: ProcessRef | None = None
     # pidfd inode id read from a state file, to re-verify the leader after a restart.
     leader_pidfd_id: int = 0
+    # The machine's ListMachines row as marshalled, kept by the bus adapters (name, class and
+    # service never change once the machine is registered).
+    list_row: bytes = field(default=b"", repr=False, compare=False)
 
     @functools.cached_property
     def object_path(self) -> str:

@@ -8,12 +8,15 @@ from machined.machine import Machine
 
 
 class Registry:
-    """Machines by name, with leader and unit indexes kept in step."""
+    """Machines by name, with leader, unit and object path indexes kept in step."""
 
     def __init__(self) -> None:
         self._by_name: dict[str, Machine] = {}
         self._by_leader: dict[int, Machine] = {}
         self._by_unit: dict[str, Machine] = {}
+        self._by_path: dict[str, Machine] = {}
+        # Changes whenever a machine comes or goes: lets readers cache what they derive.
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -33,10 +36,16 @@ class Registry:
     def by_unit(self, unit: str) -> Machine | None:
         return self._by_unit.get(unit)
 
+    def by_path(self, path: str) -> Machine | None:
+        """The machine whose object path (as we escape it) is *path*."""
+        return self._by_path.get(path)
+
     def add(self, machine: Machine) -> None:
         if machine.name in self._by_name:
             raise KeyError(f"machine {machine.name} exists")
         self._by_name[machine.name] = machine
+        self._by_path[machine.object_path] = machine
+        self.generation += 1
 
     def index_leader(self, machine: Machine) -> bool:
         """Record *machine*'s leader; False if another machine has that leader."""
@@ -53,6 +62,8 @@ class Registry:
     def remove(self, machine: Machine) -> None:
         if self._by_name.get(machine.name) is machine:
             del self._by_name[machine.name]
+            del self._by_path[machine.object_path]
+            self.generation += 1
         if self._by_leader.get(machine.leader) is machine:
             del self._by_leader[machine.leader]
         if machine.unit and self._by_unit.get(machine.unit) is machine:

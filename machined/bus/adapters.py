@@ -13,9 +13,8 @@ import errno
 
 from machined import errors
 from machined.access import MachineAccess
-from machined.bus import images
 from machined.bus.introspection import load_interface
-from machined.bus.objects import BusObject, Call, FdReply, Handler
+from machined.bus.objects import BusObject, Call, FdReply, Handler, MarshalledBody, PropertyGetter
 from machined.bus.polkit import authorize
 from machined.envfile import env_is_valid
 from machined.errors import BusError
@@ -50,61 +49,61 @@ COPY_FLAGS_PUBLIC = 1  # bit 0: replace an existing destination
 
 
 
-def machine_methods(manager: MachineManager, access: MachineAccess, machine: Machine) -> dict[str, Handler]:
-    """The Machine interface's handlers, bound to *machine* (Unregister: Manager only)."""
+def machine_handlers(manager: MachineManager, access: MachineAccess) -> dict[str, Handler]:
+    """The Machine interface's handlers, built once and shared by every machine: each takes
+    the machine first (Unregister: Manager only)."""
 
-    async def unregister(call: Call) -> None:
+    async def unregister(machine: Machine, call: Call) -> None:
         await authorize(call, "manage-machines", {"machine": machine.name, "verb": "unregister"})
         await manager.unregister(machine)
 
-    async def terminate(call: Call) -> None:
+    async def terminate(machine: Machine, call: Call) -> None:
         await authorize(call, "manage-machines", {"machine": machine.name, "verb": "terminate"})
         await manager.terminate(machine)
 
-    async def kill(call: Call, who: str, signal: int) -> None:
+    async def kill(machine: Machine, call: Call, who: str, signal: int) -> None:
         who = validate_kill(who, signal)
         await authorize(call, "manage-machines", {"machine": machine.name, "verb": "kill"})
         await manager.kill(machine, who, signal)
 
-    async def get_addresses(call: Call) -> list:
+    async def get_addresses(machine: Machine, call: Call) -> list:
         return [[(a.family, a.address) for a in await access.addresses(machine)]]
 
-    async def get_os_release(call: Call) -> list:
+    async def get_os_release(machine: Machine, call: Call) -> list:
         return [await access.os_release(machine)]
 
-    async def get_uid_shift(call: Call) -> list:
+    async def get_uid_shift(machine: Machine, call: Call) -> list:
         return [await access.uid_shift(machine)]
 
-    host = machine.is_host
-
-    async def open_pty(call: Call) -> FdReply:
-        await authorize(call, "host-open-pty" if host else "open-pty", {"machine": machine.name})
+    async def open_pty(machine: Machine, call: Call) -> FdReply:
+        await authorize(call, "host-open-pty" if machine.is_host else "open-pty", {"machine": machine.name})
         fd, path = await access.open_pty(machine)
         return FdReply([0, path], [fd])
 
-    async def open_login(call: Call) -> FdReply:
-        await authorize(call, "host-login" if host else "login", {"machine": machine.name, "verb": "login"})
+    async def open_login(machine: Machine, call: Call) -> FdReply:
+        await authorize(call, "host-login" if machine.is_host else "login", {"machine": machine.name, "verb": "login"})
         fd, path = await access.open_login(machine)
         return FdReply([0, path], [fd])
 
-    async def open_shell(call: Call, user: str, path: str, args: list[str], env: list[str]) -> FdReply:
+    async def open_shell(machine: Machine, call: Call, user: str, path: str, args: list[str],
+                         env: list[str]) -> FdReply:  # fmt: skip
         user = user or "root"
         if path and not path.startswith("/"):
             raise BusError(errors.INVALID_ARGS, f"Specified path '{path}' is not absolute")
         program, argv = shell_command(user, path, args)
         if not env_is_valid(env):
             raise BusError(errors.INVALID_ARGS, "Invalid environment assignments")
-        await authorize(call, "host-shell" if host else "shell",
+        await authorize(call, "host-shell" if machine.is_host else "shell",
                         {"machine": machine.name, "user": user, "program": program})  # fmt: skip
         fd, pty_path = await access.open_shell(machine, user, program, argv, env)
         return FdReply([0, pty_path], [fd])
 
-    async def open_root_directory(call: Call) -> FdReply:
+    async def open_root_directory(machine: Machine, call: Call) -> FdReply:
         await authorize(call, "manage-machines", {"machine": machine.name, "verb": "open_root_directory"})
         return FdReply([0], [await access.open_root_directory(machine)])
 
     def copier(copy_from: bool, with_flags: bool) -> Handler:
-        async def handler(call: Call, src: str, dest: str, flags: int = 0) -> None:
+        async def handler(machine: Machine, call: Call, src: str, dest: str, flags: int = 0) -> None:
             access.check_copy(machine)
             if with_flags and flags & ~COPY_FLAGS_PUBLIC:
                 raise BusError.from_errno(errno.EINVAL)
@@ -119,7 +118,7 @@ def machine_methods(manager: MachineManager, access: MachineAccess, machine: Mac
 
         return handler
 
-    async def bind_mount(call: Call, src: str, dest: str, read_only: bool, mkdir: bool) -> None:
+    async def bind_mount(machine: Machine, call: Call, src: str, dest: str, read_only: bool, mkdir: bool) -> None:
         if machine.machine_class is not MachineClass.CONTAINER:
             raise BusError(errors.NOT_SUPPORTED, "Bind mounting is only supported on container machines.")
         if not path_is_normalized_absolute(src):
@@ -150,27 +149,69 @@ def machine_methods(manager: MachineManager, access: MachineAccess, machine: Mac
     }
 
 
-def _redirect(manager: MachineManager, access: MachineAccess, target: str) -> Handler:
-    async def handler(call: Call, name: str, *args: object) -> list:
-        machine = manager.get(name)
-        return await machine_methods(manager, access, machine)[target](call, *args)
+def _redirect(manager: MachineManager, target: Handler) -> Handler:
+    def handler(call: Call, name: str, *args: object) -> object:
+        return target(manager.get(name), call, *args)
 
     return handler
 
 
-def manager_object(manager: MachineManager, access: MachineAccess) -> BusObject:
-    """The object at /org/freedesktop/machine1."""
+# ListMachines' a(ssso) on the wire: each row a struct (8-aligned) of four strings (4-aligned).
+_LIST_EMPTY: list = [[]]
 
-    async def list_machines(call: Call) -> list:
-        return [[(m.name, str(m.machine_class), m.service, m.object_path) for m in manager.machines()]]
 
-    async def get_machine(call: Call, name: str) -> list:
+def _list_row(machine: Machine) -> bytes:
+    """The machine's ListMachines row, marshalled once: name, class and service never change
+    while it is registered. Padded to 8 bytes, where the next row starts."""
+    row = machine.list_row
+    if not row:
+        out = bytearray()
+        for text in (machine.name, str(machine.machine_class), machine.service, machine.object_path):
+            out += bytes(-len(out) % 4)
+            data = text.encode()
+            if b"\0" in data:
+                raise ValueError("string value contains a NUL byte")  # refused as dbus-fast does
+            out += len(data).to_bytes(4, "little")
+            out += data
+            out += b"\0"
+        out += bytes(-len(out) % 8)
+        row = machine.list_row = bytes(out)
+    return row
+
+
+def _list_body(machines: list[Machine]) -> MarshalledBody:
+    rows = [_list_row(m) for m in machines]
+    if not rows:
+        return MarshalledBody(bytes(8), _LIST_EMPTY)
+    data = b"".join(rows)
+    last = rows[-1]
+    # The array ends with its last element, without the padding after it.
+    size = len(data) - (len(last) - len(last.rstrip(b"\0")) - 1)
+    return MarshalledBody(size.to_bytes(4, "little") + bytes(4) + data[:size], _LIST_EMPTY)
+
+
+def manager_object(manager: MachineManager, access: MachineAccess,
+                   machine_methods: dict[str, Handler] | None = None) -> BusObject:  # fmt: skip
+    """The object at /org/freedesktop/machine1 (*machine_methods*: from :func:`machine_handlers`)."""
+    machine_methods = machine_methods or machine_handlers(manager, access)
+    registry = manager.registry
+    listed: list = [-1, None]  # (registry generation, ListMachines body)
+
+    def list_machines(call: Call) -> MarshalledBody:
+        if listed[0] != registry.generation:
+            listed[:] = [registry.generation, _list_body(manager.machines())]
+        return listed[1]
+
+    def get_machine(call: Call, name: str) -> list:
         return [manager.get(name).object_path]
 
-    async def get_machine_by_pid(call: Call, pid: int) -> list:
+    def get_machine_by_pid(call: Call, pid: int) -> object:
         if pid == 0:
-            pid = (await call.credentials()).pid
+            return get_machine_of_caller(call)
         return [manager.get_by_pid(pid).object_path]
+
+    async def get_machine_of_caller(call: Call) -> list:
+        return [manager.get_by_pid((await call.credentials()).pid).object_path]
 
     async def request(call: Call, name: str, machine_id: bytes, service: str, machine_class: str,
                       leader: int, root: str, netif: list[int] | None = None):  # fmt: skip
@@ -201,17 +242,17 @@ def manager_object(manager: MachineManager, access: MachineAccess) -> BusObject:
         req = await request(call, name, machine_id, service, machine_class, leader, root, netif)
         return [(await manager.register(req)).object_path]
 
-    async def map_from_user(call: Call, name: str, uid: int) -> list:
+    def map_from_user(call: Call, name: str, uid: int) -> list:
         return [access.map_from_machine(name, uid, "uid")]
 
-    async def map_from_group(call: Call, name: str, gid: int) -> list:
+    def map_from_group(call: Call, name: str, gid: int) -> list:
         return [access.map_from_machine(name, gid, "gid")]
 
-    async def map_to_user(call: Call, uid: int) -> list:
+    def map_to_user(call: Call, uid: int) -> list:
         machine, inner = access.map_to_machine(uid, "uid")
         return [machine.name, machine.object_path, inner]
 
-    async def map_to_group(call: Call, gid: int) -> list:
+    def map_to_group(call: Call, gid: int) -> list:
         machine, inner = access.map_to_machine(gid, "gid")
         return [machine.name, machine.object_path, inner]
 
@@ -230,37 +271,90 @@ def manager_object(manager: MachineManager, access: MachineAccess) -> BusObject:
         (i, "RegisterMachineWithNetwork"): register_machine_with_network,
     }
     for name, target in MACHINE_REDIRECTS.items():
-        methods[(i, name)] = _redirect(manager, access, target)
-    for name, handler in images.image_manager_methods(manager).items():
-        methods[(i, name)] = handler
+        methods[(i, name)] = _redirect(manager, machine_methods[target])
+    interface = load_interface(i)
+    # The rest is the image pool's, loaded on first use: the daemon needs none of it to start.
+    image_api = _LazyImages(manager)
+    for name in interface.methods:
+        methods.setdefault((i, name), image_api.method(name))
     return BusObject(
-        interfaces=[load_interface(i)],
+        interfaces=[interface],
         methods=methods,
         properties={
             (i, "PoolPath"): lambda: manager.pool_path,
-            **{(i, name): getter for name, getter in images.image_manager_properties(manager).items()},
+            (i, "PoolUsage"): image_api.property("PoolUsage"),
+            (i, "PoolLimit"): image_api.property("PoolLimit"),
         },
     )
 
 
-def machine_object(manager: MachineManager, access: MachineAccess, machine: Machine) -> BusObject:
-    """The object of one machine, at its escaped path."""
-    i = MACHINE_IFACE
+class _LazyImages:
+    """The Manager's image methods and pool properties (:mod:`machined.bus.images`), imported
+    when first called."""
+
+    def __init__(self, manager: MachineManager) -> None:
+        self.manager = manager
+        self._methods: dict[str, Handler] | None = None
+        self._properties: dict[str, PropertyGetter] | None = None
+
+    def _load(self) -> None:
+        from machined.bus import images
+
+        self._methods = images.image_manager_methods(self.manager)
+        self._properties = images.image_manager_properties(self.manager)
+
+    def method(self, name: str) -> Handler:
+        def handler(call: Call, *args: object) -> object:
+            if self._methods is None:
+                self._load()
+            assert self._methods is not None
+            return self._methods[name](call, *args)
+
+        return handler
+
+    def property(self, name: str) -> PropertyGetter:
+        def getter() -> object:
+            if self._properties is None:
+                self._load()
+            assert self._properties is not None
+            return self._properties[name]()
+
+        return getter
+
+
+# The Machine interface's properties, shared by every machine object: getter(machine).
+_I = MACHINE_IFACE
+MACHINE_PROPERTIES: dict[tuple[str, str], PropertyGetter] = {
+    (_I, "Name"): lambda m: m.name,
+    (_I, "Id"): lambda m: m.id_bytes,
+    (_I, "Timestamp"): lambda m: m.timestamp.realtime,
+    (_I, "TimestampMonotonic"): lambda m: m.timestamp.monotonic,
+    (_I, "Service"): lambda m: m.service,
+    (_I, "Unit"): lambda m: m.unit,
+    (_I, "Leader"): lambda m: m.leader,
+    (_I, "Class"): lambda m: str(m.machine_class),
+    (_I, "RootDirectory"): lambda m: m.root_directory,
+    (_I, "NetworkInterfaces"): lambda m: list(m.netif),
+    (_I, "State"): lambda m: str(m.state),
+}
+MACHINE_HIDDEN_PROPERTIES: dict[tuple[str, str], tuple[str, PropertyGetter]] = {(_I, "Scope"): ("s", lambda m: m.unit)}
+
+
+def machine_object_methods(machine_methods: dict[str, Handler]) -> dict[tuple[str, str], Handler]:
+    """The method table of machine objects, from :func:`machine_handlers` (no Unregister there)."""
+    return {(MACHINE_IFACE, name): h for name, h in machine_methods.items() if name != "Unregister"}
+
+
+def machine_object(manager: MachineManager, access: MachineAccess, machine: Machine,
+                   methods: dict[tuple[str, str], Handler] | None = None) -> BusObject:  # fmt: skip
+    """The object of one machine, at its escaped path: a view on *machine* over the tables every
+    machine object shares (*methods*: from :func:`machine_object_methods`, built once)."""
+    if methods is None:
+        methods = machine_object_methods(machine_handlers(manager, access))
     return BusObject(
-        interfaces=[load_interface(i)],
-        methods={(i, name): h for name, h in machine_methods(manager, access, machine).items() if name != "Unregister"},
-        properties={
-            (i, "Name"): lambda: machine.name,
-            (i, "Id"): lambda: machine.id_bytes,
-            (i, "Timestamp"): lambda: machine.timestamp.realtime,
-            (i, "TimestampMonotonic"): lambda: machine.timestamp.monotonic,
-            (i, "Service"): lambda: machine.service,
-            (i, "Unit"): lambda: machine.unit,
-            (i, "Leader"): lambda: machine.leader,
-            (i, "Class"): lambda: str(machine.machine_class),
-            (i, "RootDirectory"): lambda: machine.root_directory,
-            (i, "NetworkInterfaces"): lambda: list(machine.netif),
-            (i, "State"): lambda: str(machine.state),
-        },
-        hidden_properties={(i, "Scope"): ("s", lambda: machine.unit)},
+        interfaces=[load_interface(MACHINE_IFACE)],
+        methods=methods,
+        properties=MACHINE_PROPERTIES,
+        hidden_properties=MACHINE_HIDDEN_PROPERTIES,
+        target=machine,
     )

@@ -13,6 +13,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from functools import cache
 
+from dbus_fast.signature import SignatureTree, SignatureType, get_signature_tree
+
 from machined.data import interface_file
 
 DOCTYPE = (
@@ -63,6 +65,11 @@ class Method:
     in_signature: str
     out_signature: str
     privileged: bool = False  # sd-bus lets only root call it
+    # The out-signature parsed once, for every reply.
+    out_tree: SignatureTree = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_tree", get_signature_tree(self.out_signature))
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,11 @@ class Property:
     name: str
     signature: str
     writable: bool
+    # The signature's single complete type, parsed once: values are wrapped without re-parsing.
+    type: SignatureType = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "type", get_signature_tree(self.signature).types[0])
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ and answers errors with its own names. So every method call addressed to us is
 handled here: Peer on any path; Introspectable and Properties (``GetAll("")``
 included, hidden properties for Get only) on known objects; argument
 signatures checked against the interface XML; errors named and worded as
-sd-bus does. Handlers are coroutines; a reply is sent when they finish.
+sd-bus does. A call that never waits (lookups, lists, properties) is answered
+on the spot; one whose handler waits is answered when the handler finishes.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from types import CoroutineType
 from typing import Any, Protocol
 
-from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast import Message, MessageFlag, MessageType, SignatureTree, Variant
 from dbus_fast.aio import MessageBus
+from dbus_fast.signature import get_signature_tree
 
 from machined import caller, errors
 from machined.bus.client import call_bus_daemon
-from machined.bus.introspection import Interface, introspect_xml
+from machined.bus.introspection import Interface, Method, Property, introspect_xml
 from machined.errors import BusError
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,12 @@ class Call:
     def allow_interactive_authorization(self) -> bool:
         return bool(self.message.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
 
+    def known_credentials(self) -> Credentials | None:
+        """The sender's credentials if known without asking the bus (cached), else None."""
+        if self._credentials is None and self._cache is not None:
+            self._credentials = self._cache.get(self.sender)
+        return self._credentials
+
     async def credentials(self) -> Credentials:
         """The sender's PID and UID, as the bus daemon knows them (never from arguments)."""
         if self._credentials is None and self._cache is not None:
@@ -113,25 +122,60 @@ class FdReply:
         self.fds = fds
 
 
-Handler = Callable[..., Awaitable[Any]]
+Handler = Callable[..., Any]
 # The value of a property, or an awaitable of it (for one that must be read off the event loop).
-PropertyGetter = Callable[[], Any]
+PropertyGetter = Callable[..., Any]
 
 
-@dataclass
+class MarshalledBody:
+    """Out-arguments already on the wire (little-endian, as dbus-fast writes), for large replies
+    assembled from cached parts. *empty* is the same signature's body with no elements (``[[]]``
+    for an array), which dbus-fast marshals to build the header."""
+
+    __slots__ = ("data", "empty")
+
+    def __init__(self, data: bytes, empty: list[Any]) -> None:
+        self.data = data
+        self.empty = empty
+
+
+class _MarshalledReturn(Message):
+    """A method return whose body is a :class:`MarshalledBody`: only the header is marshalled
+    (with the empty body in place of the real one, whose length and bytes are put in then)."""
+
+    def _marshall(self, negotiate_unix_fd: bool) -> bytearray:
+        out = Message._marshall(self, negotiate_unix_fd)
+        fields = int.from_bytes(out[12:16], "little")
+        header = out[: (16 + fields + 7) & ~7]
+        data = self.marshalled.data
+        header[4:8] = len(data).to_bytes(4, "little")
+        return header + data
+
+
+@dataclass(eq=False)
 class BusObject:
-    """What one object path offers: interfaces, their handlers and property values."""
+    """What one object path offers: interfaces, their handlers and property values.
+
+    Handlers are plain functions for calls that never wait (lookups, lists: answered without
+    a coroutine or task) or coroutine functions; either returns the list of out-arguments
+    (None when there are none), an :class:`FdReply` or a :class:`MarshalledBody`.
+
+    Objects of one kind (every machine) share tables built once: their *target* (the
+    machine) is then passed first to every handler, getter and setter. With no target,
+    the tables' callables are bound to their object already.
+    """
 
     interfaces: list[Interface] = field(default_factory=list)
-    # (interface, member) → coroutine function(call, *args) returning the list of out-args.
+    # (interface, member) → function([target,] call, *args).
     methods: dict[tuple[str, str], Handler] = field(default_factory=dict)
-    # (interface, property) → getter of the plain value.
+    # (interface, property) → getter([target]) of the plain value (or an awaitable of it).
     properties: dict[tuple[str, str], PropertyGetter] = field(default_factory=dict)
     # Answer Get but stay out of GetAll and introspection: (iface, prop) → (signature, getter).
     hidden_properties: dict[tuple[str, str], tuple[str, PropertyGetter]] = field(default_factory=dict)
-    # (interface, property) → coroutine function(call, value) for writable properties.
+    # (interface, property) → coroutine function([target,] call, value) for writable properties.
     setters: dict[tuple[str, str], Handler] = field(default_factory=dict)
     children: list[str] = field(default_factory=list)
+    target: Any = None
 
     def interface(self, name: str) -> Interface | None:
         for iface in self.interfaces:
@@ -140,18 +184,81 @@ class BusObject:
         return None
 
 
+class Later:
+    """Returned by :meth:`ObjectTree.lookup_now` when only an awaited lookup can tell."""
+
+
+LATER = Later()
+
+
 class ObjectTree(Protocol):
     async def lookup(self, path: str, call: Call) -> BusObject | None:
         """The object at *path* as *call*'s sender sees it, or None if there is none."""
 
+    # Optional: def lookup_now(self, path: str, call: Call) -> BusObject | None | Later
+    # answers without waiting when it can (most paths), LATER when lookup() must be awaited.
+
+
+METHOD_CALL = MessageType.METHOD_CALL
+METHOD_RETURN = MessageType.METHOD_RETURN
+NO_REPLY_EXPECTED = MessageFlag.NO_REPLY_EXPECTED
+_NO_REPLY_EXPECTED = int(MessageFlag.NO_REPLY_EXPECTED)
+_PEER_MEMBERS = ("Ping", "GetMachineId")
+_PROPERTIES_MEMBERS = ("Get", "GetAll", "Set")
+_EMPTY = get_signature_tree("")
+_STRING = get_signature_tree("s")
+_VARIANT = get_signature_tree("v")
+_DICT = get_signature_tree("a{sv}")
+
+
+def _return(msg: Message, signature: SignatureTree = _EMPTY, body: list[Any] | None = None,
+            unix_fds: list[int] | None = None) -> Message:  # fmt: skip
+    """A method return as sd-bus builds one (flagged as expecting no reply). Not validated:
+    the destination is the caller's unique name as the bus gave it, the signature ours."""
+    return Message(message_type=METHOD_RETURN, reply_serial=msg.serial, destination=msg.sender,
+                   flags=NO_REPLY_EXPECTED, signature=signature, body=body if body is not None else [],
+                   unix_fds=unix_fds if unix_fds is not None else [], validate=False)  # fmt: skip
+
+
+def _error(msg: Message, e: BaseException) -> Message:
+    """The error reply for exception *e*; call it from the ``except`` block that caught *e*."""
+    if isinstance(e, BusError):
+        reply = Message.new_error(msg, e.name, e.message)
+    elif isinstance(e, OSError):
+        code = e.errno or errno.EIO
+        reply = Message.new_error(msg, errors.errno_error_name(code), e.strerror or str(e))
+    else:  # never a traceback to the client, never a crash
+        log.exception("Internal error while handling %s.%s", msg.interface, msg.member)
+        reply = Message.new_error(msg, errors.FAILED, "Internal error")
+    # sd-bus flags every reply (and error) it sends as expecting no reply.
+    reply.flags = NO_REPLY_EXPECTED
+    return reply
+
+
+def _is_awaitable(value: Any) -> bool:
+    return type(value) is CoroutineType or (
+        value is not None and type(value) not in _PLAIN and inspect.isawaitable(value)
+    )
+
+
+_PLAIN = frozenset({list, tuple, str, int, bool, bytes, dict, float, FdReply, MarshalledBody})
+
 
 class Dispatcher:
-    """Answers every method call that reaches our connection."""
+    """Answers every method call that reaches our connection.
+
+    A call is answered right where dbus-fast hands it over when nothing on its way waits
+    (lookups, lists, properties): no coroutine, task or context. A call whose handler
+    (or object lookup) waits, for systemd, polkit or a child process, continues as a
+    coroutine in a context of its own, where it is the current requester, and as a task
+    from where it first waits.
+    """
 
     def __init__(self, bus: MessageBus, tree: ObjectTree, machine_id: str) -> None:
         self.bus = bus
         self.tree = tree
         self.machine_id = machine_id
+        self._lookup_now = getattr(tree, "lookup_now", None)
         self._tasks: set[asyncio.Task[None]] = set()
         self.credentials = CredentialCache()
         # Calls wait until the registry is loaded, so nobody sees half of it.
@@ -163,16 +270,24 @@ class Dispatcher:
         self.bus.add_message_handler(self._on_message)
 
     def _on_message(self, message: Message) -> bool:
-        if message.message_type is not MessageType.METHOD_CALL:
+        if message.message_type is not METHOD_CALL:
             return False
-        # Run the handler at once: most calls (lookups, properties, lists) never wait,
-        # and finish here without the cost of a task. One that waits (for systemd, polkit,
-        # a child process) continues as a task from where it stopped.
-        # Each call runs in a context of its own, where it is the current requester.
+        started = time.perf_counter()
         call = Call(self.bus, message, self.credentials)
+        if self.ready.is_set():
+            try:
+                outcome = self._dispatch(call)
+            except Exception as e:
+                outcome = _error(message, e)
+            if isinstance(outcome, Message):
+                self._answer(message, outcome, started)
+                return True
+            coro = self._answer_later(call, outcome, started)
+        else:
+            coro = self._answer_when_ready(call, started)
+        # Each call that waits runs in a context of its own, where it is the current requester.
         context = contextvars.copy_context()
         context.run(caller.current.set, call)
-        coro = self._handle(call)
         try:
             waiting_on = context.run(coro.send, None)
         except StopIteration:
@@ -182,88 +297,134 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _handle(self, call: Call) -> None:
-        message = call.message
-        started = time.perf_counter()
-        if not self.ready.is_set():
-            await self.ready.wait()
+    async def _answer_when_ready(self, call: Call, started: float) -> None:
+        await self.ready.wait()
         try:
-            reply = await self._dispatch(call)
-        except BusError as e:
-            reply = Message.new_error(message, e.name, e.message)
-        except OSError as e:
-            code = e.errno or errno.EIO
-            reply = Message.new_error(message, errors.errno_error_name(code), e.strerror or str(e))
-        except Exception:  # never a traceback to the client, never a crash
-            log.exception("Internal error while handling %s.%s", message.interface, message.member)
-            reply = Message.new_error(message, errors.FAILED, "Internal error")
-        # sd-bus flags every reply (and error) it sends as expecting no reply.
-        reply.flags = MessageFlag.NO_REPLY_EXPECTED
-        try:
-            if not message.flags & MessageFlag.NO_REPLY_EXPECTED:
-                await self.bus.send(reply)
-        except Exception:
-            log.exception("Failed to send reply to %s", message.sender)
-        finally:
-            for fd in reply.unix_fds:
-                os.close(fd)
-            # The connection's reader keeps the last message it read until the next one
-            # comes: drop the arguments now, or one large call stays in memory for long.
-            message.body = []
+            outcome = self._dispatch(call)
+        except Exception as e:
+            outcome = _error(call.message, e)
+        await self._answer_later(call, outcome, started)
+
+    async def _answer_later(self, call: Call, outcome: Any, started: float) -> None:
+        if not isinstance(outcome, Message):
+            try:
+                outcome = await outcome
+            except Exception as e:
+                outcome = _error(call.message, e)
+        self._answer(call.message, outcome, started)
+
+    def _answer(self, message: Message, reply: Message, started: float) -> None:
+        fds = reply.unix_fds
+        sent = None
+        if not message.flags.value & _NO_REPLY_EXPECTED:
+            try:
+                sent = self.bus.send(reply)
+            except Exception as e:  # a reply that cannot be marshalled: the caller gets an error
+                try:
+                    sent = self.bus.send(_error(message, e))
+                except Exception:
+                    log.exception("Failed to send reply to %s", message.sender)
+        if fds:
+            # The descriptors go out with the reply: close them once it is written.
+            if sent is None or sent.done():
+                _close_all(fds)
+            else:
+                sent.add_done_callback(lambda _f: _close_all(fds))
+        # The connection's reader keeps the last message it read until the next one
+        # comes: drop the arguments now, or one large call stays in memory for long.
+        message.body = []
         if self.observe is not None:
             self.observe(message.interface, message.member, reply.error_name, time.perf_counter() - started)
 
-    async def _dispatch(self, call: Call) -> Message:
+    def _dispatch(self, call: Call) -> Message | Awaitable[Message]:
+        """The reply, or an awaitable of it when something on the way must wait."""
         msg = call.message
-        iface, member, path = msg.interface, msg.member, msg.path
-        if iface == PEER or (iface is None and member in ("Ping", "GetMachineId")):
+        iface, member = msg.interface, msg.member
+        if iface == PEER or (iface is None and member in _PEER_MEMBERS):
             return self._peer(msg)
-        obj = await self.tree.lookup(path, call)
+        obj = self._lookup_now(msg.path, call) if self._lookup_now is not None else LATER
+        if obj is LATER:
+            return self._dispatch_after_lookup(call)
+        return self._dispatch_to(call, obj)  # type: ignore[arg-type]
+
+    async def _dispatch_after_lookup(self, call: Call) -> Message:
+        obj = await self.tree.lookup(call.message.path, call)
+        outcome = self._dispatch_to(call, obj)
+        return outcome if isinstance(outcome, Message) else await outcome
+
+    def _dispatch_to(self, call: Call, obj: BusObject | None) -> Message | Awaitable[Message]:
+        msg = call.message
+        iface, member = msg.interface, msg.member
         if obj is None:
-            raise BusError(errors.UNKNOWN_OBJECT, f"Unknown object '{path}'.")
+            raise BusError(errors.UNKNOWN_OBJECT, f"Unknown object '{msg.path}'.")
         if iface == INTROSPECTABLE or (iface is None and member == "Introspect"):
             if member == "Introspect":
                 _check_signature(msg, INTROSPECTABLE, "")
-                return Message.new_method_return(msg, "s", [introspect_xml(obj.interfaces, obj.children)])
-        elif iface == PROPERTIES or (iface is None and member in ("Get", "GetAll", "Set")):
-            if member in ("Get", "GetAll", "Set"):
-                return await self._properties(call, obj)
+                return _return(msg, _STRING, [introspect_xml(obj.interfaces, obj.children)])
+        elif iface == PROPERTIES or (iface is None and member in _PROPERTIES_MEMBERS):
+            if member in _PROPERTIES_MEMBERS:
+                return self._properties(call, obj)
         else:
             target = obj.interface(iface) if iface else _find_member(obj, member)
             if target is not None and member in target.methods:
                 spec = target.methods[member]
-                if spec.privileged and (await call.credentials()).uid != 0:
-                    raise BusError(errors.ACCESS_DENIED, f"Access to {target.name}.{member}() not permitted.")
-                _check_signature(msg, target.name, spec.in_signature, member)
-                handler = obj.methods.get((target.name, member))
-                if handler is None:
-                    raise BusError(errors.NOT_SUPPORTED, f"{member} is not implemented yet")
-                result = await handler(call, *msg.body)
-                return _method_return(msg, spec.out_signature, result)
+                if spec.privileged:
+                    return self._call_privileged(call, obj, target, spec)
+                return self._call(call, obj, target, spec)
         raise BusError(errors.UNKNOWN_METHOD, f"Unknown method {member} or interface {iface}.")
+
+    def _call(self, call: Call, obj: BusObject, iface: Interface, spec: Method) -> Message | Awaitable[Message]:
+        msg = call.message
+        _check_signature(msg, iface.name, spec.in_signature, spec.name)
+        handler = obj.methods.get((iface.name, spec.name))
+        if handler is None:
+            raise BusError(errors.NOT_SUPPORTED, f"{spec.name} is not implemented yet")
+        if obj.target is None:
+            result = handler(call, *msg.body)
+        else:
+            result = handler(obj.target, call, *msg.body)
+        if _is_awaitable(result):
+            return self._method_return_later(msg, spec, result)
+        return _method_return(msg, spec, result)
+
+    async def _call_privileged(self, call: Call, obj: BusObject, iface: Interface, spec: Method) -> Message:
+        if (await call.credentials()).uid != 0:
+            raise BusError(errors.ACCESS_DENIED, f"Access to {iface.name}.{spec.name}() not permitted.")
+        outcome = self._call(call, obj, iface, spec)
+        return outcome if isinstance(outcome, Message) else await outcome
+
+    async def _method_return_later(self, msg: Message, spec: Method, result: Awaitable[Any]) -> Message:
+        return _method_return(msg, spec, await result)
 
     def _peer(self, msg: Message) -> Message:
         if msg.member == "Ping":
             _check_signature(msg, PEER, "")
-            return Message.new_method_return(msg)
+            return _return(msg)
         if msg.member == "GetMachineId":
             _check_signature(msg, PEER, "")
-            return Message.new_method_return(msg, "s", [self.machine_id])
+            return _return(msg, _STRING, [self.machine_id])
         raise BusError(errors.UNKNOWN_METHOD, f"Unknown method {msg.member} or interface {msg.interface}.")
 
-    async def _properties(self, call: Call, obj: BusObject) -> Message:
+    def _properties(self, call: Call, obj: BusObject) -> Message | Awaitable[Message]:
         msg = call.message
+        target = obj.target
         if msg.member == "Get":
             _check_signature(msg, PROPERTIES, "ss")
             iface_name, prop = msg.body
             iface = obj.interface(iface_name)
             if iface is not None and prop in iface.properties:
+                spec = iface.properties[prop]
                 getter = obj.properties[(iface_name, prop)]
-                value = Variant(iface.properties[prop].signature, await _value(getter))
-                return Message.new_method_return(msg, "v", [value])
+                value = getter() if target is None else getter(target)
+                if _is_awaitable(value):
+                    return _get_later(msg, spec.type, value)
+                return _return(msg, _VARIANT, [Variant(spec.type, value, False)])
             hidden = obj.hidden_properties.get((iface_name, prop))
             if hidden is not None:
-                return Message.new_method_return(msg, "v", [Variant(hidden[0], await _value(hidden[1]))])
+                value = hidden[1]() if target is None else hidden[1](target)
+                if _is_awaitable(value):
+                    return _get_later(msg, hidden[0], value)
+                return _return(msg, _VARIANT, [Variant(hidden[0], value)])
             raise BusError(errors.UNKNOWN_PROPERTY, f"Unknown interface {iface_name} or property {prop}.")
         if msg.member == "GetAll":
             _check_signature(msg, PROPERTIES, "s")
@@ -275,12 +436,26 @@ class Dispatcher:
                 selected = [iface]
             else:
                 selected = obj.interfaces
-            values = {
-                p.name: Variant(p.signature, await _value(obj.properties[(i.name, p.name)]))
-                for i in selected
-                for p in i.properties.values()
-            }
-            return Message.new_method_return(msg, "a{sv}", [values])
+            properties = obj.properties
+            values: dict[str, Any] = {}
+            pending: list[tuple[str, Property, Any]] = []
+            for i in selected:
+                name = i.name
+                for p in i.properties.values():
+                    getter = properties[(name, p.name)]
+                    value = getter() if target is None else getter(target)
+                    if _is_awaitable(value):
+                        pending.append((p.name, p, value))
+                        values[p.name] = None  # keeps the order
+                    else:
+                        values[p.name] = Variant(p.type, value, False)
+            if pending:
+                return _get_all_later(msg, values, pending)
+            return _return(msg, _DICT, [values])
+        return self._set(call, obj)
+
+    async def _set(self, call: Call, obj: BusObject) -> Message:
+        msg = call.message
         _check_signature(msg, PROPERTIES, "ssv")
         iface_name, prop, value = msg.body
         iface = obj.interface(iface_name)
@@ -296,8 +471,26 @@ class Dispatcher:
                 f"Incorrect signature when setting property '{prop}', "
                 f"expected '{spec.signature}', got '{value.signature}'.",
             )
-        await setter(call, value.value)
-        return Message.new_method_return(msg)
+        if obj.target is None:
+            await setter(call, value.value)
+        else:
+            await setter(obj.target, call, value.value)
+        return _return(msg)
+
+
+async def _get_later(msg: Message, signature: Any, value: Awaitable[Any]) -> Message:
+    return _return(msg, _VARIANT, [Variant(signature, await value)])
+
+
+async def _get_all_later(msg: Message, values: dict[str, Any], pending: list[tuple[str, Property, Any]]) -> Message:
+    for name, spec, value in pending:
+        values[name] = Variant(spec.type, await value)
+    return _return(msg, _DICT, [values])
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def new_signal(path: str, interface: str, member: str, signature: str = "", body: list[Any] | None = None) -> Message:
@@ -327,12 +520,6 @@ async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
             return
 
 
-async def _value(getter: PropertyGetter) -> Any:
-    """A property's value; only a getter that returns an awaitable costs a suspension."""
-    value = getter()
-    return await value if inspect.isawaitable(value) else value
-
-
 def _find_member(obj: BusObject, member: str) -> Interface | None:
     for iface in obj.interfaces:
         if member in iface.methods:
@@ -349,10 +536,17 @@ def _check_signature(msg: Message, iface: str, expected: str, member: str | None
         )
 
 
-def _method_return(msg: Message, signature: str, result: Any) -> Message:
-    """Handlers return the list of out-arguments (None when there are none), or an FdReply."""
-    if not signature:
-        return Message.new_method_return(msg)
+def _method_return(msg: Message, spec: Method, result: Any) -> Message:
+    """Handlers return the list of out-arguments (None when there are none), an FdReply or a
+    MarshalledBody."""
+    if not spec.out_signature:
+        return _return(msg)
     if isinstance(result, FdReply):
-        return Message.new_method_return(msg, signature, result.body, result.fds)
-    return Message.new_method_return(msg, signature, list(result))
+        return _return(msg, spec.out_tree, result.body, result.fds)
+    if isinstance(result, MarshalledBody):
+        reply = _MarshalledReturn(message_type=METHOD_RETURN, reply_serial=msg.serial, destination=msg.sender,
+                                  flags=NO_REPLY_EXPECTED, signature=spec.out_tree, body=result.empty,
+                                  validate=False)  # fmt: skip
+        reply.marshalled = result
+        return reply
+    return _return(msg, spec.out_tree, list(result))
