@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from machined import lean  # noqa: F401, I001  (first: asyncio and dbus-fast without OpenSSL)
+
 import argparse
 import asyncio
 import ctypes
@@ -20,7 +22,7 @@ def setup_logging(level: str) -> None:
     handler: logging.Handler | None = None
     if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
         try:
-            from systemd.journal import JournalHandler
+            from machined.journal import JournalHandler
 
             handler = JournalHandler(SYSLOG_IDENTIFIER=IDENTIFIER)
         except ImportError:

@@ -1,22 +1,30 @@
-"""sd_notify messages (READY, STATUS, STOPPING, WATCHDOG) when run under systemd."""
+"""sd_notify messages (READY, STATUS, STOPPING, WATCHDOG) when run under systemd.
+
+Spoken natively, as ``sd_notify()`` does: one datagram to ``$NOTIFY_SOCKET`` (a path, or an
+abstract socket for ``@name``), no libsystemd needed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import socket
 
 log = logging.getLogger(__name__)
 
-try:
-    from systemd import daemon as _sd_daemon
-except ImportError:  # systemd-python missing: run without notifications
-    _sd_daemon = None
-
 
 def _notify(state: str) -> None:
-    if _sd_daemon is not None and os.environ.get("NOTIFY_SOCKET"):
-        _sd_daemon.notify(state)
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or address[0] not in "/@":
+        return
+    if address[0] == "@":
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as e:
+        log.debug("Cannot notify the service manager: %s", e)
 
 
 def ready(status: str) -> None:

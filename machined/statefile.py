@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 
 from machined.envfile import parse_env_file
 from machined.machine import Machine, MachineClass, Timestamp
@@ -129,7 +128,7 @@ class StateDir:
     def save(self, machine: Machine) -> None:
         """Write *machine*'s state file atomically and make sure its ``unit:`` link exists."""
         self.ensure()
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f"{TEMPORARY_PREFIX}{machine.name}")
+        fd, tmp = self._create_temporary(machine.name)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(serialize(machine))
@@ -146,6 +145,16 @@ class StateDir:
                 os.symlink(machine.name, self.file_of(UNIT_LINK_PREFIX + machine.unit))
             except FileExistsError:
                 pass  # an existing link is left alone, as upstream does
+
+    def _create_temporary(self, name: str) -> tuple[int, str]:
+        """A new file ``.#NAME<16 random hex digits>`` beside the state files, as upstream names
+        its temporaries (mode 0600 until written)."""
+        while True:
+            path = self.file_of(f"{TEMPORARY_PREFIX}{name}{os.urandom(8).hex()}")
+            try:
+                return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600), path
+            except FileExistsError:
+                continue
 
     def _remove_temporary(self, name: str) -> None:
         path = self.file_of(name)

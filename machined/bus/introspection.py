@@ -15,7 +15,7 @@ from functools import cache
 
 from dbus_fast.signature import SignatureTree, SignatureType, get_signature_tree
 
-from machined.data import interface_file
+from machined.data import interface_text
 
 DOCTYPE = (
     '<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"\n'
@@ -106,7 +106,7 @@ def _signature(element: ET.Element, direction: str | None) -> str:
 @cache
 def load_interface(name: str) -> Interface:
     """The interface *name* from ``dbus-interfaces/<name>.xml``."""
-    text = interface_file(f"{name}.xml").read_text(encoding="utf-8")
+    text = interface_text(f"{name}.xml")
     match = re.search(r'^ <interface name="[^"]+">\n.*?^ </interface>\n', text, re.S | re.M)
     if match is None:
         raise ValueError(f"{name}.xml has no interface block")

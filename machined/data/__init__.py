@@ -10,9 +10,13 @@ them inside the package, and an editable install reads the checkout's files.
 
 from __future__ import annotations
 
-from importlib.resources import files
-from importlib.resources.abc import Traversable
-from pathlib import Path
+import importlib
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+    from pathlib import Path
 
 INTERFACES = f"{__name__}.interfaces"  # dbus-interfaces/
 UNITS = f"{__name__}.units"  # units/
@@ -20,11 +24,23 @@ UNITS = f"{__name__}.units"  # units/
 
 def interface_file(name: str) -> Traversable:
     """``dbus-interfaces/<name>``: interface XML, bus policy, activation file or polkit policy."""
+    from importlib.resources import files  # (imported when needed: the daemon reads interface_text)
+
     return files(INTERFACES).joinpath(name)
+
+
+def interface_text(name: str) -> str:
+    """The text of ``dbus-interfaces/<name>``, read without :mod:`importlib.resources` (the
+    daemon's start-up path: wheels and editable installs keep the package on disk)."""
+    folder = os.path.dirname(importlib.import_module(INTERFACES).__file__ or "")
+    with open(os.path.join(folder, name), encoding="utf-8") as f:
+        return f.read()
 
 
 def unit_file(name: str) -> Traversable:
     """``units/<name>``."""
+    from importlib.resources import files
+
     return files(UNITS).joinpath(name)
 
 
@@ -34,6 +50,8 @@ def file_path(resource: Traversable) -> Path:
     Wheels and editable installs put the package on disk (never in a zip), so
     the path is the file itself and stays valid while the process runs.
     """
+    from pathlib import Path
+
     path = Path(str(resource))
     if not path.is_file():
         raise FileNotFoundError(f"machined's data file {path} is missing (broken installation?)")

@@ -1,0 +1,33 @@
+"""Start the daemon without OpenSSL: imported first by the command line, before asyncio.
+
+asyncio imports :mod:`ssl` (for TLS transports) and dbus-fast imports :mod:`hashlib`, which
+loads OpenSSL's libcrypto through ``_hashlib``: together some 5 MiB of resident memory that a
+daemon speaking D-Bus and varlink over Unix sockets never uses. While they are imported here,
+``ssl`` and ``_hashlib`` are unavailable, so asyncio goes without TLS and hashlib uses Python's
+own hash implementations; afterwards both may be imported again by whatever really needs them.
+In a process that imported asyncio already (tests, other programs) this does nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def import_without_openssl() -> None:
+    if "asyncio" in sys.modules:
+        return
+    blocked = [name for name in ("ssl", "_ssl", "_hashlib") if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # "import ssl" raises ImportError
+    try:
+        import asyncio  # noqa: F401
+        import hashlib  # noqa: F401
+
+        import dbus_fast  # noqa: F401
+    finally:
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
+import_without_openssl()
