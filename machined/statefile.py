@@ -78,13 +78,35 @@ def _int(value: str | None, default: int = 0) -> int:
         return default
 
 
+def _parse_plain(text: str) -> dict[str, str] | None:
+    """What :func:`parse_env_file` reads from *text* when nothing in it is quoted or escaped
+    (as we write state files, unless a value needs C escapes), without its character-by-character
+    scan; None when *text* needs that scan."""
+    if "\\" in text or "'" in text or '"' in text or "\r" in text:
+        return None
+    env: dict[str, str] = {}
+    for line in text.split("\n"):
+        line = line.lstrip(" \t")
+        if not line or line[0] in "#;":
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        key = key.strip()
+        if key and not key[0].isdigit() and all(c.isalnum() or c == "_" for c in key):
+            env[key] = value.strip(" \t")
+    return env
+
+
 def parse(name: str, text: str) -> Machine:
     """A not-started machine from state file *text*; unknown keys are ignored.
 
     Raises ValueError for a file that cannot describe a machine (truncated or
     corrupt: no valid leader).
     """
-    env = parse_env_file(text)
+    env = _parse_plain(text)
+    if env is None:
+        env = parse_env_file(text)
     if _int(env.get("LEADER")) <= 1:
         raise ValueError("no valid LEADER=")
     machine = Machine(name=name)
@@ -118,6 +140,9 @@ class StateDir:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        # Files as load_all() read them: a save with the very same text leaves the file alone
+        # (restarts would rewrite every file unchanged otherwise).
+        self._as_read: dict[str, str] = {}
 
     def ensure(self) -> None:
         os.makedirs(self.path, mode=0o755, exist_ok=True)
@@ -127,24 +152,29 @@ class StateDir:
 
     def save(self, machine: Machine) -> None:
         """Write *machine*'s state file atomically and make sure its ``unit:`` link exists."""
+        text = serialize(machine)
+        if self._as_read.pop(machine.name, None) != text:
+            self._write(machine.name, text)
+        if machine.unit:
+            try:
+                os.symlink(machine.name, self.file_of(UNIT_LINK_PREFIX + machine.unit))
+            except FileExistsError:
+                pass  # an existing link is left alone, as upstream does
+
+    def _write(self, name: str, text: str) -> None:
         self.ensure()
-        fd, tmp = self._create_temporary(machine.name)
+        fd, tmp = self._create_temporary(name)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(serialize(machine))
+                f.write(text)
                 os.fchmod(f.fileno(), 0o644)
-            os.rename(tmp, self.file_of(machine.name))
+            os.rename(tmp, self.file_of(name))
         except BaseException:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
             raise
-        if machine.unit:
-            try:
-                os.symlink(machine.name, self.file_of(UNIT_LINK_PREFIX + machine.unit))
-            except FileExistsError:
-                pass  # an existing link is left alone, as upstream does
 
     def _create_temporary(self, name: str) -> tuple[int, str]:
         """A new file ``.#NAME<16 random hex digits>`` beside the state files, as upstream names
@@ -168,6 +198,7 @@ class StateDir:
             log.info("Removed stale temporary file %s.", path)
 
     def remove(self, machine: Machine) -> None:
+        self._as_read.pop(machine.name, None)
         paths = [self.file_of(machine.name)]
         if machine.unit:
             paths.append(self.file_of(UNIT_LINK_PREFIX + machine.unit))
@@ -184,22 +215,27 @@ class StateDir:
         killed mid-write are removed (upstream leaves them behind for good).
         """
         try:
-            names = sorted(os.listdir(self.path))
+            with os.scandir(self.path) as it:
+                entries = sorted(it, key=lambda e: e.name)
         except FileNotFoundError:
             return []
-        for name in names:
-            if name.startswith(TEMPORARY_PREFIX):
-                self._remove_temporary(name)
+        for entry in entries:
+            if entry.name.startswith(TEMPORARY_PREFIX):
+                self._remove_temporary(entry.name)
         machines = []
-        for name in names:
+        self._as_read.clear()
+        for entry in entries:
+            name = entry.name
             if name.startswith(UNIT_LINK_PREFIX) or not hostname_is_valid(name):
                 continue
-            path = self.file_of(name)
-            if not os.path.isfile(path) or os.path.islink(path):
-                continue
             try:
-                with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                    machines.append(parse(name, f.read()))
+                if not entry.is_file(follow_symlinks=False):  # regular files only, no symlinks
+                    continue
+                with open(entry.path, encoding="utf-8", errors="surrogateescape") as f:
+                    text = f.read()
+                machines.append(parse(name, text))
             except (OSError, ValueError) as e:
-                log.warning("Skipping state file %s: %s", path, e)
+                log.warning("Skipping state file %s: %s", entry.path, e)
+                continue
+            self._as_read[name] = text
         return machines
