@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from dbus_fast import Variant
-
 from machined import errors, journal
 from machined.cgroup import cgroup_path_get_unit, pid_cgroup
 from machined.errors import BusError
@@ -45,10 +43,15 @@ START_JOB_TIMEOUT = 20.0
 GC_CONCURRENCY = 16
 
 
+# A unit property as the core passes it to the service manager: (name, D-Bus signature, value).
+# The systemd client turns it into whatever its transport needs (a D-Bus variant).
+UnitProperty = tuple[str, str, Any]
+
+
 class ServiceManager(Protocol):
     """What machined needs from systemd (PID 1)."""
 
-    async def start_transient_unit(self, name: str, properties: list[tuple[str, Variant]]) -> str: ...
+    async def start_transient_unit(self, name: str, properties: list[UnitProperty]) -> str: ...
     async def stop_unit(self, unit: str) -> str: ...
     async def kill_unit(self, unit: str, signal: int) -> None: ...
     async def unit_is_active(self, unit: str) -> bool: ...
@@ -68,19 +71,19 @@ def now() -> Timestamp:
     )
 
 
-def scope_properties(machine: Machine, extra: list[tuple[str, Variant]]) -> list[tuple[str, Variant]]:
+def scope_properties(machine: Machine, extra: list[UnitProperty]) -> list[UnitProperty]:
     """The properties of a machine's scope, upstream's first, the caller's last (they win).
 
     Unlike upstream, no ``AddRef``: a reference costs PID 1 a match rule per machine on the
     bus (see :mod:`machined.bus.systemd1`)."""
     kind = "Virtual Machine" if machine.machine_class is MachineClass.VM else "Container"
     return [
-        ("Slice", Variant("s", MACHINE_SLICE)),
-        ("Description", Variant("s", f"{kind} {machine.name}")),
-        ("PIDs", Variant("au", [machine.leader])),
-        ("Delegate", Variant("b", True)),
-        ("CollectMode", Variant("s", "inactive-or-failed")),
-        ("TasksMax", Variant("t", SCOPE_TASKS_MAX)),
+        ("Slice", "s", MACHINE_SLICE),
+        ("Description", "s", f"{kind} {machine.name}"),
+        ("PIDs", "au", [machine.leader]),
+        ("Delegate", "b", True),
+        ("CollectMode", "s", "inactive-or-failed"),
+        ("TasksMax", "t", SCOPE_TASKS_MAX),
         *extra,
     ]
 
@@ -149,7 +152,7 @@ class MachineManager:
 
     # ----- registration --------------------------------------------------------------
 
-    async def create(self, req: RegistrationRequest, properties: list[tuple[str, Variant]]) -> Machine:
+    async def create(self, req: RegistrationRequest, properties: list[UnitProperty]) -> Machine:
         """CreateMachine: a new scope for the leader; returns once systemd started it."""
         machine = await self._add(req)
         try:
@@ -240,7 +243,7 @@ class MachineManager:
         if not machine.started:
             self.registry.remove(machine)
 
-    async def _start(self, machine: Machine, properties: list[tuple[str, Variant]]) -> None:
+    async def _start(self, machine: Machine, properties: list[UnitProperty]) -> None:
         """machine_start(): index the leader, ensure a unit, announce, persist."""
         if machine.machine_class not in (MachineClass.CONTAINER, MachineClass.VM):
             raise errors.not_supported()

@@ -149,6 +149,11 @@ def machine_handlers(manager: MachineManager, access: MachineAccess) -> dict[str
     }
 
 
+def unit_properties(properties: list) -> list:
+    """The caller's a(sv) scope properties as the core takes them: (name, signature, value)."""
+    return [(name, variant.signature, variant.value) for name, variant in properties]
+
+
 def _redirect(manager: MachineManager, target: Handler) -> Handler:
     def handler(call: Call, name: str, *args: object) -> object:
         return target(manager.get(name), call, *args)
@@ -223,13 +228,13 @@ def manager_object(manager: MachineManager, access: MachineAccess,
     async def create_machine(call: Call, name: str, machine_id: bytes, service: str, machine_class: str,
                              leader: int, root: str, properties: list) -> list:  # fmt: skip
         req = await request(call, name, machine_id, service, machine_class, leader, root)
-        return [(await manager.create(req, properties)).object_path]
+        return [(await manager.create(req, unit_properties(properties))).object_path]
 
     async def create_machine_with_network(call: Call, name: str, machine_id: bytes, service: str,
                                           machine_class: str, leader: int, root: str, netif: list[int],
                                           properties: list) -> list:  # fmt: skip
         req = await request(call, name, machine_id, service, machine_class, leader, root, netif)
-        return [(await manager.create(req, properties)).object_path]
+        return [(await manager.create(req, unit_properties(properties))).object_path]
 
     async def register_machine(call: Call, name: str, machine_id: bytes, service: str, machine_class: str,
                                leader: int, root: str) -> list:  # fmt: skip

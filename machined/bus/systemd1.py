@@ -190,9 +190,11 @@ class Systemd:
         if self._live_jobs and self._sweep_handle is None:
             self._sweep_handle = asyncio.get_running_loop().call_later(JOB_SWEEP_INTERVAL, self._sweep_soon)
 
-    async def start_transient_unit(self, name: str, properties: list[tuple[str, Variant]]) -> str:
-        """Start a transient unit in mode "fail"; return the job path. Errors pass through."""
-        body = [name, "fail", [list(p) for p in properties], []]
+    async def start_transient_unit(self, name: str, properties: list[tuple[str, str, Any]]) -> str:
+        """Start a transient unit in mode "fail"; return the job path. Errors pass through.
+
+        *properties* are (name, signature, value) as the core builds them; here they become variants."""
+        body = [name, "fail", [[key, Variant(sig, value)] for key, sig, value in properties], []]
         return (await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))", body, job=True))[0]
 
     async def stop_unit(self, unit: str) -> str:
