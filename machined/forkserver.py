@@ -107,6 +107,7 @@ class Server:
                 ours.close()
                 if self._leave_server():
                     self.worker.set_name(SPARE_NAME)
+                    self._rehearse()
                     self.worker.serve_job(theirs.detach(), lambda: self.worker.set_name(CHILD_NAME))
                     code = 0
             finally:
@@ -133,6 +134,16 @@ class Server:
         os.close(self.devnull)
         _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         return os.getppid() == self.pid
+
+    def _rehearse(self) -> None:
+        """What jobs run, run once without effect (see :func:`machined.worker.rehearse`)."""
+        for name in PRELOAD:
+            rehearse = getattr(sys.modules.get(name), "rehearse", None)
+            if rehearse is not None:
+                try:
+                    rehearse()
+                except Exception:  # noqa: BLE001, S110 (only a warm-up)
+                    pass
 
     def _answer(self, message: dict[str, int | None], fds: list[int] | None = None) -> None:
         try:

@@ -21,23 +21,23 @@ process's pidfd names no PID, so what was opened belonged to the pinned leader.
 
 from __future__ import annotations
 
-import asyncio
+import array
 import ctypes
 import errno
 import os
 import select
-from collections.abc import Callable
+import socket
+import struct
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 # Everything is imported before entering a container: its root need not contain this project.
-from dbus_fast.aio import MessageBus
+from dbus_fast import Message
 
 from machined import netlink, pty, sessions
 from machined.envfile import read_os_release
 from machined.errors import BusError, errno_error_name
 from machined.worker import send_fd, serve_requests
-
-CONTAINER_BUS = "unix:path=/run/dbus/system_bus_socket"
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -181,25 +181,167 @@ def resident(leader: int, leader_fd: int, channel: int) -> None:
 # ----- sessions (a child each) ----------------------------------------------------------------
 
 
-async def _container_bus(name: str) -> MessageBus:
+MESSAGE_ERROR = 3
+DBUS = "org.freedesktop.DBus"
+DBUS_PATH = "/org/freedesktop/DBus"
+CONTAINER_BUS_PATH = "/run/dbus/system_bus_socket"
+
+
+class ContainerBus:
+    """A minimal synchronous D-Bus client: the container's system bus, for a call or two.
+
+    No event loop, no round trip of its own: the authentication and Hello go out with
+    the first call, as sd-bus sends them (except when that call carries fds, which must
+    not arrive before the bus agreed to take them). A call waits for its reply.
+    """
+
+    def __init__(self, name: str, path: str = CONTAINER_BUS_PATH) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            self.sock.close()
+            raise BusError(errno_error_name(errno.ENOENT), f"There is no system bus in container {name}.") from None
+        self.serial = 1
+        self.buffer = b""
+        self.pending = b"\0AUTH EXTERNAL " + str(os.geteuid()).encode().hex().encode() + b"\r\n"
+        self.pending += b"NEGOTIATE_UNIX_FD\r\nBEGIN\r\n"
+        self.pending += bytes(Message(destination=DBUS, path=DBUS_PATH, interface=DBUS, member="Hello",
+                                      serial=1)._marshall(True))  # fmt: skip
+        self.authenticated = False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def call(self, destination: str, path: str, interface: str, member: str, signature: str, body: list[Any],
+             fds: list[int] | None = None) -> None:  # fmt: skip
+        self.serial += 1
+        serial = self.serial
+        data = bytes(Message(destination=destination, path=path, interface=interface, member=member,
+                             signature=signature, body=body, unix_fds=fds or [], serial=serial)._marshall(True))  # fmt: skip
+        if fds and not self.authenticated:
+            self.sock.sendall(self.pending)
+            self.pending = b""
+            self._authenticate()
+        self.sock.sendmsg([self.pending + data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                          if fds else [])  # fmt: skip
+        self.pending = b""
+        if not self.authenticated:
+            self._authenticate()
+        while True:
+            reply = self._message()
+            if reply.reply_serial != serial:
+                continue  # Hello's reply, NameAcquired, …
+            if reply.message_type == MESSAGE_ERROR:
+                raise BusError(reply.error_name or "org.freedesktop.DBus.Error.Failed", reply.text)
+            return
+
+    def _read(self) -> None:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise BusError("org.freedesktop.DBus.Error.NoReply", "No reply")
+        self.buffer += data
+
+    def _authenticate(self) -> None:
+        """The server's answers: OK, then AGREE_UNIX_FD."""
+        for expected in (b"OK ", b"AGREE_UNIX_FD"):
+            while b"\r\n" not in self.buffer:
+                self._read()
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            if not line.startswith(expected):
+                raise BusError("org.freedesktop.DBus.Error.AuthFailed", line.decode(errors="replace"))
+        self.authenticated = True
+
+    def _message(self) -> _Reply:
+        while True:
+            parsed = _Reply.parse(self.buffer)
+            if parsed is not None:
+                reply, used = parsed
+                self.buffer = self.buffer[used:]
+                return reply
+            self._read()
+
+
+class _Reply:
+    """What a caller needs of a message: its type, the serial it answers, an error's name and text."""
+
+    def __init__(self, message_type: int, reply_serial: int | None, error_name: str | None, text: str) -> None:
+        self.message_type = message_type
+        self.reply_serial = reply_serial
+        self.error_name = error_name
+        self.text = text
+
+    @classmethod
+    def parse(cls, buf: bytes) -> tuple[_Reply, int] | None:
+        """The first message in *buf* and its length; None if it is not all there yet."""
+        if len(buf) < 16:
+            return None
+        order = "<" if buf[0:1] == b"l" else ">"
+        message_type = buf[1]
+        body_length, _, fields_length = struct.unpack_from(order + "III", buf, 4)
+        body = _align(16 + fields_length, 8)
+        end = body + body_length
+        if len(buf) < end:
+            return None
+        fields: dict[int, Any] = {}
+        pos = 16
+        while pos < 16 + fields_length:
+            pos = _align(pos, 8)
+            code, size = buf[pos], buf[pos + 1]
+            kind = buf[pos + 2 : pos + 2 + size]
+            pos += 3 + size
+            if kind in (b"s", b"o"):
+                pos = _align(pos, 4)
+                (n,) = struct.unpack_from(order + "I", buf, pos)
+                fields[code] = buf[pos + 4 : pos + 4 + n].decode(errors="replace")
+                pos += 5 + n
+            elif kind == b"g":
+                n = buf[pos]
+                fields[code] = buf[pos + 1 : pos + 1 + n].decode(errors="replace")
+                pos += 2 + n
+            elif kind == b"u":
+                pos = _align(pos, 4)
+                (fields[code],) = struct.unpack_from(order + "I", buf, pos)
+                pos += 4
+            else:
+                break  # no other header field is defined; what we need came first anyway
+        text = ""
+        if message_type == MESSAGE_ERROR and str(fields.get(8, "")).startswith("s") and body_length >= 4:
+            (n,) = struct.unpack_from(order + "I", buf, body)
+            text = buf[body + 4 : body + 4 + n].decode(errors="replace")
+        return cls(message_type, fields.get(5), fields.get(4), text), end
+
+
+def _align(n: int, to: int) -> int:
+    return (n + to - 1) & ~(to - 1)
+
+
+def _run(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine that never suspends (its calls are synchronous) to its end."""
     try:
-        return await MessageBus(bus_address=CONTAINER_BUS, negotiate_unix_fd=True).connect()
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise BusError(errno_error_name(errno.ENOENT), f"There is no system bus in container {name}.") from None
+        coroutine.send(None)
+    except StopIteration:
+        return
+    coroutine.close()
+    raise RuntimeError("a synchronous call suspended")
+
+
+def _manager_call(bus: ContainerBus) -> sessions.ManagerCall:
+    async def call(member: str, signature: str, body: list[Any], unix_fds: list[int] | None) -> None:
+        bus.call("org.freedesktop.systemd1", "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager",
+                 member, signature, body, unix_fds)  # fmt: skip
+
+    return call
 
 
 def open_login(leader: int, leader_fd: int, fd_socket: int, name: str) -> str:
     enter_container(leader, leader_fd)
     master, path = pty.open_master()
-
-    async def start() -> None:
-        bus = await _container_bus(name)
-        try:
-            await sessions.start_login(sessions.manager_call(bus), path)
-        finally:
-            bus.disconnect()
-
-    asyncio.run(start())
+    bus = ContainerBus(name)
+    try:
+        _run(sessions.start_login(_manager_call(bus), path))
+    finally:
+        bus.close()
     send_fd(fd_socket, master)
     return path
 
@@ -209,14 +351,21 @@ def open_shell(leader: int, leader_fd: int, fd_socket: int, name: str, user: str
     enter_container(leader, leader_fd)
     master, pty_path = pty.open_master()
     slave = pty.open_slave(pty_path)
-
-    async def start() -> None:
-        bus = await _container_bus(name)
-        try:
-            await sessions.start_shell(sessions.manager_call(bus), slave, pty_path, user, path, argv, env)
-        finally:
-            bus.disconnect()
-
-    asyncio.run(start())
+    bus = ContainerBus(name)
+    try:
+        _run(sessions.start_shell(_manager_call(bus), slave, pty_path, user, path, argv, env))
+    finally:
+        bus.close()
     send_fd(fd_socket, master)
     return pty_path
+
+
+def rehearse() -> None:
+    """In a spare, before its job comes (see :func:`machined.worker.rehearse`): build the
+    messages of a login and parse a reply, without effect."""
+    hello = Message(destination=DBUS, path=DBUS_PATH, interface=DBUS, member="Hello", serial=1)._marshall(True)
+    Message(destination="org.freedesktop.systemd1", path="/org/freedesktop/systemd1",
+            interface="org.freedesktop.systemd1.Manager", member="StartUnit", signature="ss",
+            body=["container-getty@0.service", "replace"], serial=2)._marshall(True)  # fmt: skip
+    _Reply.parse(bytes(hello))
+    os.stat("/proc/self/ns/user")

@@ -285,3 +285,37 @@ async def test_a_container_helper_answers_looks_and_leaves_with_its_leader() -> 
     finally:
         leader.kill()
         leader.wait()
+
+
+def test_the_synchronous_container_bus_client(tmp_path: Path) -> None:
+    """Calls (with and without fds) and error replies through nsprobe's minimal client."""
+    address = tmp_path / "bus"
+    daemon = subprocess.Popen(["dbus-daemon", "--session", "--nofork", f"--address=unix:path={address}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(500):
+            if address.exists():
+                break
+            time.sleep(0.01)
+        bus = nsprobe.ContainerBus("c", str(address))
+        try:
+            bus.call(nsprobe.DBUS, nsprobe.DBUS_PATH, nsprobe.DBUS, "ListNames", "", [])
+            with pytest.raises(BusError) as e:
+                bus.call(nsprobe.DBUS, nsprobe.DBUS_PATH, nsprobe.DBUS, "NoSuchMethod", "", [])
+            assert e.value.name == "org.freedesktop.DBus.Error.UnknownMethod" and "NoSuchMethod" in e.value.message
+        finally:
+            bus.close()
+        with open(os.devnull, "rb") as f:  # fds go out only once the bus agreed to take them
+            bus = nsprobe.ContainerBus("c", str(address))
+            try:
+                with pytest.raises(BusError) as e:
+                    bus.call(nsprobe.DBUS, nsprobe.DBUS_PATH, nsprobe.DBUS, "NoSuchMethod", "h", [0], [f.fileno()])
+                assert e.value.name == "org.freedesktop.DBus.Error.UnknownMethod"
+            finally:
+                bus.close()
+        with pytest.raises(BusError) as e:
+            nsprobe.ContainerBus("c", str(tmp_path / "nothing"))
+        assert e.value.message == "There is no system bus in container c."
+    finally:
+        daemon.kill()
+        daemon.wait()
