@@ -4,18 +4,44 @@ A front-end (D-Bus, varlink) sets :data:`current` for the duration of each
 request; shared resources (child processes, calls to PID 1 and polkit) use it
 to serve users fairly. Work the daemon does on its own behalf (garbage
 collection, restart recovery) has no requester.
+
+Each transport vouches for its caller in its own way (the bus daemon's
+``GetConnectionCredentials`` for a D-Bus sender; ``SO_PEERCRED`` and
+``SO_PEERPIDFD`` for a varlink peer), never through arguments. What polkit is
+asked about differs too (:class:`PolkitSubject`): a D-Bus caller is its unique
+bus name, a varlink peer its process, pinned by pidfd, and its UID.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Protocol
+
+
+@dataclass(frozen=True)
+class PolkitSubject:
+    """What polkit is asked about: ``system-bus-name`` (*bus_name*) or ``unix-process``
+    (*pidfd* and *uid*, as systemd 262 asks for a varlink peer)."""
+
+    kind: str
+    bus_name: str = ""
+    pidfd: int = -1
+    uid: int = -1
 
 
 class Requester(Protocol):
     async def uid(self) -> int:
         """The requesting user's UID, as the transport vouches for it (never from arguments)."""
 
+    async def pid(self) -> int:
+        """The requesting process's PID, as the transport vouches for it."""
+
+
+# Asks whether the current caller may do an action (short polkit id, e.g. "manage-machines",
+# with upstream's details); returns if so, raises BusError (AccessDenied, ...) if not.
+Authorize = Callable[[str, dict[str, str]], Awaitable[None]]
 
 current: ContextVar[Requester | None] = ContextVar("machined_requester", default=None)
 

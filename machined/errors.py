@@ -1,13 +1,19 @@
-"""Errors a client sees, each carrying the D-Bus error name real machined uses.
+"""Errors a client sees, with the names real machined uses on each transport.
 
-Domain code raises :class:`BusError` (or lets an ``OSError`` escape); the bus
-adapter is the only place that turns them into D-Bus error replies.
+Domain code raises :class:`BusError` (or lets an ``OSError`` escape). It carries the
+D-Bus error name and message machined 252 answers; :func:`varlink_error` derives
+what machined 262 answers over varlink for the same failure: its own error name
+(``io.systemd.Machine.NoSuchMachine``), ``org.varlink.service.InvalidParameter``
+naming the offending field, ``PermissionDenied``, or ``io.systemd.System`` with
+the errno. The front-ends (``machined.bus``, ``machined.varlink``) are the only
+places that turn errors into replies.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from typing import Any
 
 NO_SUCH_MACHINE = "org.freedesktop.machine1.NoSuchMachine"
 NO_SUCH_IMAGE = "org.freedesktop.machine1.NoSuchImage"
@@ -92,16 +98,23 @@ def errno_error_name(code: int) -> str:
 
 
 class BusError(Exception):
-    """A failure with a D-Bus error name and message, as the client must see it."""
+    """A failure as the client must see it: a D-Bus error name and message; for varlink,
+    optionally the input field it is about (*parameter*), the errno it stands for, or an
+    explicit varlink error (*varlink*: name and parameters) where 262 answers differently."""
 
-    def __init__(self, name: str, message: str) -> None:
+    def __init__(self, name: str, message: str, *, parameter: str | None = None, errno_code: int = 0,
+                 varlink: tuple[str, dict[str, Any]] | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.name = name
         self.message = message
+        self.parameter = parameter
+        self.errno = errno_code
+        self.varlink = varlink
 
     @classmethod
     def from_errno(cls, code: int, message: str | None = None) -> "BusError":
-        return cls(errno_error_name(code), message if message is not None else os.strerror(code))
+        code = abs(code)
+        return cls(errno_error_name(code), message if message is not None else os.strerror(code), errno_code=code)
 
     def __repr__(self) -> str:
         return f"BusError({self.name!r}, {self.message!r})"
@@ -113,3 +126,80 @@ def no_such_machine(name: str) -> BusError:
 
 def not_supported() -> BusError:
     return BusError.from_errno(errno.EOPNOTSUPP)
+
+
+# ----- varlink ---------------------------------------------------------------------------------
+
+VARLINK_MACHINE = "io.systemd.Machine."
+VARLINK_IMAGE = "io.systemd.MachineImage."
+VL_NO_SUCH_MACHINE = VARLINK_MACHINE + "NoSuchMachine"
+VL_MACHINE_EXISTS = VARLINK_MACHINE + "MachineExists"
+VL_NO_PRIVATE_NETWORKING = VARLINK_MACHINE + "NoPrivateNetworking"
+VL_NO_OS_RELEASE = VARLINK_MACHINE + "NoOSReleaseInformation"
+VL_NO_UID_SHIFT = VARLINK_MACHINE + "NoUIDShift"
+VL_NOT_AVAILABLE = VARLINK_MACHINE + "NotAvailable"
+VL_NOT_SUPPORTED = VARLINK_MACHINE + "NotSupported"
+VL_NO_IPC = VARLINK_MACHINE + "NoIPC"
+VL_NO_SUCH_USER = VARLINK_MACHINE + "NoSuchUser"
+VL_NO_SUCH_GROUP = VARLINK_MACHINE + "NoSuchGroup"
+VL_USER_IN_HOST_RANGE = VARLINK_MACHINE + "UserInHostRange"
+VL_GROUP_IN_HOST_RANGE = VARLINK_MACHINE + "GroupInHostRange"
+VL_NO_SUCH_IMAGE = VARLINK_IMAGE + "NoSuchImage"
+VL_TOO_MANY_OPERATIONS = VARLINK_IMAGE + "TooManyOperations"
+VL_IMAGE_NOT_SUPPORTED = VARLINK_IMAGE + "NotSupported"
+VL_INVALID_PARAMETER = "org.varlink.service.InvalidParameter"
+VL_PERMISSION_DENIED = "org.varlink.service.PermissionDenied"
+VL_EXPECTED_MORE = "org.varlink.service.ExpectedMore"
+VL_METHOD_NOT_FOUND = "org.varlink.service.MethodNotFound"
+VL_INTERFACE_NOT_FOUND = "org.varlink.service.InterfaceNotFound"
+VL_INTERACTIVE_AUTHENTICATION_REQUIRED = "io.systemd.InteractiveAuthenticationRequired"
+VL_SYSTEM = "io.systemd.System"
+
+# D-Bus names with a varlink counterpart of their own (no parameters).
+_VARLINK_BY_NAME = {
+    NO_SUCH_MACHINE: VL_NO_SUCH_MACHINE,
+    NO_MACHINE_FOR_PID: VL_NO_SUCH_MACHINE,
+    MACHINE_EXISTS: VL_MACHINE_EXISTS,
+    NO_PRIVATE_NETWORKING: VL_NO_PRIVATE_NETWORKING,
+    NO_SUCH_IMAGE: VL_NO_SUCH_IMAGE,
+    ACCESS_DENIED: VL_PERMISSION_DENIED,
+    INTERACTIVE_AUTHORIZATION_REQUIRED: VL_INTERACTIVE_AUTHENTICATION_REQUIRED,
+}
+_ERRNO_BY_CONST = {_DBUS + name: code for code, name in _ERRNO_CONST.items() if code not in (errno.EACCES, errno.ETIME)}
+
+
+def errno_of(error: BusError) -> int:
+    """The errno a D-Bus error stands for (sd-bus's mapping backwards); EIO when none."""
+    if error.errno:
+        return error.errno
+    if error.name in _ERRNO_BY_CONST:
+        return _ERRNO_BY_CONST[error.name]
+    if error.name.startswith("System.Error."):
+        name = error.name.removeprefix("System.Error.")
+        if name in _ERRNO_LIST:
+            return _ERRNO_LIST.index(name) + 1
+    return errno.EIO
+
+
+def system_error(code: int) -> tuple[str, dict[str, Any]]:
+    """``io.systemd.System``: what sd-varlink answers for a method failing with an errno."""
+    code = abs(code)
+    params: dict[str, Any] = {"origin": "linux", "errno": code}
+    name = errno_name(code)
+    if name:
+        params["errnoName"] = name
+    return VL_SYSTEM, params
+
+
+def varlink_error(error: BusError) -> tuple[str, dict[str, Any]]:
+    """(error name, parameters) machined 262 answers over varlink for *error*."""
+    if error.varlink is not None:
+        return error.varlink
+    if error.parameter is not None:
+        return VL_INVALID_PARAMETER, {"parameter": error.parameter}
+    name = _VARLINK_BY_NAME.get(error.name)
+    if name is not None:
+        return name, {}
+    if error.name.startswith("org.freedesktop.PolicyKit1."):
+        return VL_PERMISSION_DENIED, {}
+    return system_error(errno_of(error))

@@ -1,4 +1,6 @@
-"""Validation of what clients send, in the order and with the errors of systemd-machined 252."""
+"""Validation of what clients send, in the order and with the errors of systemd-machined 252.
+
+Each error also names the varlink field it is about (``parameter``), for the varlink front-end."""
 
 from __future__ import annotations
 
@@ -39,23 +41,24 @@ def validate_registration(
 ) -> RegistrationRequest:
     """Check the arguments of Create*/Register* or raise the error upstream raises first."""
     if not hostname_is_valid(name):
-        raise BusError(errors.INVALID_ARGS, "Invalid machine name")
+        raise BusError(errors.INVALID_ARGS, "Invalid machine name", parameter="name")
     if len(machine_id) not in (0, 16):
-        raise BusError(errors.INVALID_ARGS, "Invalid machine ID parameter")
+        raise BusError(errors.INVALID_ARGS, "Invalid machine ID parameter", parameter="id")
     for index in netif or []:
         if index <= 0:
-            raise BusError(errors.INVALID_ARGS, f"Invalid network interface index {index}")
+            raise BusError(errors.INVALID_ARGS, f"Invalid network interface index {index}", parameter="ifIndices")
     if machine_class == "":
         parsed = MachineClass.UNKNOWN
     elif machine_class in (MachineClass.CONTAINER, MachineClass.VM):
         parsed = MachineClass(machine_class)
     else:
         # "host" included: only the system itself is the host (Debian's CVE-2026-4105 fix).
-        raise BusError(errors.INVALID_ARGS, "Invalid machine class parameter")
+        raise BusError(errors.INVALID_ARGS, "Invalid machine class parameter", parameter="class")
     if leader == 1:
-        raise BusError(errors.INVALID_ARGS, "Invalid leader PID")
+        raise BusError(errors.INVALID_ARGS, "Invalid leader PID", parameter="leader")
     if root_directory and not root_directory.startswith("/"):
-        raise BusError(errors.INVALID_ARGS, "Root directory must be empty or an absolute path")
+        raise BusError(errors.INVALID_ARGS, "Root directory must be empty or an absolute path",
+                       parameter="rootDirectory")  # fmt: skip
     return RegistrationRequest(
         name=name,
         id=bytes(machine_id) if any(machine_id) else b"",
@@ -76,7 +79,7 @@ def validate_kill(who: str, signal: int) -> str:
     """The normalized ``who`` of a Kill call ("" means all), or InvalidArgs."""
     who = who or KillWho.ALL
     if who not in (KillWho.LEADER, KillWho.ALL):
-        raise BusError(errors.INVALID_ARGS, f"Invalid kill parameter '{who}'")
+        raise BusError(errors.INVALID_ARGS, f"Invalid kill parameter '{who}'", parameter="whom")
     if not 1 <= signal <= SIGNAL_MAX:
-        raise BusError(errors.INVALID_ARGS, f"Invalid signal {signal}")
+        raise BusError(errors.INVALID_ARGS, f"Invalid signal {signal}", parameter="signal")
     return who

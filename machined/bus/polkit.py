@@ -1,9 +1,14 @@
-"""Authorization of callers, as systemd-machined 252 does it.
+"""Authorization of callers at org.freedesktop.PolicyKit1, as systemd-machined does it.
 
-Root (the bus says so, never the arguments) is always allowed. Everybody else
-is asked about at org.freedesktop.PolicyKit1 with the action id and details of
-the method, honouring the message's allow-interactive-authorization flag. No
-polkit on the bus means no.
+Root (the transport says so, never the arguments) is always allowed. Everybody
+else is asked about at polkit with the action id and details of the method:
+
+- a D-Bus caller as ``system-bus-name`` (its unique name), honouring the message's
+  allow-interactive-authorization flag (252);
+- a varlink peer as ``unix-process`` with its pidfd and UID, honouring the call's
+  ``allowInteractiveAuthentication`` (262); a peer whose pidfd is unknown is refused.
+
+No polkit on the bus means no.
 
 Questions to polkit are pending replies on our bus connection, which dbus-daemon
 caps at 128: at most 32 are in flight, handed out fairly between users (8 per
@@ -14,12 +19,14 @@ flood never takes the slots that root's calls to PID 1 need.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 from dbus_fast import Variant
+from dbus_fast.aio import MessageBus
 
 from machined import errors
 from machined.bus.client import call_method
-from machined.bus.objects import Call
+from machined.caller import PolkitSubject
 from machined.errors import BusError
 from machined.limits import FairLimiter
 
@@ -35,18 +42,35 @@ checks = FairLimiter("polkit", CHECKS_MAX, CHECKS_PER_USER, CHECKS_QUEUE_MAX,
 _SERVICE_UNKNOWN = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
 
 
-async def authorize(call: Call, action: str, details: dict[str, str] | None = None) -> None:
-    """Return if the caller may do *action* (short id, e.g. ``manage-machines``); else raise."""
+async def authorize(call: Any, action: str, details: dict[str, str] | None = None) -> None:
+    """Return if the D-Bus caller of *call* may do *action* (short id, e.g. ``manage-machines``);
+    else raise."""
     creds = await call.credentials()
-    if creds.uid == 0:
+    subject = PolkitSubject("system-bus-name", bus_name=call.sender)
+    await check(call.bus, subject, creds.uid, action, details, call.allow_interactive_authorization)
+
+
+async def check(bus: MessageBus | None, subject: PolkitSubject, uid: int, action: str,
+                details: dict[str, str] | None, interactive: bool) -> None:  # fmt: skip
+    """Return if *subject* (of user *uid*) may do *action*; else raise AccessDenied,
+    InteractiveAuthorizationRequired or polkit's own error."""
+    if uid == 0:
         return
-    subject = ("system-bus-name", {"name": Variant("s", call.sender)})
-    flags = 1 if call.allow_interactive_authorization else 0
-    release = await checks.acquire(creds.uid, of_caller=False)
+    fds: list[int] = []
+    if subject.kind == "system-bus-name":
+        wire_subject = ("system-bus-name", {"name": Variant("s", subject.bus_name)})
+    else:
+        if subject.pidfd < 0:  # 262: without a pidfd the peer cannot be identified securely
+            raise BusError.from_errno(errno.EPERM)
+        fds = [subject.pidfd]
+        wire_subject = ("unix-process", {"pidfd": Variant("h", 0), "uid": Variant("i", subject.uid)})
+    if bus is None:
+        raise BusError.from_errno(errno.EACCES)
+    release = await checks.acquire(uid, of_caller=False)
     try:
         (result,) = await call_method(
-            call.bus, AUTHORITY, AUTHORITY_PATH, AUTHORITY_IFACE, "CheckAuthorization", "(sa{sv})sa{ss}us",
-            [subject, ACTION_PREFIX + action, details or {}, flags, ""],
+            bus, AUTHORITY, AUTHORITY_PATH, AUTHORITY_IFACE, "CheckAuthorization", "(sa{sv})sa{ss}us",
+            [wire_subject, ACTION_PREFIX + action, details or {}, 1 if interactive else 0, ""], fds,
         )  # fmt: skip
     except BusError as e:
         if e.name in _SERVICE_UNKNOWN or e.name == errors.NO_REPLY:
