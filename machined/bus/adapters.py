@@ -9,9 +9,9 @@ look the machine up and run the very handler of the Machine object.
 from __future__ import annotations
 
 import errno
+from functools import partial
 
-
-from machined import errors
+from machined import errors, lifecycle
 from machined.access import MachineAccess
 from machined.bus.introspection import load_interface
 from machined.bus.objects import BusObject, Call, FdReply, Handler, MarshalledBody, PropertyGetter
@@ -21,7 +21,7 @@ from machined.errors import BusError
 from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
 from machined.naming import path_is_normalized_absolute
-from machined.registration import validate_kill, validate_registration
+from machined.registration import validate_registration
 from machined.sessions import shell_command
 
 MANAGER_IFACE = "org.freedesktop.machine1.Manager"
@@ -54,17 +54,13 @@ def machine_handlers(manager: MachineManager, access: MachineAccess) -> dict[str
     the machine first (Unregister: Manager only)."""
 
     async def unregister(machine: Machine, call: Call) -> None:
-        await authorize(call, "manage-machines", {"machine": machine.name, "verb": "unregister"})
-        await manager.unregister(machine)
+        await lifecycle.unregister(manager, machine, partial(authorize, call))
 
     async def terminate(machine: Machine, call: Call) -> None:
-        await authorize(call, "manage-machines", {"machine": machine.name, "verb": "terminate"})
-        await manager.terminate(machine)
+        await lifecycle.terminate(manager, machine, partial(authorize, call))
 
     async def kill(machine: Machine, call: Call, who: str, signal: int) -> None:
-        who = validate_kill(who, signal)
-        await authorize(call, "manage-machines", {"machine": machine.name, "verb": "kill"})
-        await manager.kill(machine, who, signal)
+        await lifecycle.kill(manager, machine, who, signal, partial(authorize, call))
 
     async def get_addresses(machine: Machine, call: Call) -> list:
         return [[(a.family, a.address) for a in await access.addresses(machine)]]

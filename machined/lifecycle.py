@@ -1,0 +1,61 @@
+"""The machine lifecycle calls both front-ends (D-Bus, varlink) make, in upstream's order:
+check the arguments, have the caller authorized, act.
+
+Transport-neutral: the caller is authorized through an :data:`~machined.caller.Authorize`
+the front-end builds for its transport (polkit asked about a bus name or a process); errors
+are :class:`~machined.errors.BusError`, which each front-end answers in its own terms.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from machined import errors
+from machined.caller import Authorize
+from machined.errors import BusError
+from machined.machine import Machine
+from machined.manager import MachineManager
+from machined.registration import RegistrationRequest, validate_kill
+
+
+async def unregister(manager: MachineManager, machine: Machine, authorize: Authorize) -> None:
+    await authorize("manage-machines", {"machine": machine.name, "verb": "unregister"})
+    await manager.unregister(machine)
+
+
+async def terminate(manager: MachineManager, machine: Machine, authorize: Authorize) -> None:
+    await authorize("manage-machines", {"machine": machine.name, "verb": "terminate"})
+    await manager.terminate(machine)
+
+
+async def kill(manager: MachineManager, machine: Machine, who: str, signal: int, authorize: Authorize) -> None:
+    who = validate_kill(who, signal)
+    await authorize("manage-machines", {"machine": machine.name, "verb": "kill"})
+    await manager.kill(machine, who, signal)
+
+
+def process_owner(pid: int) -> int | None:
+    """The real UID of process *pid*, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+async def register(manager: MachineManager, req: RegistrationRequest, allocate_unit: bool, caller_uid: int,
+                   authorize: Authorize) -> Machine:  # fmt: skip
+    """Register (262's varlink Register): polkit's ``create-machine`` when machined is to create the
+    scope, ``register-machine`` when the leader's unit is taken as it is; a caller other than root
+    may only register a leader it owns (so that nobody terminates a stranger's service)."""
+    action = "create-machine" if allocate_unit else "register-machine"
+    await authorize(action, {"name": req.name, "class": str(req.machine_class)})
+    if caller_uid != 0 and process_owner(req.leader) != caller_uid:
+        raise BusError(errors.ACCESS_DENIED, "Only privileged users may register machines for other users",
+                       errno_code=errno.EPERM)  # fmt: skip
+    if allocate_unit:
+        return await manager.create(req, [])
+    return await manager.register(req)
