@@ -13,7 +13,7 @@ from typing import Any
 from machined import idmap
 from machined.machine import MachineClass
 from machined.manager import MachineManager
-from machined.varlink import VarlinkError
+from machined.varlink.server import Call, Service, VarlinkError
 
 SERVICE = "io.systemd.Machine"
 NOLOGIN = "/usr/sbin/nologin"
@@ -133,10 +133,22 @@ class UserDatabase:
         raise UserDbError(NO_RECORD)
 
 
-def varlink_methods(db: UserDatabase) -> dict:
-    """The io.systemd.UserDatabase methods for :class:`machined.varlink.VarlinkServer`."""
-    return {
-        "io.systemd.UserDatabase.GetUserRecord": lambda p: db.get_record(p, "uid"),
-        "io.systemd.UserDatabase.GetGroupRecord": lambda p: db.get_record(p, "gid"),
-        "io.systemd.UserDatabase.GetMemberships": db.get_memberships,
-    }
+def userdb_service(manager: MachineManager) -> Service:
+    """io.systemd.UserDatabase as machined 252 serves it on /run/systemd/userdb/io.systemd.Machine
+    (no interface description there: parameters are checked by the lookups alone)."""
+    db = UserDatabase(manager)
+    service = Service(introspection=False)
+
+    async def user(call: Call) -> dict[str, Any]:
+        return db.get_record(call.parameters, "uid")
+
+    async def group(call: Call) -> dict[str, Any]:
+        return db.get_record(call.parameters, "gid")
+
+    async def memberships(call: Call) -> dict[str, Any]:
+        return db.get_memberships(call.parameters)
+
+    service.bind("io.systemd.UserDatabase.GetUserRecord", user)
+    service.bind("io.systemd.UserDatabase.GetGroupRecord", group)
+    service.bind("io.systemd.UserDatabase.GetMemberships", memberships)
+    return service

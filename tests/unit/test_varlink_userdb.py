@@ -10,7 +10,7 @@ from pathlib import Path
 from machined.machine import Machine, MachineClass, Timestamp, host_machine
 from machined.manager import MachineManager
 from machined.statefile import StateDir
-from machined.userdb import UserDatabase, valid_user_group_name, varlink_methods
+from machined.userdb import userdb_service, valid_user_group_name
 from machined.varlink import VarlinkServer
 
 
@@ -30,7 +30,7 @@ async def test_user_database_answers_like_machined(tmp_path: Path) -> None:
     manager = MachineManager(host_machine(b"", Timestamp()), StateDir(str(tmp_path / "m")))
     # A "container" whose leader is this very process: its uid_map maps 1:1, so no vu- users.
     manager.registry.add(Machine("c1", machine_class=MachineClass.CONTAINER, leader=os.getpid()))
-    server = VarlinkServer(str(tmp_path / "userdb" / "io.systemd.Machine"), varlink_methods(UserDatabase(manager)))
+    server = VarlinkServer(userdb_service(manager), [str(tmp_path / "userdb" / "io.systemd.Machine")])
     await server.start()
     try:
         assert oct(os.stat(server.path).st_mode & 0o777) == "0o666"

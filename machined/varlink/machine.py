@@ -1,0 +1,335 @@
+"""io.systemd.Machine and io.systemd.service over varlink, as systemd-machined 262 serves them
+on ``/run/systemd/machine/io.systemd.Machine``.
+
+A thin front-end: each method turns its JSON parameters into the arguments of the same
+core calls the D-Bus adapters make (:mod:`machined.lifecycle`, :mod:`machined.manager`,
+:mod:`machined.access`), with 262's parameter checks (``InvalidParameter`` naming the
+field), error names (``io.systemd.Machine.NoSuchMachine``…) and polkit subject (the peer's
+process). Machines are looked up by ``name`` or by ``pid`` (a ProcessId; 0 = the caller's
+machine), as 262 does for every method that takes a machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from machined import errors, lifecycle
+from machined.access import MachineAccess
+from machined.caller import Authorize
+from machined.errors import BusError
+from machined.machine import Machine, MachineClass
+from machined.manager import MachineManager
+from machined.naming import HOST_MACHINE_NAME, hostname_is_valid
+from machined.registration import SIGNAL_MAX, validate_registration
+from machined.varlink.interfaces import IO_SYSTEMD_MACHINE, IO_SYSTEMD_SERVICE
+from machined.varlink.server import Call, Service, VarlinkError, invalid_parameter
+
+log = logging.getLogger(__name__)
+
+IFACE = "io.systemd.Machine."
+VMADDR_CID_ANY = 0xFFFFFFFF
+
+# (bus, subject, uid, action, details, interactive): machined.bus.polkit.check, or a stand-in.
+PolkitCheck = Callable[..., Awaitable[None]]
+
+
+def varlink_authorizer(check: PolkitCheck | None, bus: Any, call: Call) -> Authorize:
+    """The polkit question for the peer of *call*: its process (pidfd) and UID; 262 names the
+    machine ``name`` in the details where D-Bus says ``machine``."""
+
+    async def authorize(action: str, details: dict[str, str]) -> None:
+        details = {("name" if key == "machine" else key): value for key, value in details.items()}
+        if call.peer.uid_value == 0:
+            return
+        if check is None:
+            raise BusError(errors.ACCESS_DENIED, "Permission denied")
+        await check(bus, call.peer.polkit_subject(), call.peer.uid_value, action, details,
+                    call.allow_interactive_authentication)  # fmt: skip
+
+    return authorize
+
+
+def _int(value: Any) -> int | None:
+    """An ``int`` field's value (sd-json also takes a decimal string), None if it is none."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def _pidfd_id(pid: int) -> int:
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return 0
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+class MachineVarlink:
+    """The handlers of io.systemd.Machine, bound to one manager."""
+
+    def __init__(self, manager: MachineManager, access: MachineAccess | None = None,
+                 polkit: PolkitCheck | None = None, bus: Any = None) -> None:  # fmt: skip
+        self.manager = manager
+        self.access = access or MachineAccess(manager)
+        self.polkit = polkit
+        self.bus = bus
+        self._host_pidfd_id: int | None = None
+
+    def authorizer(self, call: Call) -> Authorize:
+        return varlink_authorizer(self.polkit, self.bus, call)
+
+    # ----- lookups -----------------------------------------------------------------------------
+
+    def _pid_param(self, call: Call, value: Any) -> int:
+        """The PID a ``pid`` (ProcessId) parameter names: 0 means the caller."""
+        pid = _int(value.get("pid")) if isinstance(value, dict) else _int(value)
+        if pid is None or pid < 0:
+            raise invalid_parameter("pid")
+        if pid == 0:
+            return call.peer.pid
+        if not os.path.exists(f"/proc/{pid}"):
+            raise invalid_parameter("pid")  # 262 cannot pin it: the field is refused
+        expected = _int(value.get("pidfdId")) if isinstance(value, dict) else None
+        if expected and _pidfd_id(pid) != expected:
+            raise VarlinkError(errors.VL_NO_SUCH_MACHINE)
+        return pid
+
+    def lookup(self, call: Call) -> Machine | None:
+        """The machine named by ``name`` and/or ``pid``; None if neither is given. Both given must agree."""
+        params = call.parameters
+        name, pid_value = params.get("name"), params.get("pid")
+        by_name = by_pid = None
+        if name is not None:
+            if not (name == HOST_MACHINE_NAME or hostname_is_valid(name)):
+                raise invalid_parameter("name")
+            by_name = self.manager.registry.get(name)
+            if by_name is None:
+                raise VarlinkError(errors.VL_NO_SUCH_MACHINE)
+        if pid_value is not None:
+            by_pid = self.manager.find_by_pid(self._pid_param(call, pid_value))
+            if by_pid is None:
+                raise VarlinkError(errors.VL_NO_SUCH_MACHINE)
+        if by_name is not None and by_pid is not None and by_name is not by_pid:
+            raise VarlinkError(errors.VL_NO_SUCH_MACHINE)
+        return by_name or by_pid
+
+    def require(self, call: Call) -> Machine:
+        machine = self.lookup(call)
+        if machine is None:
+            raise VarlinkError(errors.VL_NO_SUCH_MACHINE)
+        return machine
+
+    # ----- List --------------------------------------------------------------------------------
+
+    def _leader(self, machine: Machine) -> dict[str, int] | None:
+        if machine.leader <= 0:
+            return None
+        if machine.is_host:
+            if self._host_pidfd_id is None:
+                self._host_pidfd_id = _pidfd_id(1)
+            pidfd_id = self._host_pidfd_id
+        else:
+            ref = machine.leader_ref
+            pidfd_id = ref.pidfd_id if ref is not None and ref.pidfd is not None else 0
+        leader = {"pid": machine.leader}
+        if pidfd_id:
+            leader["pidfdId"] = pidfd_id
+        return leader
+
+    async def describe(self, machine: Machine, metadata: str) -> dict[str, Any]:
+        """One machine as List reports it (with addresses, OS release and UID shift if asked)."""
+        addresses = os_release = shift = None
+        if metadata in ("yes", "graceful"):
+            graceful = metadata == "graceful"
+            addresses = await _metadata(self.access.addresses(machine), graceful, _address_error)
+            os_release = await _metadata(self.access.os_release(machine), graceful, _os_release_error)
+            shift = await _metadata(self.access.uid_shift(machine), graceful, _uid_shift_error)
+        out: dict[str, Any] = {"name": machine.name}
+        if machine.id_bytes:
+            out["id"] = machine.id_bytes.hex()
+        out["class"] = str(machine.machine_class)
+        for key, value in (("service", machine.service), ("rootDirectory", machine.root_directory),
+                           ("unit", machine.unit)):  # fmt: skip
+            if value:
+                out[key] = value
+        leader = self._leader(machine)
+        if leader is not None:
+            out["leader"] = leader
+        if machine.timestamp.is_set():
+            out["timestamp"] = {"realtime": machine.timestamp.realtime, "monotonic": machine.timestamp.monotonic}
+        if addresses is not None:
+            out["addresses"] = [{"family": a.family, "address": list(a.address)} for a in addresses]
+        if os_release:
+            out["OSRelease"] = [f"{key}={value}" for key, value in os_release.items()]
+        if shift is not None:
+            out["UIDShift"] = shift
+        return out
+
+    async def list(self, call: Call) -> dict[str, Any] | None:
+        metadata = call.parameters.get("acquireMetadata") or "no"
+        machine = self.lookup(call)
+        if machine is not None:
+            return await self.describe(machine, metadata)
+        if not call.more:
+            raise VarlinkError(errors.VL_EXPECTED_MORE)
+        for machine in self.manager.machines():
+            await call.notify(await self.describe(machine, metadata))
+        return None  # the last one notified is the last reply; none at all: NoSuchMachine
+
+    # ----- Register ----------------------------------------------------------------------------
+
+    def _leader_param(self, params: dict[str, Any]) -> int:
+        leader = 0
+        for key in ("leader", "leaderProcessId"):
+            value = params.get(key)
+            if value is None:
+                continue
+            pid = _int(value.get("pid")) if isinstance(value, dict) else _int(value)
+            if pid is None or pid <= 0 or pid == 1 or not os.path.exists(f"/proc/{pid}"):
+                raise invalid_parameter(key)
+            if isinstance(value, dict):
+                expected = _int(value.get("pidfdId"))
+                if expected and _pidfd_id(pid) != expected:
+                    raise invalid_parameter(key)
+            if leader and leader != pid:
+                raise invalid_parameter(key)
+            leader = pid
+        return leader
+
+    async def register(self, call: Call) -> None:
+        params = call.parameters
+        name = params["name"]
+        if not hostname_is_valid(name):
+            raise invalid_parameter("name")
+        machine_id = b""
+        if params.get("id") is not None:
+            try:
+                machine_id = uuid.UUID(params["id"]).bytes
+            except ValueError:
+                raise invalid_parameter("id") from None
+        if params["class"] not in (MachineClass.CONTAINER, MachineClass.VM):
+            raise invalid_parameter("class")  # unknown, or "host": only the system itself is that
+        leader = self._leader_param(params)
+        root = params.get("rootDirectory") or ""
+        if params.get("rootDirectory") is not None and not root.startswith("/"):
+            raise invalid_parameter("rootDirectory")
+        netif = []
+        for index in params.get("ifIndices") or []:
+            value = _int(index)
+            if value is None or not 0 < value <= 0x7FFFFFFF:
+                raise invalid_parameter("ifIndices")
+            netif.append(value)
+        if params.get("vSockCid") is not None:
+            cid = _int(params["vSockCid"])
+            if cid is None or cid in (0, 1, 2, VMADDR_CID_ANY) or not 0 <= cid <= 0xFFFFFFFF:
+                raise invalid_parameter("vSockCid")
+        key_path = params.get("sshPrivateKeyPath")
+        if key_path is not None and not key_path.startswith("/"):
+            raise invalid_parameter("sshPrivateKeyPath")
+        req = validate_registration(name, machine_id, params.get("service") or "", params["class"], leader, root, netif)
+        if req.leader == 0:
+            req = req.with_leader(call.peer.pid)
+        await lifecycle.register(self.manager, req, params.get("allocateUnit") is True, call.peer.uid_value,
+                                 self.authorizer(call))  # fmt: skip
+        return None
+
+    # ----- lifecycle ---------------------------------------------------------------------------
+
+    async def unregister(self, call: Call) -> None:
+        await lifecycle.unregister(self.manager, self.require(call), self.authorizer(call))
+
+    async def terminate(self, call: Call) -> None:
+        await lifecycle.terminate(self.manager, self.require(call), self.authorizer(call))
+
+    async def kill(self, call: Call) -> None:
+        signal = _int(call.parameters.get("signal"))
+        if signal is None or not 1 <= signal <= SIGNAL_MAX:
+            raise invalid_parameter("signal")
+        machine = self.require(call)
+        await lifecycle.kill(self.manager, machine, call.parameters.get("whom") or "", signal, self.authorizer(call))
+
+
+def _address_error(e: BusError) -> str | None:
+    if e.name == errors.NO_PRIVATE_NETWORKING:
+        return errors.VL_NO_PRIVATE_NETWORKING
+    return errors.VL_NOT_AVAILABLE if e.name == errors.NOT_SUPPORTED else None
+
+
+def _os_release_error(e: BusError) -> str | None:
+    if e.name == errors.FAILED:  # no os-release file in the container
+        return errors.VL_NO_OS_RELEASE
+    return errors.VL_NOT_AVAILABLE if e.name == errors.NOT_SUPPORTED else None
+
+
+def _uid_shift_error(e: BusError) -> str | None:
+    if e.name == errors.NOT_SUPPORTED:
+        return errors.VL_NO_UID_SHIFT if "complex" in e.message else errors.VL_NOT_AVAILABLE
+    return None
+
+
+async def _metadata(pending: Awaitable[Any], graceful: bool, own_error: Callable[[BusError], str | None]) -> Any:
+    """One piece of List's metadata; None if it cannot be had and *graceful*, else 262's error."""
+    try:
+        return await pending
+    except BusError as e:
+        if graceful:
+            return None
+        name = own_error(e)
+        if name is not None:
+            raise VarlinkError(name) from None
+        raise
+
+
+def _set_log_level(level: int) -> None:
+    """syslog level (0..7) → the daemon's logging level."""
+    names = {0: logging.CRITICAL, 1: logging.CRITICAL, 2: logging.CRITICAL, 3: logging.ERROR, 4: logging.WARNING,
+             5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG}  # fmt: skip
+    logging.getLogger().setLevel(names[level])
+
+
+def machine_service(manager: MachineManager, access: MachineAccess | None = None, polkit: PolkitCheck | None = None,
+                    bus: Any = None, version: str = "") -> Service:  # fmt: skip
+    """The service on /run/systemd/machine/io.systemd.Machine (and …/io.systemd.MachineImage)."""
+    handlers = MachineVarlink(manager, access, polkit, bus)
+    service = Service(vendor="machined", product="machined", version=version)
+    service.add_interface(IO_SYSTEMD_MACHINE)
+    service.add_interface(IO_SYSTEMD_SERVICE)
+    service.bind(IFACE + "List", handlers.list, sentinel=errors.VL_NO_SUCH_MACHINE)
+    service.bind(IFACE + "Register", handlers.register)
+    service.bind(IFACE + "Unregister", handlers.unregister)
+    service.bind(IFACE + "Terminate", handlers.terminate)
+    service.bind(IFACE + "Kill", handlers.kill)
+
+    def privileged(call: Call) -> None:
+        if call.peer.uid_value != 0:
+            raise VarlinkError(errors.VL_PERMISSION_DENIED)
+
+    async def ping(call: Call) -> None:
+        return None
+
+    async def set_log_level(call: Call) -> None:
+        privileged(call)
+        level = _int(call.parameters.get("level"))
+        if level is None or not 0 <= level <= 7:
+            raise invalid_parameter("level")
+        _set_log_level(level)
+
+    async def get_environment(call: Call) -> dict[str, Any]:
+        privileged(call)
+        return {"environment": [f"{key}={value}" for key, value in os.environ.items()]}
+
+    service.bind("io.systemd.service.Ping", ping)
+    service.bind("io.systemd.service.SetLogLevel", set_log_level)
+    service.bind("io.systemd.service.GetEnvironment", get_environment)
+    return service
