@@ -112,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         help="varlink socket serving container users and groups (default: %(default)s; '' for none)",
     )
     parser.add_argument(
+        "--machine-socket",
+        default=None,
+        help="varlink socket serving io.systemd.Machine (default: the sockets systemd passes, else "
+        "/run/systemd/machine/io.systemd.Machine{,Image} on the system bus only; '' for none)",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("MACHINED_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             bus_address=args.bus_address,
             state_dir=args.state_dir,
             userdb_socket=args.userdb_socket,
+            machine_socket=args.machine_socket,
             metrics_listen=args.metrics_listen,
             metrics_textfile=args.metrics_textfile,
             metrics_interval=args.metrics_interval,

@@ -28,7 +28,7 @@ from machined.errors import BusError
 from machined.machine import Machine, Timestamp, host_machine
 from machined.manager import MachineManager
 from machined.statefile import StateDir
-from machined.userdb import UserDatabase, varlink_methods
+from machined.userdb import userdb_service
 from machined.varlink import VarlinkServer
 
 if TYPE_CHECKING:
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 BUS_NAME = "org.freedesktop.machine1"
 STATE_DIR = "/run/systemd/machines"
 USERDB_SOCKET = "/run/systemd/userdb/io.systemd.Machine"
+# io.systemd.Machine and io.systemd.MachineImage: one service on both (262), and their entries
+# in the varlink registry.
+MACHINE_SOCKETS = ["/run/systemd/machine/io.systemd.Machine", "/run/systemd/machine/io.systemd.MachineImage"]
+VARLINK_REGISTRY = "/run/varlink/registry"
 IDENTIFIER = "machined"
 
 
@@ -73,10 +77,14 @@ class Daemon:
 
     def __init__(self, bus_address: str | None = None, state_dir: str = STATE_DIR,
                  userdb_socket: str = USERDB_SOCKET, metrics_listen: tuple[str, int] | None = None,
-                 metrics_textfile: str | None = None, metrics_interval: float = 15.0) -> None:  # fmt: skip
+                 metrics_textfile: str | None = None, metrics_interval: float = 15.0,
+                 machine_socket: str | None = None) -> None:  # fmt: skip
         self.bus_address = bus_address
         self.userdb_socket = userdb_socket
         self.userdb: VarlinkServer | None = None
+        # None: upstream's sockets (passed by systemd, or bound here) on the system bus only
+        self.machine_socket = machine_socket
+        self.machine_varlink: VarlinkServer | None = None
         self.state_dir = state_dir
         machine_id = read_machine_id()
         self.machine_id = machine_id
@@ -117,6 +125,7 @@ class Daemon:
                 self._count_announcements = self.metrics.announced
             self.manager.start_gc()
             await self._start_userdb()
+            await self._start_machine_varlink()
             dispatcher.ready.set()
             notify.ready(f"Serving {BUS_NAME}.")
             log.info("Serving %s on the bus.", BUS_NAME)
@@ -129,6 +138,8 @@ class Daemon:
             await self.manager.stop_gc()
             if self.userdb is not None:
                 await self.userdb.stop()
+            if self.machine_varlink is not None:
+                await self.machine_varlink.stop()
             if disconnected.done():
                 disconnected.exception()  # how it went away (EOFError...) is no news: no traceback
                 log.warning("Lost the connection to the bus; exiting.")
@@ -147,12 +158,41 @@ class Daemon:
         """Serve container users and groups to the host's user database, as upstream does."""
         if not self.userdb_socket:
             return
-        self.userdb = VarlinkServer(self.userdb_socket, varlink_methods(UserDatabase(self.manager)))
+        self.userdb = VarlinkServer(userdb_service(self.manager), [self.userdb_socket])
         try:
             await self.userdb.start()
         except OSError as e:
             log.warning("Not serving the user database on %s: %s", self.userdb_socket, e)
             self.userdb = None
+
+    async def _start_machine_varlink(self) -> None:
+        """io.systemd.Machine over varlink (262): on the sockets systemd passed us (socket
+        activation, FileDescriptorName=varlink), else on paths we bind ourselves."""
+        from machined.bus import polkit
+        from machined.varlink import machine as machine_varlink
+        from machined.varlink.server import listen_fds
+
+        sockets = listen_fds("varlink")
+        if sockets:
+            paths: list[str] = []
+        elif self.machine_socket is None:
+            paths = MACHINE_SOCKETS if self.bus_address is None else []
+        else:
+            paths = [self.machine_socket] if self.machine_socket else []
+        if not sockets and not paths:
+            return
+        from machined import __version__
+
+        service = machine_varlink.machine_service(self.manager, polkit=polkit.check, bus=self.bus, version=__version__)
+        self.machine_varlink = VarlinkServer(service, paths, sockets=sockets)
+        try:
+            await self.machine_varlink.start()
+        except OSError as e:
+            log.warning("Not serving io.systemd.Machine on %s: %s", ", ".join(paths), e)
+            self.machine_varlink = None
+            return
+        if paths == MACHINE_SOCKETS or sockets:
+            _link_registry(MACHINE_SOCKETS)
 
     def _start_metrics(self) -> None:
         """Export metrics if asked to; prometheus_client is imported only then."""
@@ -207,6 +247,28 @@ class Daemon:
             return
         owner = await _describe_owner(bus, BUS_NAME)
         raise StartupError(f"{BUS_NAME} is already owned on this bus{owner}; is systemd-machined running?")
+
+
+def _link_registry(paths: list[str]) -> None:
+    """/run/varlink/registry/NAME → our socket, for each service (as 262 lists them)."""
+    try:
+        os.makedirs(VARLINK_REGISTRY, mode=0o755, exist_ok=True)
+    except OSError:
+        return
+    for path in paths:
+        link = os.path.join(VARLINK_REGISTRY, os.path.basename(path))
+        try:
+            if os.path.islink(link) and os.readlink(link) == path:
+                continue
+            tmp = link + ".machined"
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            os.symlink(path, tmp)
+            os.rename(tmp, link)
+        except OSError as e:
+            log.debug("Cannot list %s in the varlink registry: %s", path, e)
 
 
 def known_methods() -> set[tuple[str, str]]:
