@@ -1,7 +1,9 @@
 """The varlink interfaces machined serves, as systemd 262 declares them (names, types, order).
 
 Field and symbol comments are left out: descriptions are the same interfaces without
-upstream's prose.
+upstream's prose. Register also takes the fields newer clients send (``supervisor``,
+``supervisorProcessId``, ``controlAddress``): 262's nspawn and vmspawn register only over
+varlink, and a field we did not declare would fail their registration with InvalidParameter.
 """
 
 from __future__ import annotations
@@ -45,19 +47,22 @@ IO_SYSTEMD_MACHINE = Interface(
         TypeDef("Address", Struct((opt("ifindex", "int"), req("family", "int"), Field("address", "int", array=True)))),
         Method("Register", (
             req("name", "string"), opt("id", "string"), opt("service", "string"), req("class", "string"),
-            opt("leader", "int"), opt("leaderProcessId", "ProcessId"), opt("rootDirectory", "string"),
+            opt("leader", "int"), opt("leaderProcessId", "ProcessId"), opt("supervisor", "int"),
+            opt("supervisorProcessId", "ProcessId"), opt("rootDirectory", "string"),
             opt("ifIndices", "int", array=True), opt("vSockCid", "int"), opt("sshAddress", "string"),
-            opt("sshPrivateKeyPath", "string"), opt("allocateUnit", "bool"), _POLKIT,
+            opt("sshPrivateKeyPath", "string"), opt("controlAddress", "string"), opt("allocateUnit", "bool"),
+            _POLKIT,
         )),  # fmt: skip
         Method("Unregister", _LOOKUP),
         Method("Terminate", _LOOKUP),
         Method("Kill", (*_LOOKUP, opt("whom", "string"), req("signal", "int"))),
         Method("List", (*_LOOKUP, opt("acquireMetadata", "AcquireMetadata")), (
             req("name", "string"), opt("id", "string"), opt("service", "string"), req("class", "string"),
-            opt("leader", "ProcessId"), opt("rootDirectory", "string"), opt("unit", "string"),
-            opt("timestamp", "Timestamp"), opt("vSockCid", "int"), opt("sshAddress", "string"),
-            opt("sshPrivateKeyPath", "string"), opt("addresses", "Address", array=True),
-            opt("OSRelease", "string", array=True), opt("UIDShift", "int"),
+            opt("leader", "ProcessId"), opt("supervisor", "ProcessId"), opt("rootDirectory", "string"),
+            opt("unit", "string"), opt("subgroup", "string"), opt("timestamp", "Timestamp"), opt("vSockCid", "int"),
+            opt("sshAddress", "string"), opt("sshPrivateKeyPath", "string"), opt("controlAddress", "string"),
+            opt("addresses", "Address", array=True), opt("OSRelease", "string", array=True), opt("UIDShift", "int"),
+            opt("UID", "int"),
         ), more="supports"),  # fmt: skip
         TypeDef("MachineOpenMode", Enum(("tty", "login", "shell"))),
         Method("Open", (
