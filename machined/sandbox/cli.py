@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from machined.sandbox.core import CGROUP_ENV, LAYOUTS, Sandbox, SandboxError
+from machined.sandbox.core import CGROUP_ENV, LAYOUTS, SYSTEMD_VERSIONS, Sandbox, SandboxError
 
 CGROUP_HELP = (
     "cgroup layout inside: hybrid (name=systemd v1 + cgroup2 at unified/) or unified "
-    f"(cgroup2 only at /sys/fs/cgroup); default ${CGROUP_ENV}, else the host's"
+    f"(cgroup2 only at /sys/fs/cgroup); default ${CGROUP_ENV}, else the host's; "
+    "a systemd-262 sandbox is always unified"
+)
+SYSTEMD_HELP = (
+    "252: the host's systemd on the host's file systems (read-only); 262: the Debian forky "
+    "root cached by 'build-root' (built on first use), booted as an overlay"
 )
 
 
@@ -26,7 +32,7 @@ def _pick(sandbox_id: str | None) -> Sandbox:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    sb = Sandbox(args.impl, cgroup=args.cgroup).start()
+    sb = Sandbox(args.impl, cgroup=args.cgroup, systemd=args.systemd).start()
     print(sb.id)
     return 0
 
@@ -56,18 +62,38 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     rows = Sandbox.list()
-    print(f"{'ID':<10} {'IMPL':<5} {'CGROUP':<8} {'INIT PID':>8}  STATE")
+    print(f"{'ID':<10} {'IMPL':<5} {'CGROUP':<8} {'SYSTEMD':<7} {'INIT PID':>8}  STATE")
     for info, alive in rows:
         state = "running" if alive else "dead"
-        print(f"{info.id:<10} {info.impl:<5} {info.cgroup:<8} {info.init_pid:>8}  {state}")
+        print(f"{info.id:<10} {info.impl:<5} {info.cgroup:<8} {info.systemd:<7} {info.init_pid:>8}  {state}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.command:
         raise SandboxError("run needs a command: machined-sandbox run [--impl X] -- CMD [ARGS...]")
-    with Sandbox(args.impl, cgroup=args.cgroup) as sb:
+    with Sandbox(args.impl, cgroup=args.cgroup, systemd=args.systemd) as sb:
         return sb.interactive(args.command)
+
+
+def cmd_build_root(args: argparse.Namespace) -> int:
+    from machined.sandbox.root import RootError, cached_root, ensure_root
+
+    if os.geteuid() != 0:
+        raise SandboxError("build-root must run as root")
+    before = None if args.rebuild else cached_root()
+    try:
+        root = ensure_root(log=lambda line: print(f"machined-sandbox: {line}", file=sys.stderr), rebuild=args.rebuild)
+    except RootError as e:
+        raise SandboxError(str(e)) from None
+    m = root.manifest
+    state = "cached" if before is not None else "built"
+    print(
+        f"{root.rootfs}: {state}; systemd {root.systemd_version}, {len(m.get('packages', {}))} packages, "
+        f"{m.get('size_bytes', 0) / 2**20:.0f} MiB, built {m.get('built')} in {m.get('build_seconds')} s "
+        f"from {m.get('mirror')}"
+    )
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -87,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("start", help="boot a sandbox and print its id")
     s.add_argument("--impl", choices=["ours", "real"], default="ours")
     s.add_argument("--cgroup", choices=list(LAYOUTS), default=None, help=CGROUP_HELP)
+    s.add_argument("--systemd", choices=list(SYSTEMD_VERSIONS), default="252", help=SYSTEMD_HELP)
     s.set_defaults(func=cmd_start)
 
     s = sub.add_parser("exec", help="run a command inside a sandbox")
@@ -109,8 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="boot a sandbox, run one command in it, tear it down")
     s.add_argument("--impl", choices=["ours", "real"], default="ours")
     s.add_argument("--cgroup", choices=list(LAYOUTS), default=None, help=CGROUP_HELP)
+    s.add_argument("--systemd", choices=list(SYSTEMD_VERSIONS), default="252", help=SYSTEMD_HELP)
     s.add_argument("command", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser(
+        "build-root",
+        help="build (or show) the cached Debian forky root that systemd-262 sandboxes boot",
+    )
+    s.add_argument("--rebuild", action="store_true", help="build it again even if it is cached")
+    s.set_defaults(func=cmd_build_root)
 
     s = sub.add_parser("demo", help="boot a sandbox with machined and show real clients using it")
     s.add_argument("--id-file", help="write the sandbox id to this file")

@@ -8,6 +8,10 @@ is installed as the provider of org.freedesktop.machine1 (real
 systemd-machined masked, our unit, bus policy, activation file and polkit
 policy bind-mounted in place); with ``impl="real"`` systemd-machined stays.
 
+With ``systemd="262"`` the sandbox boots systemd 262 from a cached Debian forky root
+instead of the host's systemd (:mod:`machined.sandbox.root` builds it,
+:mod:`machined.sandbox.forky` says what it mounts and installs).
+
 Host-side bookkeeping lives in ``/run/machined-sandbox/<id>/`` so that the
 command-line tool can find, enter and stop sandboxes started earlier.
 """
@@ -25,9 +29,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from machined import cgroup as _cg
 from machined.data import file_path, interface_file, unit_file
+
+if TYPE_CHECKING:
+    from machined.sandbox.root import Root
 
 STATE_ROOT = Path("/run/machined-sandbox")
 CGROUP_PREFIX = "machined-sandbox-"
@@ -97,6 +105,9 @@ POLICY_FILES = {
 }
 
 
+SYSTEMD_VERSIONS = ("252", "262")  # the host's systemd; the cached Debian forky root's (machined.sandbox.root)
+
+
 class SandboxError(Exception):
     """A sandbox could not be started, entered or stopped; the message says why."""
 
@@ -112,6 +123,7 @@ class SandboxInfo:
     cgroups: list[str] = field(default_factory=list)
     created: float = 0.0
     cgroup: str = "hybrid"  # the layout its systemd sees at /sys/fs/cgroup
+    systemd: str = "252"  # 252: the host's systemd; 262: the cached forky root's
 
     @property
     def state_dir(self) -> Path:
@@ -212,6 +224,32 @@ def systemd_binary() -> str:
     return "/lib/systemd/systemd"
 
 
+def bus_limit_files(bus_limits: dict[str, int], unit_dir: str) -> list[dict]:
+    """A bus configuration with *bus_limits* and the dbus.service drop-in that uses it."""
+    if not bus_limits:
+        return []
+    limits = "".join(f'  <limit name="{k}">{v}</limit>\n' for k, v in bus_limits.items())
+    return [
+        {
+            "path": "/run/machined-sandbox/system-bus.conf",
+            "content": (
+                '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"\n'
+                ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n'
+                "<busconfig>\n  <include>/usr/share/dbus-1/system.conf</include>\n"
+                f"{limits}</busconfig>\n"
+            ),
+        },
+        {
+            "path": f"{unit_dir}/dbus.service.d/sandbox-limits.conf",
+            "content": (
+                "[Service]\nExecStart=\nExecStart=/usr/bin/dbus-daemon "
+                "--config-file=/run/machined-sandbox/system-bus.conf --address=systemd: "
+                "--nofork --nopidfile --systemd-activation --syslog-only\n"
+            ),
+        },
+    ]
+
+
 def our_unit_text(python: str) -> str:
     """The project's service unit with ExecStart pointed at this interpreter."""
     text = unit_file("machined.service").read_text(encoding="utf-8")  # package data: works from a wheel
@@ -229,18 +267,28 @@ class Sandbox:
         machines_size: str = "512m",
         boot_timeout: float = 60.0,
         cgroup: str | None = None,
+        systemd: str = "252",
     ) -> None:
-        """*cgroup*: ``hybrid`` or ``unified`` (see :func:`sandbox_layout`; None: the default)."""
+        """*cgroup*: ``hybrid`` or ``unified`` (see :func:`sandbox_layout`; None: the default).
+
+        *systemd*: ``252`` boots the host's systemd on the host's file systems (read-only);
+        ``262`` boots the cached Debian forky root (built on first use) as an overlay, always
+        on cgroup2 only (see :mod:`machined.sandbox.forky`)."""
         if impl not in ("ours", "real"):
             raise SandboxError(f"unknown implementation '{impl}' (ours or real)")
         if cgroup is not None and cgroup not in LAYOUTS:
             raise SandboxError(f"unknown cgroup layout '{cgroup}' (hybrid or unified)")
-        self.info = SandboxInfo(id=secrets.token_hex(4), impl=impl)
+        if systemd not in SYSTEMD_VERSIONS:
+            raise SandboxError(f"unknown systemd '{systemd}' ({' or '.join(SYSTEMD_VERSIONS)})")
+        if systemd == "262" and cgroup == "hybrid":
+            raise SandboxError("systemd 262 supports cgroup2 only: a 262 sandbox is always unified")
+        self.info = SandboxInfo(id=secrets.token_hex(4), impl=impl, systemd=systemd)
         self.requested_cgroup = cgroup
         self.bus_limits = bus_limits or {}
         self.machines_size = machines_size
         self.boot_timeout = boot_timeout
         self._launcher: subprocess.Popen[bytes] | None = None
+        self._root: Root | None = None  # the forky root of a 262 sandbox
 
     # ----- lifecycle -------------------------------------------------------------------
 
@@ -278,6 +326,7 @@ class Sandbox:
         sb.boot_timeout = 60.0
         sb.requested_cgroup = sb.info.cgroup
         sb._launcher = None
+        sb._root = None
         return sb
 
     @staticmethod
@@ -302,9 +351,27 @@ class Sandbox:
         """The cgroup layout inside: ``hybrid`` or ``unified``."""
         return self.info.cgroup
 
+    @property
+    def systemd(self) -> str:
+        """``252`` (the host's systemd) or ``262`` (the forky root's)."""
+        return self.info.systemd
+
+    def python_env(self) -> dict[str, str]:
+        """What the host's interpreter (this virtualenv's python) needs in its environment to
+        run inside: nothing in a 252 sandbox; the libraries the forky root lacks in a 262 one."""
+        if self.systemd == "262":
+            from machined.sandbox.forky import python_env
+
+            return python_env()
+        return {}
+
     def start(self) -> "Sandbox":
         host_layout = check_host()
-        layout = sandbox_layout(self.requested_cgroup, host_layout)
+        if self.systemd == "262":
+            self._root = self._ensure_root()
+            layout = sandbox_layout("unified", host_layout)
+        else:
+            layout = sandbox_layout(self.requested_cgroup, host_layout)
         self.info.cgroup = layout
         self.info.created = time.time()
         # On a hybrid host a unified sandbox still gets a name=systemd cgroup of its own:
@@ -318,6 +385,15 @@ class Sandbox:
             raise
         return self
 
+    @staticmethod
+    def _ensure_root() -> Root:
+        from machined.sandbox.root import RootError, ensure_root
+
+        try:
+            return ensure_root(log=lambda line: print(f"machined-sandbox: {line}", file=sys.stderr, flush=True))
+        except (RootError, OSError) as e:
+            raise SandboxError(f"the systemd-262 root is not available: {e}") from None
+
     def _start(self, layout: str) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=False)
         for cg in self.info.cgroups:
@@ -325,14 +401,23 @@ class Sandbox:
         self._save_info()
         console = self.state_dir / "console.log"
         console.touch()
-        spec = self._boot_spec(layout, str(console))
+        if self.systemd == "262":
+            from machined.sandbox.forky import boot_spec
+
+            assert self._root is not None
+            (self.state_dir / "root").mkdir()  # the staging mount point, mounted on in the sandbox only
+            spec = boot_spec(self, self._root.rootfs, str(console))
+            boot_module = "machined.sandbox.bootroot"
+        else:
+            spec = self._boot_spec(layout, str(console))
+            boot_module = "machined.sandbox.boot"
         procs = " ".join(f"{cg}/cgroup.procs" for cg in self.info.cgroups)
         script = f'for f in {procs}; do echo $$ > "$f" || exit 1; done; exec "$@"'
         argv = [
             "sh", "-c", script, "sh",
             "unshare", "--pid", "--mount", "--cgroup", "--uts", "--ipc", "--fork",
             "--propagation", "private", "--",
-            sys.executable, "-m", "machined.sandbox.boot",
+            sys.executable, "-m", boot_module,
         ]  # fmt: skip
         with open(console, "ab") as log:
             self._launcher = subprocess.Popen(
@@ -426,29 +511,7 @@ class Sandbox:
             )
             for name, dst in POLICY_FILES.items():
                 binds.append({"src": str(file_path(interface_file(name))), "dst": dst})
-        if self.bus_limits:
-            limits = "".join(f'  <limit name="{k}">{v}</limit>\n' for k, v in self.bus_limits.items())
-            files.append(
-                {
-                    "path": "/run/machined-sandbox/system-bus.conf",
-                    "content": (
-                        '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"\n'
-                        ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n'
-                        "<busconfig>\n  <include>/usr/share/dbus-1/system.conf</include>\n"
-                        f"{limits}</busconfig>\n"
-                    ),
-                }
-            )
-            files.append(
-                {
-                    "path": f"{unit_dir}/dbus.service.d/sandbox-limits.conf",
-                    "content": (
-                        "[Service]\nExecStart=\nExecStart=/usr/bin/dbus-daemon "
-                        "--config-file=/run/machined-sandbox/system-bus.conf --address=systemd: "
-                        "--nofork --nopidfile --systemd-activation --syslog-only\n"
-                    ),
-                }
-            )
+        files += bus_limit_files(self.bus_limits, unit_dir)
         tmpfs = [
             {"path": "/run", "options": "mode=755,nosuid,nodev,size=256m"},
             {"path": "/tmp", "options": "mode=1777,nosuid,nodev,size=512m"},
@@ -489,6 +552,9 @@ class Sandbox:
                 self._launcher.kill()
                 self._launcher.wait()
         self._remove_cgroups()
+        staging = self.state_dir / "root"
+        if os.path.ismount(staging):  # never on the host (it is mounted in the sandbox's namespace)
+            raise SandboxError(f"{staging} is mounted on the host: not removing {self.state_dir}")
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def _remove_cgroups(self, timeout: float = 10.0) -> None:
