@@ -7,10 +7,11 @@ BIN    := $(VENV)/bin
 RUNDIR := .run
 
 # Debian packages: the reference daemon and its clients, the bus, polkit, the
-# build dependencies of systemd-python, and the tools the sandbox uses.
+# build dependencies of systemd-python, and the tools the sandbox uses (debootstrap builds
+# the Debian forky root of the systemd-262 sandbox).
 DEBS := systemd systemd-container systemd-userdbd dbus polkitd libnss-mymachines libglib2.0-bin libsystemd-dev pkg-config \
         gcc python3-dev python3-venv util-linux mount procps iproute2 hostname \
-        btrfs-progs fdisk e2fsprogs
+        btrfs-progs fdisk e2fsprogs debootstrap
 
 .PHONY: run shell stop test unit deps clean
 
@@ -42,17 +43,21 @@ stop: deps
 	else echo "no sandbox started by 'make run'"; fi
 
 # Everything but the integration tests once, then the integration tests in sandboxes of
-# each cgroup layout (hybrid: name=systemd v1 + cgroup2; unified: cgroup2 only). Every
-# run goes ahead even if an earlier one failed; the target fails if any did.
+# each cgroup layout (hybrid: name=systemd v1 + cgroup2; unified: cgroup2 only), then once
+# the tests against systemd 262 (cgroup2 only; their first run on a machine builds the
+# Debian forky root, cached in /var/cache/machined-sandbox/). Every run goes ahead even if
+# an earlier one failed; the target fails if any did.
 CGROUP_LAYOUTS := hybrid unified
 
 test: deps
 	@status=0; \
-	$(BIN)/python -m pytest -v -p no:cacheprovider --ignore=tests/integration tests || status=1; \
+	$(BIN)/python -m pytest -v -p no:cacheprovider --ignore=tests/integration --ignore=tests/integration262 tests || status=1; \
 	for layout in $(CGROUP_LAYOUTS); do \
 		echo "== integration tests, sandbox cgroup layout: $$layout"; \
 		MACHINED_TEST_CGROUP=$$layout $(BIN)/python -m pytest -v -p no:cacheprovider tests/integration || status=1; \
 	done; \
+	echo "== integration tests against systemd 262 (Debian forky root, cgroup2 only)"; \
+	$(BIN)/python -m pytest -v -p no:cacheprovider tests/integration262 || status=1; \
 	exit $$status
 
 unit: deps
