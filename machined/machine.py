@@ -59,6 +59,8 @@ class Machine:
     # The machine's ListMachines row as marshalled, kept by the bus adapters (name, class and
     # service never change once the machine is registered).
     list_row: bytes = field(default=b"", repr=False, compare=False)
+    # Its Properties.GetAll reply body as last marshalled, with the values it was made of.
+    get_all_cache: tuple | None = field(default=None, repr=False, compare=False)
 
     @functools.cached_property
     def object_path(self) -> str:

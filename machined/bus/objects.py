@@ -26,6 +26,7 @@ from types import CoroutineType
 from typing import Any, Protocol
 
 from dbus_fast import Message, MessageFlag, MessageType, SignatureTree, Variant
+from dbus_fast._private.marshaller import Marshaller
 from dbus_fast.aio import MessageBus
 from dbus_fast.signature import get_signature_tree
 
@@ -201,6 +202,7 @@ class ObjectTree(Protocol):
 
 METHOD_CALL = MessageType.METHOD_CALL
 METHOD_RETURN = MessageType.METHOD_RETURN
+ERROR = MessageType.ERROR
 NO_REPLY_EXPECTED = MessageFlag.NO_REPLY_EXPECTED
 _NO_REPLY_EXPECTED = int(MessageFlag.NO_REPLY_EXPECTED)
 _PEER_MEMBERS = ("Ping", "GetMachineId")
@@ -223,16 +225,16 @@ def _return(msg: Message, signature: SignatureTree = _EMPTY, body: list[Any] | N
 def _error(msg: Message, e: BaseException) -> Message:
     """The error reply for exception *e*; call it from the ``except`` block that caught *e*."""
     if isinstance(e, BusError):
-        reply = Message.new_error(msg, e.name, e.message)
+        name, text = e.name, e.message
     elif isinstance(e, OSError):
         code = e.errno or errno.EIO
-        reply = Message.new_error(msg, errors.errno_error_name(code), e.strerror or str(e))
+        name, text = errors.errno_error_name(code), e.strerror or str(e)
     else:  # never a traceback to the client, never a crash
         log.exception("Internal error while handling %s.%s", msg.interface, msg.member)
-        reply = Message.new_error(msg, errors.FAILED, "Internal error")
+        name, text = errors.FAILED, "Internal error"
     # sd-bus flags every reply (and error) it sends as expecting no reply.
-    reply.flags = NO_REPLY_EXPECTED
-    return reply
+    return Message(message_type=ERROR, reply_serial=msg.serial, destination=msg.sender, flags=NO_REPLY_EXPECTED,
+                   error_name=name, signature=_STRING, body=[text], validate=False)  # fmt: skip
 
 
 def _is_awaitable(value: Any) -> bool:
@@ -242,6 +244,52 @@ def _is_awaitable(value: Any) -> bool:
 
 
 _PLAIN = frozenset({list, tuple, str, int, bool, bytes, dict, float, FdReply, MarshalledBody})
+
+
+Finish = Callable[[Any], Message]
+
+
+class _Later:
+    """A reply that must wait: for *awaitable*, whose result *finish* turns into the reply
+    (without *finish*, the result is the reply)."""
+
+    __slots__ = ("awaitable", "finish")
+
+    def __init__(self, awaitable: Awaitable[Any], finish: Finish | None = None) -> None:
+        self.awaitable = awaitable
+        self.finish = finish
+
+    def __await__(self) -> Any:
+        return _settle(self).__await__()
+
+
+async def _settle(outcome: Message | _Later) -> Message:
+    if type(outcome) is not _Later:
+        return outcome  # type: ignore[return-value]
+    value = await outcome.awaitable
+    return outcome.finish(value) if outcome.finish is not None else value
+
+
+def _finish(msg: Message, finish: Finish | None, value: Any) -> Message:
+    """The reply from a waited-for result; call it outside any ``except`` block."""
+    if finish is None:
+        return value
+    try:
+        return finish(value)
+    except Exception as e:
+        return _error(msg, e)
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _writer_is_known(bus: Any) -> bool:
+    """Whether dbus-fast's writer has the shape machined.bus.writer_fix knows (its queue, the
+    message being written, the socket), so that a reply may be written past the queue."""
+    writer = getattr(bus, "_writer", None)
+    names = ("buf", "messages", "offset", "unix_fds", "fut", "sock", "fd", "loop", "negotiate_unix_fd", "write_callback")
+    return writer is not None and all(hasattr(writer, n) for n in names) and hasattr(bus, "next_serial")
 
 
 class Dispatcher:
@@ -259,6 +307,8 @@ class Dispatcher:
         self.tree = tree
         self.machine_id = machine_id
         self._lookup_now = getattr(tree, "lookup_now", None)
+        # dbus-fast's writer as machined.bus.writer_fix knows it: replies may bypass its queue.
+        self._direct_writes = _writer_is_known(bus)
         self._tasks: set[asyncio.Task[None]] = set()
         self.credentials = CredentialCache()
         # Calls wait until the registry is loaded, so nobody sees half of it.
@@ -279,49 +329,55 @@ class Dispatcher:
                 outcome = self._dispatch(call)
             except Exception as e:
                 outcome = _error(message, e)
-            if isinstance(outcome, Message):
+            if type(outcome) is not _Later:
                 self._answer(message, outcome, started)
                 return True
-            coro = self._answer_later(call, outcome, started)
         else:
-            coro = self._answer_when_ready(call, started)
-        # Each call that waits runs in a context of its own, where it is the current requester.
+            outcome = _Later(self._dispatch_when_ready(call))
+        # A call that waits runs in a context of its own, where it is the current requester;
+        # as far as it goes without waiting, right here, then as a task.
+        awaitable, finish = outcome.awaitable, outcome.finish
+        coro = awaitable if type(awaitable) is CoroutineType else _await(awaitable)
         context = contextvars.copy_context()
         context.run(caller.current.set, call)
         try:
             waiting_on = context.run(coro.send, None)
-        except StopIteration:
+        except StopIteration as done:
+            self._answer(message, _finish(message, finish, done.value), started)
             return True
-        task = asyncio.get_running_loop().create_task(_resume(coro, waiting_on), context=context)
+        except Exception as e:
+            self._answer(message, _error(message, e), started)
+            return True
+        task = asyncio.get_running_loop().create_task(
+            self._answer_later(coro, waiting_on, finish, message, started), context=context
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _answer_when_ready(self, call: Call, started: float) -> None:
-        await self.ready.wait()
+    async def _answer_later(self, coro: Coroutine[Any, Any, Any], waiting_on: Any, finish: Finish | None,
+                            message: Message, started: float) -> None:  # fmt: skip
         try:
-            outcome = self._dispatch(call)
+            value = await _resume(coro, waiting_on)
         except Exception as e:
-            outcome = _error(call.message, e)
-        await self._answer_later(call, outcome, started)
+            reply = _error(message, e)
+        else:
+            reply = _finish(message, finish, value)
+        self._answer(message, reply, started)
 
-    async def _answer_later(self, call: Call, outcome: Any, started: float) -> None:
-        if not isinstance(outcome, Message):
-            try:
-                outcome = await outcome
-            except Exception as e:
-                outcome = _error(call.message, e)
-        self._answer(call.message, outcome, started)
+    async def _dispatch_when_ready(self, call: Call) -> Message:
+        await self.ready.wait()
+        return await _settle(self._dispatch(call))
 
     def _answer(self, message: Message, reply: Message, started: float) -> None:
         fds = reply.unix_fds
         sent = None
         if not message.flags.value & _NO_REPLY_EXPECTED:
             try:
-                sent = self.bus.send(reply)
+                sent = self._send(reply)
             except Exception as e:  # a reply that cannot be marshalled: the caller gets an error
                 try:
-                    sent = self.bus.send(_error(message, e))
+                    sent = self._send(_error(message, e))
                 except Exception:
                     log.exception("Failed to send reply to %s", message.sender)
         if fds:
@@ -336,23 +392,46 @@ class Dispatcher:
         if self.observe is not None:
             self.observe(message.interface, message.member, reply.error_name, time.perf_counter() - started)
 
-    def _dispatch(self, call: Call) -> Message | Awaitable[Message]:
-        """The reply, or an awaitable of it when something on the way must wait."""
+    def _send(self, reply: Message) -> asyncio.Future[None] | None:
+        """Write *reply* to the socket right away when nothing else waits to be written (the
+        common case: no future, no trip through dbus-fast's queue); else, or with descriptors
+        to pass, through dbus-fast's writer. None when written (or left to the writer)."""
+        bus = self.bus
+        writer = getattr(bus, "_writer", None)
+        if reply.unix_fds or writer is None or not self._direct_writes or writer.buf is not None or writer.messages:
+            return bus.send(reply)
+        reply.serial = bus.next_serial()
+        data = reply._marshall(writer.negotiate_unix_fd)
+        try:
+            written = writer.sock.send(data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            return bus.send(reply)  # the writer fails the connection as it does
+        if written < len(data):  # the rest when the socket takes it, before anything else
+            writer.buf = memoryview(data)
+            writer.offset = written
+            writer.unix_fds = None
+            writer.fut = None
+            writer.loop.add_writer(writer.fd, writer.write_callback)
+        return None
+
+    def _dispatch(self, call: Call) -> Message | _Later:
+        """The reply, or how to get it when something on the way must wait."""
         msg = call.message
         iface, member = msg.interface, msg.member
         if iface == PEER or (iface is None and member in _PEER_MEMBERS):
             return self._peer(msg)
         obj = self._lookup_now(msg.path, call) if self._lookup_now is not None else LATER
         if obj is LATER:
-            return self._dispatch_after_lookup(call)
+            return _Later(self._dispatch_after_lookup(call))
         return self._dispatch_to(call, obj)  # type: ignore[arg-type]
 
     async def _dispatch_after_lookup(self, call: Call) -> Message:
         obj = await self.tree.lookup(call.message.path, call)
-        outcome = self._dispatch_to(call, obj)
-        return outcome if isinstance(outcome, Message) else await outcome
+        return await _settle(self._dispatch_to(call, obj))
 
-    def _dispatch_to(self, call: Call, obj: BusObject | None) -> Message | Awaitable[Message]:
+    def _dispatch_to(self, call: Call, obj: BusObject | None) -> Message | _Later:
         msg = call.message
         iface, member = msg.interface, msg.member
         if obj is None:
@@ -369,11 +448,11 @@ class Dispatcher:
             if target is not None and member in target.methods:
                 spec = target.methods[member]
                 if spec.privileged:
-                    return self._call_privileged(call, obj, target, spec)
+                    return _Later(self._call_privileged(call, obj, target, spec))
                 return self._call(call, obj, target, spec)
         raise BusError(errors.UNKNOWN_METHOD, f"Unknown method {member} or interface {iface}.")
 
-    def _call(self, call: Call, obj: BusObject, iface: Interface, spec: Method) -> Message | Awaitable[Message]:
+    def _call(self, call: Call, obj: BusObject, iface: Interface, spec: Method) -> Message | _Later:
         msg = call.message
         _check_signature(msg, iface.name, spec.in_signature, spec.name)
         handler = obj.methods.get((iface.name, spec.name))
@@ -384,17 +463,13 @@ class Dispatcher:
         else:
             result = handler(obj.target, call, *msg.body)
         if _is_awaitable(result):
-            return self._method_return_later(msg, spec, result)
+            return _Later(result, lambda value: _method_return(msg, spec, value))
         return _method_return(msg, spec, result)
 
     async def _call_privileged(self, call: Call, obj: BusObject, iface: Interface, spec: Method) -> Message:
         if (await call.credentials()).uid != 0:
             raise BusError(errors.ACCESS_DENIED, f"Access to {iface.name}.{spec.name}() not permitted.")
-        outcome = self._call(call, obj, iface, spec)
-        return outcome if isinstance(outcome, Message) else await outcome
-
-    async def _method_return_later(self, msg: Message, spec: Method, result: Awaitable[Any]) -> Message:
-        return _method_return(msg, spec, await result)
+        return await _settle(self._call(call, obj, iface, spec))
 
     def _peer(self, msg: Message) -> Message:
         if msg.member == "Ping":
@@ -405,7 +480,7 @@ class Dispatcher:
             return _return(msg, _STRING, [self.machine_id])
         raise BusError(errors.UNKNOWN_METHOD, f"Unknown method {msg.member} or interface {msg.interface}.")
 
-    def _properties(self, call: Call, obj: BusObject) -> Message | Awaitable[Message]:
+    def _properties(self, call: Call, obj: BusObject) -> Message | _Later:
         msg = call.message
         target = obj.target
         if msg.member == "Get":
@@ -417,13 +492,13 @@ class Dispatcher:
                 getter = obj.properties[(iface_name, prop)]
                 value = getter() if target is None else getter(target)
                 if _is_awaitable(value):
-                    return _get_later(msg, spec.type, value)
+                    return _Later(value, lambda v: _return(msg, _VARIANT, [Variant(spec.type, v)]))
                 return _return(msg, _VARIANT, [Variant(spec.type, value, False)])
             hidden = obj.hidden_properties.get((iface_name, prop))
             if hidden is not None:
                 value = hidden[1]() if target is None else hidden[1](target)
                 if _is_awaitable(value):
-                    return _get_later(msg, hidden[0], value)
+                    return _Later(value, lambda v: _return(msg, _VARIANT, [Variant(hidden[0], v)]))
                 return _return(msg, _VARIANT, [Variant(hidden[0], value)])
             raise BusError(errors.UNKNOWN_PROPERTY, f"Unknown interface {iface_name} or property {prop}.")
         if msg.member == "GetAll":
@@ -437,6 +512,10 @@ class Dispatcher:
             else:
                 selected = obj.interfaces
             properties = obj.properties
+            if target is not None and hasattr(target, "get_all_cache"):
+                cached = _get_all_cached(msg, target, selected, properties)
+                if cached is not None:
+                    return cached
             values: dict[str, Any] = {}
             pending: list[tuple[str, Property, Any]] = []
             for i in selected:
@@ -450,9 +529,9 @@ class Dispatcher:
                     else:
                         values[p.name] = Variant(p.type, value, False)
             if pending:
-                return _get_all_later(msg, values, pending)
+                return _Later(_get_all_later(msg, values, pending))
             return _return(msg, _DICT, [values])
-        return self._set(call, obj)
+        return _Later(self._set(call, obj))
 
     async def _set(self, call: Call, obj: BusObject) -> Message:
         msg = call.message
@@ -478,8 +557,35 @@ class Dispatcher:
         return _return(msg)
 
 
-async def _get_later(msg: Message, signature: Any, value: Awaitable[Any]) -> Message:
-    return _return(msg, _VARIANT, [Variant(signature, await value)])
+_EMPTY_DICT: list[Any] = [{}]
+
+
+def _get_all_cached(msg: Message, target: Any, selected: list[Interface],
+                    properties: dict[tuple[str, str], PropertyGetter]) -> Message | None:  # fmt: skip
+    """GetAll of an object of a shared kind (a machine) from its body as last marshalled, as long
+    as every value is what it was then; None if a getter returns an awaitable."""
+    names = tuple(i.name for i in selected)
+    specs = _GET_ALL_SPECS.get(names)
+    if specs is None:
+        specs = _GET_ALL_SPECS[names] = [(i.name, p) for i in selected for p in i.properties.values()]
+    key = (names, *[properties[(name, p.name)](target) for name, p in specs])
+    cache = target.get_all_cache
+    if cache is None or cache[0] != key:
+        values = key[1:]
+        if not all(type(v) in _PLAIN for v in values):
+            for v in values:
+                if type(v) is CoroutineType:
+                    v.close()
+            return None
+        body = Marshaller("a{sv}", [{p.name: Variant(p.type, v, False) for (_, p), v in zip(specs, values)}]).marshall()
+        cache = target.get_all_cache = (key, MarshalledBody(bytes(body), _EMPTY_DICT))
+    reply = _MarshalledReturn(message_type=METHOD_RETURN, reply_serial=msg.serial, destination=msg.sender,
+                              flags=NO_REPLY_EXPECTED, signature=_DICT, body=_EMPTY_DICT, validate=False)  # fmt: skip
+    reply.marshalled = cache[1]
+    return reply
+
+
+_GET_ALL_SPECS: dict[tuple[str, ...], list[tuple[str, Property]]] = {}
 
 
 async def _get_all_later(msg: Message, values: dict[str, Any], pending: list[tuple[str, Property, Any]]) -> Message:
@@ -500,8 +606,8 @@ def new_signal(path: str, interface: str, member: str, signature: str = "", body
     return message
 
 
-async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
-    """Drive *coro*, suspended on future *waiting_on*, to its end, as a task would."""
+async def _resume(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Any:
+    """Drive *coro*, suspended on future *waiting_on*, to its end, as a task would; its result."""
     while True:
         if waiting_on is None:
             await asyncio.sleep(0)  # a bare yield: just let the loop run once
@@ -516,8 +622,8 @@ async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
                 pass  # the coroutine sees the future's outcome itself when resumed
         try:
             waiting_on = coro.send(None)
-        except StopIteration:
-            return
+        except StopIteration as done:
+            return done.value
 
 
 def _find_member(obj: BusObject, member: str) -> Interface | None:

@@ -4,6 +4,7 @@ ListMachines reply marshalled from cached rows: same bytes on the wire as dbus-f
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 from typing import Any
 
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
-from dbus_fast._private.unmarshaller import Unmarshaller  # noqa: F401  (compiled reader exists)
+from dbus_fast._private.unmarshaller import Unmarshaller
 from machined.bus.adapters import _list_body
 from machined.bus.introspection import load_interface
 from machined.bus.logcontrol import LogControl
@@ -50,6 +51,13 @@ class FakeBus:
         else:
             future.set_result(None)
         return future
+
+
+def unmarshal(data: bytes) -> Message:
+    """A message as a client reads it off the wire."""
+    message = Unmarshaller(io.BytesIO(data), None, False).unmarshall()
+    assert message is not None
+    return message
 
 
 def incoming(path: str, interface: str | None, member: str, signature: str = "", body: list | None = None,
@@ -122,10 +130,42 @@ async def test_lookups_are_answered_at_once_without_a_task(tmp_path) -> None:  #
     assert get_machine.body == ["/org/freedesktop/machine1/machine/b_2d2"]
     assert listed.signature == "a(ssso)" and len(bus.wire[2]) > 100
     assert state.body == [Variant("s", "running")]
-    assert get_all.body[0]["Name"] == Variant("s", "a") and list(get_all.body[0])[0] == "Name"
+    get_all_read = unmarshal(bus.wire[4])
+    assert get_all_read.body[0]["Name"] == Variant("s", "a") and list(get_all_read.body[0])[0] == "Name"
+    assert get_all_read.body[0]["State"] == Variant("s", "running") and len(get_all_read.body[0]) == 11
+    assert [row[0] for row in unmarshal(bus.wire[2]).body[0]] == [".host", "a", "b-2"]
     assert "<interface name=\"org.freedesktop.machine1.Machine\">" in xml.body[0]
     assert missing.error_name == "org.freedesktop.machine1.NoSuchMachine"
     assert all(m.body == [] for m in calls)  # arguments dropped once answered
+
+
+async def test_get_all_of_a_machine_follows_its_changes_with_dbus_fasts_bytes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    manager = manager_with(tmp_path, ["a"])
+    dispatcher, bus = dispatcher_for(manager)
+    machine = manager.registry.get("a")
+    assert machine is not None
+
+    def get_all() -> dict:
+        dispatcher._on_message(incoming(MANAGER + "/machine/a", "org.freedesktop.DBus.Properties", "GetAll", "s",
+                                        [MACHINE_IFACE]))  # fmt: skip
+        return unmarshal(bus.wire[-1]).body[0]
+
+    assert get_all()["State"].value == "running"
+    assert get_all()["State"].value == "running"  # from the cache
+    machine.stopping = True
+    machine.netif = [3, 4]
+    again = get_all()
+    assert again["State"].value == "closing" and again["NetworkInterfaces"].value == [3, 4]
+    # The same bytes as dbus-fast marshals from the values.
+    generic = Message(message_type=MessageType.METHOD_RETURN, reply_serial=7, destination=":1.99",
+                      flags=MessageFlag.NO_REPLY_EXPECTED, signature="a{sv}", body=[again],
+                      serial=bus.sent[-1].serial)  # fmt: skip
+    assert bytes(generic._marshall(True)) == bus.wire[-1]
+    # GetAll("") and of no known interface.
+    dispatcher._on_message(incoming(MANAGER + "/machine/a", "org.freedesktop.DBus.Properties", "GetAll", "s", [""]))
+    assert unmarshal(bus.wire[-1]).body[0] == again
+    dispatcher._on_message(incoming(MANAGER + "/machine/a", "org.freedesktop.DBus.Properties", "GetAll", "s", ["x.y"]))
+    assert bus.sent[-1].error_name == "org.freedesktop.DBus.Error.UnknownInterface"
 
 
 async def test_no_reply_expected_gets_none_and_errors_keep_their_names(tmp_path) -> None:  # type: ignore[no-untyped-def]
