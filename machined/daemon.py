@@ -65,6 +65,18 @@ def boot_timestamp() -> Timestamp:
     return Timestamp(realtime=now_us - since_boot_us, monotonic=0)
 
 
+def return_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``): start-up frees
+    much of what it allocated (imports, state files read back, interface XML parsed), but glibc
+    keeps free pages below the top of its heap. About 1.5 MiB at idle."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def raise_fd_limit() -> None:
     """Every machine holds its leader's pidfd: allow as many descriptors as the hard limit does."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -128,6 +140,7 @@ class Daemon:
             await self._start_machine_varlink()
             dispatcher.ready.set()
             notify.ready(f"Serving {BUS_NAME}.")
+            return_free_memory()
             log.info("Serving %s on the bus.", BUS_NAME)
             watchdog = notify.start_watchdog(loop)
             disconnected = asyncio.ensure_future(self.bus.wait_for_disconnect())
