@@ -46,7 +46,6 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
-import ctypes
 import errno
 import importlib
 import json
@@ -964,12 +963,17 @@ HELPER_NAME = b"machined-helper"  # the process name (comm) of helpers
 PR_SET_NAME = 15
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_prctl: Any = None
 
 
 def set_name(name: bytes) -> None:
-    """This process's name (comm, as ps shows it)."""
-    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    """This process's name (comm, as ps shows it); for children (the daemon loads no ctypes)."""
+    global _prctl
+    if _prctl is None:
+        import ctypes
+
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    _prctl(PR_SET_NAME, name, 0, 0, 0)
 
 
 def _outcome(func: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:

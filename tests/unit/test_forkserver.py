@@ -185,6 +185,11 @@ async def test_the_exec_path_when_the_fork_server_cannot_start(monkeypatch: pyte
                                             fds={"source": os.open("/dev/null", os.O_RDONLY)}, path="/dev/null")  # fmt: skip
     os.close(fd)
     assert result == ""
+    pool = HelperPool("tests.unit.test_forkserver:napping_helper")
+    helper, _ = await run_helper(pool, "k", "pid", timeout=30, start_kwargs={}, start_fds={})
+    assert helper in children_of(os.getpid())  # exec'd by us, serving over the same channel
+    assert (await run_helper(pool, "k", "pid", timeout=30, start_kwargs={}, start_fds={}))[0] == helper
+    pool._forget("k", pool.helpers["k"])
 
 
 def test_the_fork_server_and_its_children_go_with_the_daemon() -> None:
