@@ -14,19 +14,7 @@ from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
 from machined.bus.client import call_method
-
-LOGIN_SHELL_SCRIPT = (
-    'shell=$(getent passwd {user} 2>/dev/null | {{ IFS=: read _ _ _ _ _ _ x; echo "$x"; }})\n'
-    'exec "${{shell:-/bin/sh}}" -l'
-)
-
-
-def shell_command(user: str, path: str, args: list[str]) -> tuple[str, list[str]]:
-    """(program, argv) for OpenShell: the user's login shell when no path is given."""
-    if not path:
-        return "/bin/sh", ["sh", "-c", LOGIN_SHELL_SCRIPT.format(user=user)]
-    return path, list(args) if args else [path]
-
+from machined.shell import LOGIN_SHELL_SCRIPT, shell_command  # noqa: F401  (where they used to be)
 
 def shell_properties(user: str, pty_path: str, path: str, argv: list[str], env: list[str]) -> list:
     """Properties of the transient shell unit; fd index 0 is the PTY slave."""

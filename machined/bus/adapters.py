@@ -8,21 +8,16 @@ look the machine up and run the very handler of the Machine object.
 
 from __future__ import annotations
 
-import errno
 from functools import partial
 
-from machined import errors, lifecycle
+from machined import lifecycle, machine_calls
 from machined.access import MachineAccess
 from machined.bus.introspection import load_interface
 from machined.bus.objects import BusObject, Call, FdReply, Handler, MarshalledBody, PropertyGetter
 from machined.bus.polkit import authorize
-from machined.envfile import env_is_valid
-from machined.errors import BusError
-from machined.machine import Machine, MachineClass
+from machined.machine import Machine
 from machined.manager import MachineManager
-from machined.naming import path_is_normalized_absolute
 from machined.registration import validate_registration
-from machined.sessions import shell_command
 
 MANAGER_IFACE = "org.freedesktop.machine1.Manager"
 MACHINE_IFACE = "org.freedesktop.machine1.Machine"
@@ -72,59 +67,30 @@ def machine_handlers(manager: MachineManager, access: MachineAccess) -> dict[str
         return [await access.uid_shift(machine)]
 
     async def open_pty(machine: Machine, call: Call) -> FdReply:
-        await authorize(call, "host-open-pty" if machine.is_host else "open-pty", {"machine": machine.name})
-        fd, path = await access.open_pty(machine)
+        fd, path = await machine_calls.open_pty(access, machine, partial(authorize, call))
         return FdReply([0, path], [fd])
 
     async def open_login(machine: Machine, call: Call) -> FdReply:
-        await authorize(call, "host-login" if machine.is_host else "login", {"machine": machine.name, "verb": "login"})
-        fd, path = await access.open_login(machine)
+        fd, path = await machine_calls.open_login(access, machine, partial(authorize, call))
         return FdReply([0, path], [fd])
 
     async def open_shell(machine: Machine, call: Call, user: str, path: str, args: list[str],
                          env: list[str]) -> FdReply:  # fmt: skip
-        user = user or "root"
-        if path and not path.startswith("/"):
-            raise BusError(errors.INVALID_ARGS, f"Specified path '{path}' is not absolute")
-        program, argv = shell_command(user, path, args)
-        if not env_is_valid(env):
-            raise BusError(errors.INVALID_ARGS, "Invalid environment assignments")
-        await authorize(call, "host-shell" if machine.is_host else "shell",
-                        {"machine": machine.name, "user": user, "program": program})  # fmt: skip
-        fd, pty_path = await access.open_shell(machine, user, program, argv, env)
+        fd, pty_path = await machine_calls.open_shell(access, machine, user, path, args, env, partial(authorize, call))
         return FdReply([0, pty_path], [fd])
 
     async def open_root_directory(machine: Machine, call: Call) -> FdReply:
-        await authorize(call, "manage-machines", {"machine": machine.name, "verb": "open_root_directory"})
-        return FdReply([0], [await access.open_root_directory(machine)])
+        return FdReply([0], [await machine_calls.open_root_directory(access, machine, partial(authorize, call))])
 
     def copier(copy_from: bool, with_flags: bool) -> Handler:
         async def handler(machine: Machine, call: Call, src: str, dest: str, flags: int = 0) -> None:
-            access.check_copy(machine)
-            if with_flags and flags & ~COPY_FLAGS_PUBLIC:
-                raise BusError.from_errno(errno.EINVAL)
-            if not src.startswith("/"):
-                raise BusError(errors.INVALID_ARGS, "Source path must be absolute.")
-            dest = dest or src
-            if not dest.startswith("/"):
-                raise BusError(errors.INVALID_ARGS, "Destination path must be absolute.")
-            await authorize(call, "manage-machines",
-                            {"machine": machine.name, "verb": "copy", "src": src, "dest": dest})  # fmt: skip
-            await access.copy(machine, copy_from, src, dest, bool(flags & COPY_FLAGS_PUBLIC))
+            await machine_calls.copy(access, machine, copy_from, src, dest, bool(flags & COPY_FLAGS_PUBLIC),
+                                     partial(authorize, call), not (with_flags and flags & ~COPY_FLAGS_PUBLIC))  # fmt: skip
 
         return handler
 
     async def bind_mount(machine: Machine, call: Call, src: str, dest: str, read_only: bool, mkdir: bool) -> None:
-        if machine.machine_class is not MachineClass.CONTAINER:
-            raise BusError(errors.NOT_SUPPORTED, "Bind mounting is only supported on container machines.")
-        if not path_is_normalized_absolute(src):
-            raise BusError(errors.INVALID_ARGS, "Source path must be absolute and normalized.")
-        dest = dest or src
-        if not path_is_normalized_absolute(dest):
-            raise BusError(errors.INVALID_ARGS, "Destination path must be absolute and normalized.")
-        await authorize(call, "manage-machines",
-                        {"machine": machine.name, "verb": "bind", "src": src, "dest": dest})  # fmt: skip
-        await access.bind_mount(machine, src, dest, read_only, mkdir)
+        await machine_calls.bind_mount(access, machine, src, dest, read_only, mkdir, partial(authorize, call))
 
     return {
         "BindMount": bind_mount,
