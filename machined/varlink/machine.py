@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from machined import errors, lifecycle
+from machined import errors, idmap, lifecycle, machine_calls
 from machined.access import MachineAccess
 from machined.caller import Authorize
 from machined.errors import BusError
@@ -26,7 +26,8 @@ from machined.manager import MachineManager
 from machined.naming import HOST_MACHINE_NAME, hostname_is_valid
 from machined.registration import SIGNAL_MAX, validate_registration
 from machined.varlink.interfaces import IO_SYSTEMD_MACHINE, IO_SYSTEMD_SERVICE
-from machined.varlink.server import Call, Service, VarlinkError, invalid_parameter
+from machined.varlink.server import Call, Reply, Service, VarlinkError, invalid_parameter
+from machined.worker import LIMITS_EXCEEDED
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,17 @@ VMADDR_CID_ANY = 0xFFFFFFFF
 PolkitCheck = Callable[..., Awaitable[None]]
 
 
-def varlink_authorizer(check: PolkitCheck | None, bus: Any, call: Call) -> Authorize:
-    """The polkit question for the peer of *call*: its process (pidfd) and UID; 262 names the
-    machine ``name`` in the details where D-Bus says ``machine``."""
+def varlink_authorizer(check: PolkitCheck | None, bus: Any, call: Call, rename: bool = True,
+                       extra: dict[str, str] | None = None) -> Authorize:  # fmt: skip
+    """The polkit question for the peer of *call*: its process (pidfd) and UID. Most of 262's
+    varlink methods name the machine ``name`` in the details where D-Bus says ``machine``
+    (*rename*; Open keeps ``machine``); *extra* details are added (Open's shell: verb, command line)."""
 
     async def authorize(action: str, details: dict[str, str]) -> None:
-        details = {("name" if key == "machine" else key): value for key, value in details.items()}
+        if rename:
+            details = {("name" if key == "machine" else key): value for key, value in details.items()}
+        if extra:
+            details = {**details, **extra}
         if call.peer.uid_value == 0:
             return
         if check is None:
@@ -86,8 +92,8 @@ class MachineVarlink:
         self.bus = bus
         self._host_pidfd_id: int | None = None
 
-    def authorizer(self, call: Call) -> Authorize:
-        return varlink_authorizer(self.polkit, self.bus, call)
+    def authorizer(self, call: Call, rename: bool = True, extra: dict[str, str] | None = None) -> Authorize:
+        return varlink_authorizer(self.polkit, self.bus, call, rename, extra)
 
     # ----- lookups -----------------------------------------------------------------------------
 
@@ -259,6 +265,167 @@ class MachineVarlink:
         machine = self.require(call)
         await lifecycle.kill(self.manager, machine, call.parameters.get("whom") or "", signal, self.authorizer(call))
 
+    # ----- inside the machine ------------------------------------------------------------------
+
+    async def open(self, call: Call) -> Reply:
+        params = call.parameters
+        mode = params["mode"]
+        user = params.get("user")
+        if user is not None and not _valid_user_name(user):
+            raise invalid_parameter("user")
+        path = params.get("path")
+        if path is not None and not _path_ok(path):
+            raise invalid_parameter("path")
+        env = params.get("environment") or []
+        extra = None
+        if mode == "shell":
+            try:
+                user, program, argv = machine_calls.shell_arguments(user or "", path or "", params.get("args") or [],
+                                                                    env)  # fmt: skip
+            except BusError as e:
+                raise invalid_parameter(e.parameter or "environment") from None
+            extra = {"verb": "shell", "command_line": " ".join(argv)}
+        machine = self.require(call)
+        authorize = self.authorizer(call, rename=False, extra=extra)
+        try:
+            if mode == "tty":
+                fd, pty_path = await machine_calls.open_pty(self.access, machine, authorize)
+            elif mode == "login":
+                fd, pty_path = await machine_calls.open_login(self.access, machine, authorize)
+            else:
+                fd, pty_path = await machine_calls.open_shell(
+                    self.access, machine, user or "", path or "", params.get("args") or [], env, authorize
+                )
+        except BusError as e:
+            raise _remap(e, {errors.NOT_SUPPORTED: errors.VL_NOT_SUPPORTED}, no_ipc=True) from None
+        return Reply({"ptyFileDescriptor": 0, "ptyPath": pty_path}, [fd])
+
+    async def open_root_directory(self, call: Call) -> Reply:
+        machine = self.require(call)
+        try:
+            fd = await machine_calls.open_root_directory(self.access, machine, self.authorizer(call))
+        except BusError as e:
+            raise _remap(e, {errors.NOT_SUPPORTED: errors.VL_NOT_SUPPORTED}) from None
+        return Reply({"fileDescriptor": 0}, [fd])
+
+    def _paths(self, call: Call) -> tuple[str, str]:
+        src, dest = call.parameters["source"], call.parameters.get("destination")
+        if not _path_ok(src):
+            raise invalid_parameter("source")
+        if dest is not None and not _path_ok(dest):
+            raise invalid_parameter("destination")
+        return src, dest or src
+
+    async def bind_mount(self, call: Call) -> None:
+        src, dest = self._paths(call)
+        machine = self.require(call)
+        if machine.machine_class is not MachineClass.CONTAINER:
+            raise VarlinkError(errors.VL_NOT_SUPPORTED)
+        params = call.parameters
+        try:
+            await machine_calls.bind_mount(self.access, machine, src, dest, params.get("readOnly") is True,
+                                           params.get("mkdir") is True, self.authorizer(call))  # fmt: skip
+        except BusError as e:
+            raise _remap(e, {errors.NOT_SUPPORTED: errors.VL_NOT_SUPPORTED}) from None
+
+    async def _copy(self, call: Call, copy_from: bool) -> None:
+        operations = self.manager.operations
+        if operations.running >= operations.limit:
+            raise VarlinkError(errors.VARLINK_MACHINE + "TooManyOperations")
+        src, dest = self._paths(call)
+        machine = self.require(call)
+        if machine.machine_class is not MachineClass.CONTAINER:
+            raise VarlinkError(errors.VL_NOT_SUPPORTED)
+        try:
+            await machine_calls.copy(self.access, machine, copy_from, src, dest, call.parameters.get("replace") is True,
+                                     self.authorizer(call))  # fmt: skip
+        except BusError as e:
+            raise _remap(e, {errors.NOT_SUPPORTED: errors.VL_NOT_SUPPORTED,
+                             LIMITS_EXCEEDED: errors.VARLINK_MACHINE + "TooManyOperations"}) from None  # fmt: skip
+
+    async def copy_from(self, call: Call) -> None:
+        await self._copy(call, True)
+
+    async def copy_to(self, call: Call) -> None:
+        await self._copy(call, False)
+
+    # ----- UID/GID mapping ---------------------------------------------------------------------
+
+    @staticmethod
+    def _ids(call: Call) -> tuple[int | None, int | None]:
+        out = []
+        for key in ("uid", "gid"):
+            value = call.parameters.get(key)
+            if value is None:
+                out.append(None)
+                continue
+            number = _int(value)
+            if number is None or not 0 <= number < 2**32 or not idmap.id_is_valid(number):
+                raise invalid_parameter(key)
+            out.append(number)
+        return out[0], out[1]
+
+    async def map_from(self, call: Call) -> dict[str, Any]:
+        uid, gid = self._ids(call)
+        machine = self.require(call)
+        if machine.machine_class is not MachineClass.CONTAINER:
+            raise VarlinkError(errors.VL_NOT_SUPPORTED)
+        out: dict[str, Any] = {}
+        for key, inner, error in (("uid", uid, errors.VL_NO_SUCH_USER), ("gid", gid, errors.VL_NO_SUCH_GROUP)):
+            if inner is None:
+                continue
+            try:
+                out[key] = self.access.map_from_machine(machine.name, inner, key)
+            except BusError as e:
+                if e.name in (errors.NO_SUCH_USER_MAPPING, errors.NO_SUCH_GROUP_MAPPING):
+                    raise VarlinkError(error) from None
+                raise
+        return out
+
+    async def map_to(self, call: Call) -> dict[str, Any]:
+        uid, gid = self._ids(call)
+        if uid is not None and uid < 0x10000:
+            raise VarlinkError(errors.VL_USER_IN_HOST_RANGE)
+        if gid is not None and gid < 0x10000:
+            raise VarlinkError(errors.VL_GROUP_IN_HOST_RANGE)
+        found: dict[str, tuple[Machine, int]] = {}
+        for key, outer, error in (("uid", uid, errors.VL_NO_SUCH_USER), ("gid", gid, errors.VL_NO_SUCH_GROUP)):
+            if outer is None:
+                continue
+            try:
+                found[key] = self.access.map_to_machine(outer, key)
+            except BusError as e:
+                if e.name in (errors.NO_SUCH_USER_MAPPING, errors.NO_SUCH_GROUP_MAPPING):
+                    raise VarlinkError(error) from None
+                raise
+        machines = {id(m): m for m, _ in found.values()}
+        if len(machines) != 1:  # none asked for, or two different machines
+            raise VarlinkError(errors.VL_NO_SUCH_MACHINE)
+        out: dict[str, Any] = {key: inner for key, (_, inner) in found.items()}
+        out["machineName"] = next(iter(machines.values())).name
+        return out
+
+
+def _valid_user_name(name: str) -> bool:
+    """What 262 accepts as a user name here (relaxed rules: no control characters, ':' or '/')."""
+    return bool(name) and len(name) <= 256 and not any(c in name for c in ":/\n\t") and name not in (".", "..")
+
+
+def _path_ok(path: Any) -> bool:
+    """json_dispatch_path: an absolute, valid path."""
+    return isinstance(path, str) and path.startswith("/") and "\0" not in path and len(path) < 4096
+
+
+def _remap(error: BusError, names: dict[str, str], no_ipc: bool = False) -> Exception:
+    """262's varlink error for a failure the core reports with a D-Bus name."""
+    if no_ipc and error.name == errors.errno_error_name(2) and "no system bus" in error.message.lower():
+        return VarlinkError(errors.VL_NO_IPC)
+    if error.name in names:
+        return VarlinkError(names[error.name])
+    if error.name == errors.ACCESS_DENIED or error.errno in (1, 13):
+        return VarlinkError(errors.VL_PERMISSION_DENIED)
+    return error
+
 
 def _address_error(e: BusError) -> str | None:
     if e.name == errors.NO_PRIVATE_NETWORKING:
@@ -310,6 +477,13 @@ def machine_service(manager: MachineManager, access: MachineAccess | None = None
     service.bind(IFACE + "Unregister", handlers.unregister)
     service.bind(IFACE + "Terminate", handlers.terminate)
     service.bind(IFACE + "Kill", handlers.kill)
+    service.bind(IFACE + "Open", handlers.open)
+    service.bind(IFACE + "OpenRootDirectory", handlers.open_root_directory)
+    service.bind(IFACE + "BindMount", handlers.bind_mount)
+    service.bind(IFACE + "CopyFrom", handlers.copy_from)
+    service.bind(IFACE + "CopyTo", handlers.copy_to)
+    service.bind(IFACE + "MapFrom", handlers.map_from)
+    service.bind(IFACE + "MapTo", handlers.map_to)
 
     def privileged(call: Call) -> None:
         if call.peer.uid_value != 0:

@@ -41,7 +41,11 @@ def test_varlink_error_of(error: BusError, expected: tuple) -> None:
 
 def test_errno_errors_keep_their_dbus_names() -> None:
     e = BusError.from_errno(-errno.ESRCH)
-    assert (e.name, e.message, e.errno) == ("org.freedesktop.DBus.Error.UnixProcessIdUnknown", "No such process", 3)
+    assert (e.name, e.message, e.errno) == (
+        "org.freedesktop.DBus.Error.UnixProcessIdUnknown",
+        "No such process",
+        3,
+    )
 
 
 @pytest.mark.parametrize(
@@ -59,11 +63,17 @@ def test_registration_errors_name_their_varlink_field(args: tuple, field: str) -
     with pytest.raises(BusError) as caught:
         validate_registration(*args)
     assert caught.value.name == errors.INVALID_ARGS  # D-Bus: unchanged
-    assert varlink_error(caught.value) == ("org.varlink.service.InvalidParameter", {"parameter": field})
+    assert varlink_error(caught.value) == (
+        "org.varlink.service.InvalidParameter",
+        {"parameter": field},
+    )
 
 
 def test_kill_errors_name_their_varlink_field() -> None:
     for who, sig, field in (("nobody", 9, "whom"), ("all", 0, "signal")):
         with pytest.raises(BusError) as caught:
             validate_kill(who, sig)
-        assert varlink_error(caught.value) == ("org.varlink.service.InvalidParameter", {"parameter": field})
+        assert varlink_error(caught.value) == (
+            "org.varlink.service.InvalidParameter",
+            {"parameter": field},
+        )

@@ -167,7 +167,10 @@ async def test_list_with_more_streams_every_machine(served, child) -> None:  # t
     assert a1["class"] == "container" and a1["service"] == "test" and a1["unit"] == "machine-a1.scope"
     assert a1["leader"]["pid"] == child.pid and a1["leader"]["pidfdId"] > 0
     assert replies[2]["parameters"]["leader"]["pid"] == os.getpid()  # no leader: the caller
-    assert [name for name, _ in fake.started] == ["machine-a1.scope", "machine-b2.scope"]
+    assert [name for name, _ in fake.started] == [
+        "machine-a1.scope",
+        "machine-b2.scope",
+    ]
     # with a key and "more", one reply without "continues"
     assert await client.call(L + "List", {"name": "a1"}, more=True) == [{"parameters": a1}]
     # by process: the leader's ProcessId
@@ -201,7 +204,10 @@ async def test_register_checks_as_262(served, child) -> None:  # type: ignore[no
     manager, fake, client, _ = served
 
     def invalid(field: str) -> dict:
-        return {"error": "org.varlink.service.InvalidParameter", "parameters": {"parameter": field}}
+        return {
+            "error": "org.varlink.service.InvalidParameter",
+            "parameters": {"parameter": field},
+        }
 
     base = {"name": "c1", "class": "container", "leader": child.pid}
     assert await client.one(L + "Register", {"class": "container"}) == invalid("name")  # mandatory
@@ -230,7 +236,10 @@ async def test_kill_terminate_unregister(served, child) -> None:  # type: ignore
     manager, fake, client, _ = served
     assert await client.one(L + "Register", {"name": "k1", "class": "vm", "leader": child.pid,
                                              "allocateUnit": True}) == {}  # fmt: skip
-    invalid_signal = {"error": "org.varlink.service.InvalidParameter", "parameters": {"parameter": "signal"}}
+    invalid_signal = {
+        "error": "org.varlink.service.InvalidParameter",
+        "parameters": {"parameter": "signal"},
+    }
     assert await client.one(L + "Kill", {"name": "k1", "signal": 0}) == invalid_signal
     assert await client.one(L + "Kill", {"name": "k1"}) == invalid_signal  # mandatory
     assert await client.one(L + "Kill", {"name": "k1", "signal": 15, "whom": "everybody"}) == {
@@ -243,7 +252,9 @@ async def test_kill_terminate_unregister(served, child) -> None:  # type: ignore
     assert child.wait(5) == -signal.SIGTERM
     # the host cannot be terminated: the errno, as 262's varlink answers it
     assert await client.one(L + "Terminate", {"name": ".host"}) == {
-        "error": "io.systemd.System", "parameters": {"origin": "linux", "errno": 95, "errnoName": "EOPNOTSUPP"}}
+        "error": "io.systemd.System",
+        "parameters": {"origin": "linux", "errno": 95, "errnoName": "EOPNOTSUPP"},
+    }
     assert await client.one(L + "Terminate", {"name": "k1"}) == {}
     assert fake.stopped == ["machine-k1.scope"] and manager.registry.get("k1").stopping
     assert await client.one(L + "Unregister", {"name": "k1"}) == {}
@@ -254,7 +265,11 @@ async def test_kill_terminate_unregister(served, child) -> None:  # type: ignore
 async def test_introspection_and_protocol(served) -> None:  # type: ignore[no-untyped-def]
     _, _, client, path = served
     info = (await client.one("org.varlink.service.GetInfo"))["parameters"]
-    assert info["interfaces"] == ["io.systemd.Machine", "io.systemd.service", "org.varlink.service"]
+    assert info["interfaces"] == [
+        "io.systemd.Machine",
+        "io.systemd.service",
+        "org.varlink.service",
+    ]
     description = (await client.one("org.varlink.service.GetInterfaceDescription",
                                     {"interface": "io.systemd.Machine"}))["parameters"]["description"]  # fmt: skip
     assert description.startswith("interface io.systemd.Machine\n\ntype AcquireMetadata(\n\tno,\n")
@@ -276,7 +291,14 @@ async def test_introspection_and_protocol(served) -> None:  # type: ignore[no-un
 async def test_peer_credentials_and_polkit_subject(tmp_path: Path) -> None:
     seen: list[Any] = []
 
-    async def check(bus: Any, subject: PolkitSubject, uid: int, action: str, details: dict, interactive: bool) -> None:
+    async def check(
+        bus: Any,
+        subject: PolkitSubject,
+        uid: int,
+        action: str,
+        details: dict,
+        interactive: bool,
+    ) -> None:
         seen.append((subject.kind, subject.pidfd >= 0, uid, action, details, interactive))
 
     from machined.varlink.server import Service
@@ -303,7 +325,16 @@ async def test_peer_credentials_and_polkit_subject(tmp_path: Path) -> None:
     assert peer.pid == os.getpid() and peer.gid == os.getgid()
     assert peer.pidfd_id > 0  # pinned by SO_PEERPIDFD (or pidfd_open of its PID)
     # asked about the process (pidfd) and its UID; 262 calls the machine "name" in the details
-    assert seen == [("unix-process", True, 1000, "manage-machines", {"name": "m", "verb": "kill"}, True)]
+    assert seen == [
+        (
+            "unix-process",
+            True,
+            1000,
+            "manage-machines",
+            {"name": "m", "verb": "kill"},
+            True,
+        )
+    ]
 
 
 async def test_error_after_streamed_replies_keeps_them(tmp_path: Path) -> None:
@@ -353,3 +384,85 @@ async def test_file_descriptors_travel_with_the_reply(tmp_path: Path) -> None:
     assert data == b'{"parameters":{"fileDescriptor":0}}\0'
     assert len(fds) == 1 and os.readlink(f"/proc/self/fd/{fds[0]}") == "/dev/null"
     os.close(fds[0])
+
+
+async def test_inside_methods_on_the_host_and_refusals(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, client, path = served
+    not_supported = {"error": "io.systemd.Machine.NotSupported"}
+    # the host's root directory and a PTY, passed with the reply
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, path)
+        sock.sendall(b'{"method":"io.systemd.Machine.OpenRootDirectory","parameters":{"name":".host"}}\0')
+        data, fds, _, _ = await asyncio.to_thread(socket.recv_fds, sock, 4096, 4)
+        assert data == b'{"parameters":{"fileDescriptor":0}}\0'
+        assert os.readlink(f"/proc/self/fd/{fds[0]}") == "/"
+        os.close(fds[0])
+        sock.sendall(b'{"method":"io.systemd.Machine.Open","parameters":{"name":".host","mode":"tty"}}\0')
+        data, fds, _, _ = await asyncio.to_thread(socket.recv_fds, sock, 4096, 4)
+        reply = json.loads(data[:-1])
+        assert reply["parameters"]["ptyFileDescriptor"] == 0 and reply["parameters"]["ptyPath"].startswith("/dev/pts/")
+        assert os.readlink(f"/proc/self/fd/{fds[0]}") == "/dev/ptmx"
+        os.close(fds[0])
+    finally:
+        sock.close()
+    assert await client.one(L + "Open", {"name": ".host", "mode": "bogus"}) == {
+        "error": "org.varlink.service.InvalidParameter",
+        "parameters": {"parameter": "mode"},
+    }
+    assert await client.one(L + "Open", {"name": ".host", "mode": "shell", "path": "bin/sh"}) == {
+        "error": "org.varlink.service.InvalidParameter",
+        "parameters": {"parameter": "path"},
+    }
+    assert await client.one(L + "BindMount", {"name": ".host", "source": "/tmp"}) == not_supported
+    assert await client.one(L + "BindMount", {"name": ".host", "source": "tmp"}) == {
+        "error": "org.varlink.service.InvalidParameter",
+        "parameters": {"parameter": "source"},
+    }
+    assert await client.one(L + "CopyTo", {"name": ".host", "source": "/etc/hostname"}) == not_supported
+    assert await client.one(L + "CopyFrom", {"name": "nope", "source": "/a", "destination": "/b"}) == {
+        "error": "io.systemd.Machine.NoSuchMachine"
+    }
+    assert await client.one(L + "MapFrom", {"name": ".host", "uid": 5}) == not_supported
+    assert await client.one(L + "MapTo", {"uid": 100}) == {"error": "io.systemd.Machine.UserInHostRange"}
+    assert await client.one(L + "MapTo", {"gid": 65534}) == {"error": "io.systemd.Machine.GroupInHostRange"}
+    assert await client.one(L + "MapTo", {"uid": 300000}) == {"error": "io.systemd.Machine.NoSuchUser"}
+    assert await client.one(L + "MapTo", {}) == {"error": "io.systemd.Machine.NoSuchMachine"}
+    assert await client.one(L + "MapTo", {"uid": 4294967295}) == {
+        "error": "org.varlink.service.InvalidParameter",
+        "parameters": {"parameter": "uid"},
+    }
+
+
+async def test_user_mapping_of_a_container(served) -> None:  # type: ignore[no-untyped-def]
+    """A leader in a user namespace mapping container 0..65535 to host 200000..: MapFrom and MapTo."""
+    _, _, client, _ = served
+    process = subprocess.Popen(["unshare", "--user", "sleep", "60"])
+    try:
+        for _ in range(100):
+            if os.readlink(f"/proc/{process.pid}/ns/user") != os.readlink("/proc/self/ns/user"):
+                break
+            await asyncio.sleep(0.02)
+        for kind in ("uid", "gid"):
+            with open(f"/proc/{process.pid}/{kind}_map", "w") as f:
+                f.write("0 200000 65536\n")
+        assert (
+            await client.one(
+                L + "Register", {"name": "ns1", "class": "container", "leader": process.pid, "allocateUnit": True}
+            )
+            == {}
+        )
+        assert await client.one(L + "MapFrom", {"name": "ns1", "uid": 5, "gid": 7}) == {
+            "parameters": {"uid": 200005, "gid": 200007}
+        }
+        assert await client.one(L + "MapFrom", {"name": "ns1", "uid": 70000}) == {
+            "error": "io.systemd.Machine.NoSuchUser"
+        }
+        assert await client.one(L + "MapTo", {"uid": 200005, "gid": 200007}) == {
+            "parameters": {"uid": 5, "gid": 7, "machineName": "ns1"}
+        }
+        reply = await client.one(L + "List", {"name": "ns1", "acquireMetadata": "graceful"})
+        assert reply["parameters"]["UIDShift"] == 200000
+    finally:
+        process.kill()
+        process.wait()
