@@ -28,7 +28,13 @@ async def terminate(manager: MachineManager, machine: Machine, authorize: Author
     await manager.terminate(machine)
 
 
-async def kill(manager: MachineManager, machine: Machine, who: str, signal: int, authorize: Authorize) -> None:
+async def kill(
+    manager: MachineManager,
+    machine: Machine,
+    who: str,
+    signal: int,
+    authorize: Authorize,
+) -> None:
     who = validate_kill(who, signal)
     await authorize("manage-machines", {"machine": machine.name, "verb": "kill"})
     await manager.kill(machine, who, signal)
