@@ -112,6 +112,20 @@ def test_boot_failure_shows_systemds_last_lines(monkeypatch) -> None:  # type: i
     assert not any(Path(c).exists() for c in sb.info.cgroups)
 
 
+def _descends(pid: int, ancestor: int) -> bool:
+    for _ in range(8):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+    return False
+
+
 def test_ctrl_c_tears_the_sandbox_down() -> None:
     import signal
     import time
@@ -122,7 +136,8 @@ def test_ctrl_c_tears_the_sandbox_down() -> None:
     new: set[str] = set()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not new:
-        new = {info.id for info, alive in Sandbox.list() if alive} - before
+        # this CLI's sandbox, not one that another test run started meanwhile
+        new = {info.id for info, alive in Sandbox.list() if alive and _descends(info.init_pid, cli.pid)} - before
         time.sleep(0.1)
     assert new, "the sandbox did not come up"
     (sid,) = new
