@@ -200,3 +200,50 @@ IO_SYSTEMD_MACHINE = Interface(
         ),  # fmt: skip
     ],
 )
+
+_IMAGE_LOOKUP = (req("name", "string"), _POLKIT)
+
+IO_SYSTEMD_MACHINE_IMAGE = Interface(
+    "io.systemd.MachineImage",
+    [
+        TypeDef("AcquireMetadata", Enum(("no", "yes", "graceful"))),
+        Method(
+            "List",
+            (opt("name", "string"), opt("acquireMetadata", "AcquireMetadata"), _POLKIT),
+            (
+                req("name", "string"),
+                opt("path", "string"),
+                req("type", "string"),
+                req("class", "string"),
+                req("readOnly", "bool"),
+                opt("creationTimestamp", "int"),
+                opt("modificationTimestamp", "int"),
+                opt("usage", "int"),
+                opt("usageExclusive", "int"),
+                opt("limit", "int"),
+                opt("limitExclusive", "int"),
+                opt("hostname", "string"),
+                opt("machineId", "string"),
+                opt("machineInfo", "string", array=True),
+                opt("OSRelease", "string", array=True),
+            ),
+            more="supports",
+        ),
+        Method(
+            "Update",
+            (req("name", "string"), opt("newName", "string"), opt("readOnly", "bool"), opt("limit", "int"), _POLKIT),
+        ),
+        Method("Clone", (*_IMAGE_LOOKUP, req("newName", "string"), opt("readOnly", "bool"))),
+        Method("Remove", _IMAGE_LOOKUP),
+        Method("SetPoolLimit", (req("limit", "int"), _POLKIT)),
+        Method(
+            "CleanPool",
+            (req("mode", "string"), _POLKIT),
+            (req("name", "string"), opt("usageExclusive", "int")),
+            more="requires",
+        ),
+        Error("NoSuchImage"),
+        Error("TooManyOperations"),
+        Error("NotSupported"),
+    ],
+)

@@ -503,6 +503,9 @@ def machine_service(manager: MachineManager, access: MachineAccess | None = None
         privileged(call)
         return {"environment": [f"{key}={value}" for key, value in os.environ.items()]}
 
+    from machined.varlink.image import bind_image_methods
+
+    bind_image_methods(service, manager, lambda call: handlers.authorizer(call, rename=False))
     service.bind("io.systemd.service.Ping", ping)
     service.bind("io.systemd.service.SetLogLevel", set_log_level)
     service.bind("io.systemd.service.GetEnvironment", get_environment)

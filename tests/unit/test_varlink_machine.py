@@ -267,6 +267,7 @@ async def test_introspection_and_protocol(served) -> None:  # type: ignore[no-un
     info = (await client.one("org.varlink.service.GetInfo"))["parameters"]
     assert info["interfaces"] == [
         "io.systemd.Machine",
+        "io.systemd.MachineImage",
         "io.systemd.service",
         "org.varlink.service",
     ]
