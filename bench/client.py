@@ -20,8 +20,14 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
+
+if __name__ == "__main__" and sys.argv[1:2] == ["responder"]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import machined.lean  # noqa: F401  (as the daemon starts: asyncio and dbus-fast without OpenSSL)
 
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
@@ -202,7 +208,41 @@ async def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     await in_flight([bus], lambda i: manager_call("TerminateMachine", "s", [f"b{i}"]), n, 32)
     await until_listed(bus, 1)
     out["terminate_until_gone_s"] = time.perf_counter() - t
+    # What a round trip costs without the daemon: to the bus itself, and to a responder that
+    # answers Ping with dbus-fast and asyncio doing nothing else (the daemon stopped meanwhile).
+    out["bus_ping_ms"] = await sequential(bus, lambda i: Message(
+        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
+        member="GetId"), calls)  # fmt: skip
+    subprocess.run(["systemctl", "stop", args.service], check=True)
+    responder = subprocess.Popen([sys.executable, __file__, "responder", args.service], stdout=subprocess.PIPE, text=True)
+    try:
+        assert responder.stdout is not None and responder.stdout.readline().strip() == "ready"
+        out["floor_ping_ms"] = await sequential(bus, ping, calls)
+    finally:
+        responder.kill()
+        responder.wait()
     return out
+
+
+async def responder() -> None:
+    """The floor: org.freedesktop.machine1 answered by dbus-fast and asyncio alone (set up as the
+    daemon sets them up: no OpenSSL, descriptors negotiated), every call with an empty reply."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dbus_fast import MessageFlag
+
+    bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
+
+    def answer(msg: Message) -> bool:
+        if msg.message_type is not MessageType.METHOD_CALL:
+            return False
+        bus.send(Message(message_type=MessageType.METHOD_RETURN, reply_serial=msg.serial, destination=msg.sender,
+                         flags=MessageFlag.NO_REPLY_EXPECTED, validate=False))  # fmt: skip
+        return True
+
+    bus.add_message_handler(answer)
+    await bus.request_name(DEST)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
 
 
 async def bench_big(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,7 +266,7 @@ async def bench_big(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["main", "big"])
+    ap.add_argument("mode", choices=["main", "big", "responder"])
     ap.add_argument("service")
     ap.add_argument("--machines", type=int, default=1000)
     ap.add_argument("--calls", type=int, default=2000)
@@ -234,6 +274,9 @@ def main() -> None:
     ap.add_argument("--list-calls", type=int, default=200)
     ap.add_argument("--machinectl", type=int, default=5)
     args = ap.parse_args()
+    if args.mode == "responder":
+        asyncio.run(responder())
+        return
     result = asyncio.run(bench_main(args) if args.mode == "main" else bench_big(args))
     print(json.dumps(result))
 

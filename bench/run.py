@@ -54,7 +54,11 @@ ROWS = [
     ("CreateMachine sequential p50", "create_sequential_ms", "p50", "ms", None),
     ("CreateMachine 32 in flight, per machine", "create_32_in_flight_s", "per_machine", "ms", None),
     ("TerminateMachine ×{n} (32 in flight) until gone", "terminate_until_gone_s", "value", "s", None),
+    ("GetId of dbus-daemon itself (one hop, no daemon)", "bus_ping_ms", "p50", "ms", None),
 ]
+# The floor: ours' column is a responder doing nothing but answer with dbus-fast and asyncio, measured
+# in ours' sandbox with the daemon stopped; the ratio is to real 252's Peer.Ping.
+FLOOR_ROW = ("Peer.Ping, bare dbus-fast responder vs 252 (floor)", "floor_ping_ms", "ping_ms")
 BIG_ROWS = [
     ("{big}: CreateMachine (4 conns, 128 in flight)", "create_s", "value", "s"),
     ("{big}: ListMachines p50", "list_machines_ms", "p50", "ms"),
@@ -137,6 +141,12 @@ def main() -> int:
         goal_text = "" if goal is None else (f"≤ {goal[1]}×" if goal[0] == "ratio" else f"≤ {goal[1]:g} {unit}")
         table.append({"operation": label.format(n=f"{n:,}"), "unit": unit, "real": real, "ours": ours,
                       "ratio": ratio, "goal": goal_text, "met": met})  # fmt: skip
+    label, key, real_key = FLOOR_ROW
+    if samples["real"] and samples["ours"]:
+        real = statistics.median(statistics.median(s[real_key]) for s in samples["real"])
+        ours = statistics.median(statistics.median(s[key]) for s in samples["ours"])
+        table.append({"operation": label, "unit": "ms", "real": real, "ours": ours, "ratio": ours / real,
+                      "goal": "", "met": None})  # fmt: skip
     for label, key, how, unit in BIG_ROWS:
         ours = statistics.median(one_value(s, key, how) for s in big) if big else None
         table.append({"operation": label.format(big=f"{args.big:,} machines, stock bus"), "unit": unit,
