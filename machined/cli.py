@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--machine-socket",
         default=None,
-        help="varlink socket serving io.systemd.Machine (default: the sockets systemd passes, else "
-        "/run/systemd/machine/io.systemd.Machine{,Image} on the system bus only; '' for none)",
+        help="varlink socket serving io.systemd.Machine and io.systemd.MachineImage (default: the socket "
+        "systemd passes, else /run/systemd/machine/io.systemd.Machine on the system bus only; '' for none)",
     )
     parser.add_argument(
         "--log-level",

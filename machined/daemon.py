@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 BUS_NAME = "org.freedesktop.machine1"
 STATE_DIR = "/run/systemd/machines"
 USERDB_SOCKET = "/run/systemd/userdb/io.systemd.Machine"
-# io.systemd.Machine and io.systemd.MachineImage: one service on both (262), and their entries
-# in the varlink registry.
-MACHINE_SOCKETS = ["/run/systemd/machine/io.systemd.Machine", "/run/systemd/machine/io.systemd.MachineImage"]
+# io.systemd.Machine and io.systemd.MachineImage: one socket serving both, the second name a
+# symbolic link to it, both listed in the varlink registry (as 262).
+MACHINE_SOCKET = "/run/systemd/machine/io.systemd.Machine"
+MACHINE_IMAGE_LINK = "/run/systemd/machine/io.systemd.MachineImage"
 VARLINK_REGISTRY = "/run/varlink/registry"
 IDENTIFIER = "machined"
 
@@ -179,8 +180,8 @@ class Daemon:
             self.userdb = None
 
     async def _start_machine_varlink(self) -> None:
-        """io.systemd.Machine over varlink (262): on the sockets systemd passed us (socket
-        activation, FileDescriptorName=varlink), else on paths we bind ourselves."""
+        """io.systemd.Machine over varlink (262): on the socket systemd passed us (socket
+        activation, FileDescriptorName=varlink), else on the path we bind ourselves."""
         from machined.bus import polkit
         from machined.varlink import machine as machine_varlink
         from machined.varlink.server import listen_fds
@@ -189,7 +190,7 @@ class Daemon:
         if sockets:
             paths: list[str] = []
         elif self.machine_socket is None:
-            paths = MACHINE_SOCKETS if self.bus_address is None else []
+            paths = [MACHINE_SOCKET] if self.bus_address is None else []
         else:
             paths = [self.machine_socket] if self.machine_socket else []
         if not sockets and not paths:
@@ -204,8 +205,10 @@ class Daemon:
             log.warning("Not serving io.systemd.Machine on %s: %s", ", ".join(paths), e)
             self.machine_varlink = None
             return
-        if paths == MACHINE_SOCKETS or sockets:
-            _link_registry(MACHINE_SOCKETS)
+        if paths == [MACHINE_SOCKET] or sockets:
+            for link in (MACHINE_IMAGE_LINK, *(os.path.join(VARLINK_REGISTRY, os.path.basename(p))
+                                               for p in (MACHINE_SOCKET, MACHINE_IMAGE_LINK))):  # fmt: skip
+                _symlink(MACHINE_SOCKET, link)
 
     def _start_metrics(self) -> None:
         """Export metrics if asked to; prometheus_client is imported only then."""
@@ -262,26 +265,21 @@ class Daemon:
         raise StartupError(f"{BUS_NAME} is already owned on this bus{owner}; is systemd-machined running?")
 
 
-def _link_registry(paths: list[str]) -> None:
-    """/run/varlink/registry/NAME → our socket, for each service (as 262 lists them)."""
+def _symlink(target: str, link: str) -> None:
+    """*link* → *target*, replaced atomically if it points elsewhere; failures only logged."""
     try:
-        os.makedirs(VARLINK_REGISTRY, mode=0o755, exist_ok=True)
-    except OSError:
-        return
-    for path in paths:
-        link = os.path.join(VARLINK_REGISTRY, os.path.basename(path))
+        if os.path.islink(link) and os.readlink(link) == target:
+            return
+        os.makedirs(os.path.dirname(link), mode=0o755, exist_ok=True)
+        tmp = link + ".machined"
         try:
-            if os.path.islink(link) and os.readlink(link) == path:
-                continue
-            tmp = link + ".machined"
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            os.symlink(path, tmp)
-            os.rename(tmp, link)
-        except OSError as e:
-            log.debug("Cannot list %s in the varlink registry: %s", path, e)
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        os.symlink(target, tmp)
+        os.rename(tmp, link)
+    except OSError as e:
+        log.debug("Cannot link %s to %s: %s", link, target, e)
 
 
 def known_methods() -> set[tuple[str, str]]:

@@ -11,6 +11,7 @@ machine), as 262 does for every method that takes a machine.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import uuid
@@ -68,6 +69,20 @@ def _int(value: Any) -> int | None:
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         return int(value)
     return None
+
+
+_BOOT_ID: list[str] = []
+
+
+def _boot_id() -> str:
+    """This boot's ID as 262 qualifies pidfd ids with it (32 hex digits)."""
+    if not _BOOT_ID:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                _BOOT_ID.append(f.read().strip().replace("-", ""))
+        except OSError:
+            _BOOT_ID.append("")
+    return _BOOT_ID[0]
 
 
 def _pidfd_id(pid: int) -> int:
@@ -138,7 +153,7 @@ class MachineVarlink:
 
     # ----- List --------------------------------------------------------------------------------
 
-    def _leader(self, machine: Machine) -> dict[str, int] | None:
+    def _leader(self, machine: Machine) -> dict[str, Any] | None:
         if machine.leader <= 0:
             return None
         if machine.is_host:
@@ -148,9 +163,12 @@ class MachineVarlink:
         else:
             ref = machine.leader_ref
             pidfd_id = ref.pidfd_id if ref is not None and ref.pidfd is not None else 0
-        leader = {"pid": machine.leader}
+        leader: dict[str, Any] = {"pid": machine.leader}
         if pidfd_id:
             leader["pidfdId"] = pidfd_id
+            boot_id = _boot_id()
+            if boot_id:
+                leader["bootId"] = boot_id
         return leader
 
     async def describe(self, machine: Machine, metadata: str) -> dict[str, Any]:
@@ -180,6 +198,8 @@ class MachineVarlink:
             out["OSRelease"] = [f"{key}={value}" for key, value in os_release.items()]
         if shift is not None:
             out["UIDShift"] = shift
+        if machine.is_host:
+            out["UID"] = 0  # the registering user (262); only known for the host here
         return out
 
     async def list(self, call: Call) -> dict[str, Any] | None:
@@ -263,7 +283,10 @@ class MachineVarlink:
         if signal is None or not 1 <= signal <= SIGNAL_MAX:
             raise invalid_parameter("signal")
         machine = self.require(call)
-        await lifecycle.kill(self.manager, machine, call.parameters.get("whom") or "", signal, self.authorizer(call))
+        whom = call.parameters.get("whom") or ""
+        if whom == "supervisor":  # 262 tracks the registrant as supervisor; machined knows none
+            raise BusError.from_errno(errno.ESRCH)
+        await lifecycle.kill(self.manager, machine, whom, signal, self.authorizer(call))
 
     # ----- inside the machine ------------------------------------------------------------------
 
@@ -499,6 +522,12 @@ def machine_service(manager: MachineManager, access: MachineAccess | None = None
             raise invalid_parameter("level")
         _set_log_level(level)
 
+    async def get_log_level(call: Call) -> dict[str, Any]:
+        privileged(call)
+        level = logging.getLogger().getEffectiveLevel()
+        return {"level": 7 if level <= logging.DEBUG else 6 if level <= logging.INFO else 4 if level <= logging.WARNING
+                else 3 if level <= logging.ERROR else 2}  # fmt: skip
+
     async def get_environment(call: Call) -> dict[str, Any]:
         privileged(call)
         return {"environment": [f"{key}={value}" for key, value in os.environ.items()]}
@@ -508,5 +537,6 @@ def machine_service(manager: MachineManager, access: MachineAccess | None = None
     bind_image_methods(service, manager, lambda call: handlers.authorizer(call, rename=False))
     service.bind("io.systemd.service.Ping", ping)
     service.bind("io.systemd.service.SetLogLevel", set_log_level)
+    service.bind("io.systemd.service.GetLogLevel", get_log_level)
     service.bind("io.systemd.service.GetEnvironment", get_environment)
     return service

@@ -179,9 +179,10 @@ class Service:
         self.interfaces: dict[str, idl.Interface] = {}
         self.methods: dict[str, MethodSpec] = {}
         if introspection:
-            from machined.varlink.interfaces import ORG_VARLINK_SERVICE
+            from machined.varlink.interfaces import IO_SYSTEMD, ORG_VARLINK_SERVICE
 
             self.add_interface(ORG_VARLINK_SERVICE)
+            self.add_interface(IO_SYSTEMD)
             self.bind("org.varlink.service.GetInfo", self._get_info)
             self.bind("org.varlink.service.GetInterfaceDescription", self._get_interface_description)
 

@@ -266,6 +266,7 @@ async def test_introspection_and_protocol(served) -> None:  # type: ignore[no-un
     _, _, client, path = served
     info = (await client.one("org.varlink.service.GetInfo"))["parameters"]
     assert info["interfaces"] == [
+        "io.systemd",
         "io.systemd.Machine",
         "io.systemd.MachineImage",
         "io.systemd.service",
@@ -273,7 +274,7 @@ async def test_introspection_and_protocol(served) -> None:  # type: ignore[no-un
     ]
     description = (await client.one("org.varlink.service.GetInterfaceDescription",
                                     {"interface": "io.systemd.Machine"}))["parameters"]["description"]  # fmt: skip
-    assert description.startswith("interface io.systemd.Machine\n\ntype AcquireMetadata(\n\tno,\n")
+    assert description.startswith("interface io.systemd.Machine\n\ntype MachineClass(\n\tcontainer,\n")
     assert "\n# [Supports 'more' flag]\nmethod List(\n\tname: ?string,\n\tpid: ?ProcessId," in description
     assert "\nerror NoSuchMachine()\n" in description
     assert await client.one("org.varlink.service.GetInterfaceDescription", {"interface": "x.y"}) == {
