@@ -509,8 +509,8 @@ def machine_service(manager: MachineManager, access: MachineAccess | None = None
     service.bind(IFACE + "MapTo", handlers.map_to)
 
     def privileged(call: Call) -> None:
-        if call.peer.uid_value != 0:
-            raise VarlinkError(errors.VL_PERMISSION_DENIED)
+        if call.peer.uid_value != 0:  # 262 answers with the call's own parameters
+            raise VarlinkError(errors.VL_PERMISSION_DENIED, dict(call.parameters))
 
     async def ping(call: Call) -> None:
         return None
@@ -523,7 +523,6 @@ def machine_service(manager: MachineManager, access: MachineAccess | None = None
         _set_log_level(level)
 
     async def get_log_level(call: Call) -> dict[str, Any]:
-        privileged(call)
         level = logging.getLogger().getEffectiveLevel()
         return {"level": 7 if level <= logging.DEBUG else 6 if level <= logging.INFO else 4 if level <= logging.WARNING
                 else 3 if level <= logging.ERROR else 2}  # fmt: skip

@@ -162,3 +162,44 @@ def test_register_terminate_and_nspawn_as_262(real262: Sandbox, ours262: Sandbox
     real, ours = results
     assert '"unit":"machine-vl1.scope"' in real and "systemd-nspawn" in real, real
     assert ours == real
+
+
+UNPRIVILEGED = r"""
+systemd-run --quiet --unit=vl-l1 /bin/sleep 2990
+P=$(systemctl show -p MainPID --value vl-l1)
+V=/run/systemd/machine/io.systemd.Machine
+varlinkctl --json=short call $V io.systemd.Machine.Register "{\"name\":\"vl1\",\"class\":\"container\",\"leader\":$P,\"allocateUnit\":true}"
+N="setpriv --reuid=65534 --regid=65534 --clear-groups varlinkctl --json=short call $V"
+$N io.systemd.Machine.Terminate '{"name":"vl1"}'; echo "rc=$?"
+$N io.systemd.Machine.Unregister '{"name":"vl1"}'; echo "rc=$?"
+$N io.systemd.Machine.Kill '{"name":"vl1","signal":0}'; echo "rc=$?"
+$N io.systemd.Machine.Kill '{"name":"vl1","signal":15}'; echo "rc=$?"
+$N io.systemd.Machine.Terminate '{"name":"vl1","allowInteractiveAuthentication":true}'; echo "rc=$?"
+$N io.systemd.Machine.List '{"name":"vl1"}' | head -c 30; echo
+$N io.systemd.Machine.Open '{"name":"vl1","mode":"tty"}'; echo "rc=$?"
+$N io.systemd.Machine.OpenRootDirectory '{"name":"vl1"}'; echo "rc=$?"
+$N io.systemd.Machine.CopyTo '{"name":"vl1","source":"/etc/hostname"}'; echo "rc=$?"
+$N io.systemd.MachineImage.Remove '{"name":".host"}'; echo "rc=$?"
+$N io.systemd.MachineImage.SetPoolLimit '{"limit":1000000}'; echo "rc=$?"
+$N io.systemd.service.GetEnvironment '{}'; echo "rc=$?"
+$N io.systemd.service.SetLogLevel '{"level":7}'; echo "rc=$?"
+$N io.systemd.service.GetLogLevel '{}'; echo "rc=$?"
+machinectl list --no-legend
+"""
+
+
+def test_unprivileged_callers_as_262(real262: Sandbox, ours262: Sandbox) -> None:
+    """A caller that is not root is asked about at polkit as its process (no agent, no session:
+    interactive authentication required) or refused; nothing happens to the machine.
+
+    Register is left out: its actions (create-machine, register-machine) are not in the polkit
+    policy machined ships (252's), so polkit refuses them (PermissionDenied, not
+    InteractiveAuthenticationRequired)."""
+    results = []
+    for sb in (real262, ours262):
+        _wake(sb)
+        r = sb.run(["bash", "-c", UNPRIVILEGED], check=False, timeout=300)
+        results.append(r.stdout + "\n" + r.stderr)
+    real, ours = results
+    assert real.count("io.systemd.InteractiveAuthenticationRequired") == 9, real
+    assert ours == real
