@@ -12,8 +12,8 @@ booted container (``boot_container``), OpenMachineLogin and ``machinectl shell N
 /bin/true``. It prints the median
 of each, ours/real, and saves everything as JSON (``--out``, default
 bench/inside.json). The very first look (cold: ours starts its fork server and the
-container's helper then) has a row of its own; so do the resident memory of the
-daemon and of its helper processes.
+container's helper then) has a row of its own; the memory of the daemon and of its
+children (fork server, spares, helpers: RSS, PSS, private) is printed at the end.
 
 Usage: .venv/bin/python bench/inside.py [--calls N] [--out FILE]
 A ratio below 1 means ours is faster.
@@ -52,12 +52,19 @@ def rss_kib(pid):
     except (OSError, StopIteration):
         return 0
 
-def pss_kib(pid):
+def rollup_kib(pid, *keys):
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("Pss:"))
-    except (OSError, StopIteration):
+            return sum(int(l.split()[1]) for l in f if l.split(":")[0] in keys)
+    except OSError:
         return 0
+
+def comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 def descendants(pid):
     out = []
@@ -137,9 +144,14 @@ async def main():
             print(json.dumps({
                 "daemon_rss_kib_before_first_look": rss_idle,
                 "daemon_rss_kib": rss_kib(main_pid) if main_pid else 0,
-                "helper_processes": len(helpers),
-                "helper_rss_kib": sum(rss_kib(p) for p in helpers),
-                "helper_pss_kib": sum(pss_kib(p) for p in helpers),
+                "daemon_pss_kib": rollup_kib(main_pid, "Pss") if main_pid else 0,
+                "children": len(helpers),
+                "children_rss_kib": sum(rss_kib(p) for p in helpers),
+                "children_pss_kib": sum(rollup_kib(p, "Pss") for p in helpers),
+                "children_by_name": sorted(
+                    [comm(p), rss_kib(p), rollup_kib(p, "Pss"), rollup_kib(p, "Private_Clean", "Private_Dirty")]
+                    for p in helpers
+                ),
             }), flush=True)
             continue
         op, i = " ".join(words[:-1]), int(words[-1])
@@ -235,7 +247,11 @@ def main() -> int:
         rows.append({"operation": op, "real_ms": r, "ours_ms": o, "ratio": o / r if r else None})
         print(f"{op:<30} {r:>9.2f} {o:>9.2f} {o / r if r else float('inf'):>10.2f}")
     for key, value in data["memory"]["ours"].items():
-        print(f"ours {key}: {value}")
+        if key == "children_by_name":
+            for name, rss, pss, private in value:
+                print(f"ours child {name}: RSS {rss} KiB, PSS {pss} KiB, private {private} KiB")
+        else:
+            print(f"ours {key}: {value}")
     print(f"real daemon_rss_kib: {data['memory']['real']['daemon_rss_kib']}")
     Path(args.out).write_text(json.dumps({"calls": args.calls, "rows": rows, **data}, indent=1))
     print(f"saved {args.out}")

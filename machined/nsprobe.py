@@ -59,12 +59,9 @@ def setns(fd: int, nstype: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-def pidfd_pid(pidfd: int, proc: str | int = "/proc") -> int:
+def pidfd_pid(pidfd: int) -> int:
     """The PID *pidfd* names (in our PID namespace); -1 once its process was reaped."""
-    flags = os.O_RDONLY | os.O_CLOEXEC
-    fd = os.open(f"self/fdinfo/{pidfd}", flags, dir_fd=proc) if isinstance(proc, int) else \
-        os.open(f"{proc}/self/fdinfo/{pidfd}", flags)  # fmt: skip
-    with open(fd, "rb") as f:
+    with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
         for line in f:
             if line.startswith(b"Pid:"):
                 return int(line.split()[1])
@@ -95,18 +92,18 @@ def enter_container(leader: int, leader_fd: int, net: bool = False) -> None:
     try:
         userns = open_leader_file(leader, leader_fd, "ns/user", os.O_RDONLY)
         try:
-            own_user = os.fstat(userns).st_ino != os.stat("/proc/self/ns/user").st_ino
+            join_user = os.fstat(userns).st_ino != os.stat("/proc/self/ns/user").st_ino
         finally:
             os.close(userns)
         # All at once; joining our own user namespace would be EINVAL.
-        setns(leader_fd, CLONE_NEWNS | (CLONE_NEWNET if net else 0) | (CLONE_NEWUSER if own_user else 0))
+        setns(leader_fd, CLONE_NEWNS | (CLONE_NEWNET if net else 0) | (CLONE_NEWUSER if join_user else 0))
         # Not to be ptraced from inside, and (new credentials reset it) killed with the fork server.
         _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
         _libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
         os.fchdir(root)
         os.chroot(".")
         os.chdir("/")
-        if own_user:
+        if join_user:
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
     finally:
