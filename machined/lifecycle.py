@@ -15,6 +15,7 @@ from machined.caller import Authorize
 from machined.errors import BusError
 from machined.machine import Machine
 from machined.manager import MachineManager
+from machined.process import ProcessRef
 from machined.registration import RegistrationRequest, validate_kill
 
 
@@ -53,10 +54,29 @@ def process_owner(pid: int) -> int | None:
 
 
 async def register(manager: MachineManager, req: RegistrationRequest, allocate_unit: bool, caller_uid: int,
-                   authorize: Authorize) -> Machine:  # fmt: skip
+                   authorize: Authorize, supervisor: ProcessRef | None = None) -> Machine:  # fmt: skip
     """Register (262's varlink Register): polkit's ``create-machine`` when machined is to create the
     scope, ``register-machine`` when the leader's unit is taken as it is; a caller other than root
-    may only register a leader it owns (so that nobody terminates a stranger's service)."""
+    may only register a leader it owns (so that nobody terminates a stranger's service). The
+    registering user is kept, and the registering process (*supervisor*, pinned by the front-end)
+    when it is not the leader; it is released with the machine, or here if not kept."""
+    try:
+        machine = await _register(manager, req, allocate_unit, caller_uid, authorize)
+    except BaseException:
+        if supervisor is not None:
+            supervisor.release()
+        raise
+    machine.uid = caller_uid
+    gone = manager.registry.get(machine.name) is not machine  # (its start job failed meanwhile)
+    if supervisor is not None and (supervisor.pid == req.leader or machine.supervisor_ref is not None or gone):
+        supervisor.release()
+    elif supervisor is not None:
+        machine.supervisor_ref = supervisor
+    return machine
+
+
+async def _register(manager: MachineManager, req: RegistrationRequest, allocate_unit: bool, caller_uid: int,
+                    authorize: Authorize) -> Machine:  # fmt: skip
     action = "create-machine" if allocate_unit else "register-machine"
     await authorize(action, {"name": req.name, "class": str(req.machine_class)})
     if caller_uid != 0 and process_owner(req.leader) != caller_uid:

@@ -59,6 +59,10 @@ class Machine:
     # The machine's ListMachines row as marshalled, kept by the bus adapters (name, class and
     # service never change once the machine is registered).
     list_row: bytes = field(default=b"", repr=False, compare=False)
+    # Who registered it over varlink (262): the registering process when it is not the leader
+    # (pinned, released with the machine) and its user. D-Bus registrations are root's (252).
+    supervisor_ref: ProcessRef | None = field(default=None, repr=False, compare=False)
+    uid: int = 0
     # Its Properties.GetAll reply body as last marshalled, with the values it was made of.
     get_all_cache: tuple | None = field(default=None, repr=False, compare=False)
 

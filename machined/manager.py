@@ -333,6 +333,8 @@ class MachineManager:
             machine.started = False
         if machine.leader_ref is not None:
             machine.leader_ref.release()
+        if machine.supervisor_ref is not None:
+            machine.supervisor_ref.release()
 
     async def unregister(self, machine: Machine) -> None:
         await self.finalize(machine)

@@ -25,6 +25,7 @@ from machined.errors import BusError
 from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
 from machined.naming import HOST_MACHINE_NAME, hostname_is_valid
+from machined.process import ProcessRef
 from machined.registration import SIGNAL_MAX, validate_registration
 from machined.varlink.interfaces import IO_SYSTEMD_MACHINE, IO_SYSTEMD_SERVICE
 from machined.varlink.server import Call, Reply, Service, VarlinkError, invalid_parameter
@@ -83,6 +84,18 @@ def _boot_id() -> str:
         except OSError:
             _BOOT_ID.append("")
     return _BOOT_ID[0]
+
+
+def _process_id(ref: ProcessRef | None) -> dict[str, Any] | None:
+    """A pinned process as a ProcessId (pid, pidfdId and bootId when pinned by pidfd)."""
+    if ref is None or ref.pid <= 0:
+        return None
+    out: dict[str, Any] = {"pid": ref.pid}
+    if ref.pidfd_id:
+        out["pidfdId"] = ref.pidfd_id
+        if _boot_id():
+            out["bootId"] = _boot_id()
+    return out
 
 
 def _pidfd_id(pid: int) -> int:
@@ -190,6 +203,9 @@ class MachineVarlink:
         leader = self._leader(machine)
         if leader is not None:
             out["leader"] = leader
+        supervisor = _process_id(machine.supervisor_ref)
+        if supervisor is not None:
+            out["supervisor"] = supervisor
         if machine.timestamp.is_set():
             out["timestamp"] = {"realtime": machine.timestamp.realtime, "monotonic": machine.timestamp.monotonic}
         if addresses is not None:
@@ -198,8 +214,7 @@ class MachineVarlink:
             out["OSRelease"] = [f"{key}={value}" for key, value in os_release.items()]
         if shift is not None:
             out["UIDShift"] = shift
-        if machine.is_host:
-            out["UID"] = 0  # the registering user (262); only known for the host here
+        out["UID"] = machine.uid  # the registering user (262)
         return out
 
     async def list(self, call: Call) -> dict[str, Any] | None:
@@ -267,7 +282,7 @@ class MachineVarlink:
         if req.leader == 0:
             req = req.with_leader(call.peer.pid)
         await lifecycle.register(self.manager, req, params.get("allocateUnit") is True, call.peer.uid_value,
-                                 self.authorizer(call))  # fmt: skip
+                                 self.authorizer(call), call.peer.process_ref())  # fmt: skip
         return None
 
     # ----- lifecycle ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import Any
 from machined import caller, errors
 from machined.caller import PolkitSubject
 from machined.errors import BusError
+from machined.process import ProcessRef, start_time
 from machined.varlink import idl
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,14 @@ class Peer:
 
     async def pid(self) -> int:
         return self.pid
+
+    def process_ref(self) -> ProcessRef | None:
+        """The peer's process, pinned by a duplicate of its pidfd (None if it has none)."""
+        if self.pidfd < 0:
+            return None
+        ref = ProcessRef(self.pid, pidfd=os.dup(self.pidfd), pidfd_id=self.pidfd_id)
+        ref.start_time = start_time(self.pid)
+        return ref
 
     def polkit_subject(self) -> PolkitSubject:
         return PolkitSubject("unix-process", pidfd=self.pidfd, uid=self.uid_value)

@@ -167,6 +167,10 @@ async def test_list_with_more_streams_every_machine(served, child) -> None:  # t
     assert a1["class"] == "container" and a1["service"] == "test" and a1["unit"] == "machine-a1.scope"
     assert a1["leader"]["pid"] == child.pid and a1["leader"]["pidfdId"] > 0
     assert replies[2]["parameters"]["leader"]["pid"] == os.getpid()  # no leader: the caller
+    # the registrant supervises a leader other than itself; both registered by root
+    assert a1["supervisor"]["pid"] == os.getpid() and a1["supervisor"]["pidfdId"] > 0
+    assert "supervisor" not in replies[2]["parameters"]
+    assert [r["parameters"]["UID"] for r in replies] == [0, 0, 0]
     assert [name for name, _ in fake.started] == [
         "machine-a1.scope",
         "machine-b2.scope",
