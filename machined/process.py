@@ -74,8 +74,9 @@ class ProcessRef:
         return not poller.poll(0)  # a pidfd turns readable when its process exits
 
     def is_pid(self, pid: int) -> bool:
-        """Whether *pid* currently names this (living) process."""
-        return pid == self.pid and self.is_alive() and start_time(pid) == self.start_time
+        """Whether *pid* currently names this (living) process. A process that still runs keeps
+        its PID, so liveness by pidfd tells (without a pidfd, is_alive() compares start times)."""
+        return pid == self.pid and self.is_alive()
 
     def send_signal(self, sig: int) -> None:
         if self.pidfd is not None:
