@@ -43,6 +43,7 @@ BUFFER_MAX = 16 * 1024 * 1024
 READ_SIZE = 64 * 1024
 SO_PEERPIDFD = 77
 CONNECTIONS_MAX = 4096
+CONNECTIONS_PER_UID_MAX = 1024  # (sd-varlink's limits: one user cannot take every connection)
 _UCRED = struct.Struct("3i")
 
 
@@ -389,6 +390,7 @@ class VarlinkServer:
         self._bound: list[str] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting: list[asyncio.Task[None]] = []
+        self._per_uid: dict[int, int] = {}
 
     @property
     def path(self) -> str:
@@ -430,9 +432,24 @@ class VarlinkServer:
                 sock.close()
                 continue
             sock.setblocking(False)
-            task = loop.create_task(Connection(self, sock).serve())
+            connection = Connection(self, sock)
+            uid = connection.peer.uid_value
+            if self._per_uid.get(uid, 0) >= CONNECTIONS_PER_UID_MAX:
+                connection.peer.close()
+                sock.close()
+                continue
+            self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+            task = loop.create_task(connection.serve())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda _t, uid=uid: self._release_uid(uid))
+
+    def _release_uid(self, uid: int) -> None:
+        left = self._per_uid.get(uid, 1) - 1
+        if left > 0:
+            self._per_uid[uid] = left
+        else:
+            self._per_uid.pop(uid, None)
 
     async def stop(self) -> None:
         for task in self._accepting:

@@ -472,3 +472,30 @@ async def test_user_mapping_of_a_container(served) -> None:  # type: ignore[no-u
     finally:
         process.kill()
         process.wait()
+
+
+async def test_one_user_cannot_take_every_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from machined.varlink import server as server_module
+
+    monkeypatch.setattr(server_module, "CONNECTIONS_PER_UID_MAX", 2)
+    manager = MachineManager(host_machine(b"", Timestamp()), StateDir(str(tmp_path / "m")))
+    server = VarlinkServer(machine_service(manager), [str(tmp_path / "s")])
+    await server.start()
+    clients = [await Client.connect(str(tmp_path / "s")) for _ in range(3)]
+    try:
+        assert await clients[0].one("io.systemd.service.Ping") == {}
+        assert await clients[1].one("io.systemd.service.Ping") == {}
+        try:  # closed at once: the call fails to go out, or goes unanswered
+            await clients[2].send({"method": "io.systemd.service.Ping"})
+            assert await asyncio.wait_for(clients[2].reader.read(), 5) == b""
+        except ConnectionError:
+            pass
+        clients[0].close()
+        await asyncio.sleep(0.1)
+        late = await Client.connect(str(tmp_path / "s"))  # a slot is free again
+        assert await late.one("io.systemd.service.Ping") == {}
+        late.close()
+    finally:
+        for client in clients:
+            client.close()
+        await server.stop()
