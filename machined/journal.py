@@ -68,12 +68,20 @@ class Journal:
 
 
 def _field_name_valid(name: str) -> bool:
-    return (
+    if name in _VALID_NAMES:
+        return True
+    valid = (
         0 < len(name) <= 64
         and not name[0].isdigit()
         and name[0] != "_"
         and all(c.isdigit() or "A" <= c <= "Z" or c == "_" for c in name)
     )
+    if valid and len(_VALID_NAMES) < 1024:
+        _VALID_NAMES.add(name)
+    return valid
+
+
+_VALID_NAMES: set[str] = set()
 
 
 def encode(fields: dict[str, Any]) -> bytes:

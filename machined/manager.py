@@ -453,7 +453,8 @@ class MachineManager:
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
 
-    async def may_gc(self, machine: Machine, drop_not_started: bool) -> bool:
+    async def may_gc(self, machine: Machine, drop_not_started: bool, known: dict[str, bool] | None = None) -> bool:
+        """Whether *machine* may go; *known*: units' activity as systemd told it just now."""
         if machine.is_host:
             return False
         if drop_not_started and not machine.started:
@@ -461,8 +462,12 @@ class MachineManager:
         assert self.systemd is not None
         if machine.scope_job and await self.systemd.job_is_active(machine.scope_job):
             return False
-        if machine.unit and await self.systemd.unit_is_active(machine.unit):
-            return False
+        if machine.unit:
+            active = known.get(machine.unit) if known else None
+            if active is None:
+                active = await self.systemd.unit_is_active(machine.unit)
+            if active:
+                return False
         return True
 
     async def gc(self, drop_not_started: bool) -> None:
@@ -487,7 +492,7 @@ class MachineManager:
                 if isinstance(result, BaseException):
                     raise result
 
-    async def _gc_one(self, machine: Machine, drop_not_started: bool) -> None:
+    async def _gc_one(self, machine: Machine, drop_not_started: bool, known: dict[str, bool] | None = None) -> None:
         if self.registry.get(machine.name) is not machine:
             return
         if not machine.started and id(machine) in self._in_progress:
@@ -495,7 +500,7 @@ class MachineManager:
         # As upstream's manager_gc(): stop a machine that may go, then check again. Upstream
         # asks systemd twice even when nothing was stopped; its calls block, so the second
         # answer is the first one again: we ask again only after stopping.
-        may = await self.may_gc(machine, drop_not_started)
+        may = await self.may_gc(machine, drop_not_started, known)
         if may and not machine.stopping:
             try:
                 await self.terminate(machine)
@@ -510,9 +515,9 @@ class MachineManager:
     async def load_state(self) -> None:
         """Re-read state files, drop what systemd says is gone, restart the living.
 
-        As upstream's start-up (every machine checked by GC, then started), but machine by
-        machine and side by side (at most :data:`GC_CONCURRENCY` at once): one machine is
-        started while PID 1 is asked about others."""
+        As upstream's start-up (every machine checked by GC, then started), but with the units'
+        states asked of PID 1 in one call for all, and machine by machine, side by side (at most
+        :data:`GC_CONCURRENCY` at once) where it must be asked more."""
         loaded = []
         for machine in self.state.load_all():
             if machine.name in self.registry:
@@ -522,11 +527,14 @@ class MachineManager:
             self.registry.add(machine)
             loaded.append(machine)
         self.gc_passes += 1
+        # Which units are active, asked for all machines at once where systemd can tell us so.
+        units_active = getattr(self.systemd, "units_active", None)
+        known = await units_active([m.unit for m in loaded if m.unit]) if units_active and loaded else {}
         gate = asyncio.Semaphore(GC_CONCURRENCY)
 
         async def recover(machine: Machine) -> None:
             async with gate:
-                await self._gc_one(machine, drop_not_started=False)
+                await self._gc_one(machine, drop_not_started=False, known=known)
             if self.registry.get(machine.name) is not machine:
                 return
             try:

@@ -93,7 +93,7 @@ def _parse_plain(text: str) -> dict[str, str] | None:
         if not sep:
             continue
         key = key.strip()
-        if key and not key[0].isdigit() and all(c.isalnum() or c == "_" for c in key):
+        if key and not key[0].isdigit() and key.replace("_", "a").isalnum():  # letters, digits, "_"
             env[key] = value.strip(" \t")
     return env
 

@@ -57,6 +57,7 @@ JOBS_MAX = 64
 CALL_TIMEOUT = 20.0
 JOB_SWEEP_INTERVAL = 30.0
 LOAD_FAILED = "org.freedesktop.systemd1.LoadFailed"
+UNITS_PER_CALL = 1024
 
 MATCH_RULES = [
     f"type='signal',sender='{SYSTEMD}',path='{SYSTEMD_PATH}',interface='{SYSTEMD_MANAGER}',member='JobRemoved'",
@@ -219,6 +220,19 @@ class Systemd:
                 return False
             return True  # cannot tell: keep the machine
         return value.value not in ("inactive", "failed")
+
+    async def units_active(self, units: list[str]) -> dict[str, bool]:
+        """What unit_is_active() would say of many units, from one ListUnitsByNames call per
+        :data:`UNITS_PER_CALL` units (restart recovery); units it cannot tell are left out."""
+        answers: dict[str, bool] = {}
+        for start in range(0, len(units), UNITS_PER_CALL):
+            try:
+                (rows,) = await self._manager_call("ListUnitsByNames", "as", [units[start : start + UNITS_PER_CALL]])
+            except BusError:
+                continue  # asked one by one then
+            for name, _description, _load_state, active_state, *_ in rows:
+                answers[name] = active_state not in ("inactive", "failed")  # as unit_is_active() reads it
+        return answers
 
     async def job_is_active(self, job: str) -> bool:
         """Whether the job object still exists (its state does not matter); True when we cannot tell."""

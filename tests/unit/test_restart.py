@@ -8,6 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +36,7 @@ class FakeSystemd:
     def __init__(self, inactive: set[str]) -> None:
         self.inactive = inactive
         self.asked: list[str] = []
+        self.batches: list[list[str]] = []
         self.in_flight = self.most_in_flight = 0
 
     async def unit_is_active(self, unit: str) -> bool:
@@ -52,7 +54,17 @@ class FakeSystemd:
         return ""
 
 
-async def test_restart_drops_the_gone_starts_the_living_and_rewrites_only_what_changed(tmp_path: Path) -> None:
+class BatchingSystemd(FakeSystemd):
+    """One that also answers for many units at once (ListUnitsByNames), though not for m5's."""
+
+    async def units_active(self, units: list[str]) -> dict[str, bool]:
+        self.batches.append(list(units))
+        return {u: u not in self.inactive for u in units if u != "machine-m5.scope"}
+
+
+@pytest.mark.parametrize("batching", [False, True])
+async def test_restart_drops_the_gone_starts_the_living_and_rewrites_only_what_changed(tmp_path: Path,
+                                                                                      batching: bool) -> None:
     leaders = [subprocess.Popen(["sleep", "1000"]) for _ in range(60)]
     try:
         state = StateDir(str(tmp_path))
@@ -65,7 +77,7 @@ async def test_restart_drops_the_gone_starts_the_living_and_rewrites_only_what_c
         (tmp_path / "m1").write_text(serialize(Machine(name="m1", machine_class=MachineClass.VM, leader=leaders[1].pid,
                                                        unit="machine-m1.scope", timestamp=Timestamp(5, 6))))  # fmt: skip
         inodes = {f"m{i}": os.stat(tmp_path / f"m{i}").st_ino for i in range(60)}
-        systemd = FakeSystemd(inactive={"machine-m0.scope", "machine-m7.scope"})
+        systemd = (BatchingSystemd if batching else FakeSystemd)(inactive={"machine-m0.scope", "machine-m7.scope"})
         announced: list[tuple[str, str]] = []
         manager = MachineManager(host_machine(b"\1" * 16, Timestamp(1, 0)), StateDir(str(tmp_path)), systemd=systemd,
                                  announce=lambda signal, m: announced.append((signal, m.name)))  # fmt: skip
@@ -74,10 +86,15 @@ async def test_restart_drops_the_gone_starts_the_living_and_rewrites_only_what_c
         assert names[0] == ".host" and sorted(names[1:]) == sorted(f"m{i}" for i in range(60) if i not in (0, 7))
         assert sorted(n for s, n in announced if s == "MachineNew") == sorted(names[1:])
         assert not (tmp_path / "m0").exists() and not (tmp_path / "unit:machine-m0.scope").exists()
-        # GC asked once per living machine, again after stopping a gone one; side by side, bounded.
-        expected = [f"machine-m{i}.scope" for i in range(60)] + ["machine-m0.scope", "machine-m7.scope"]
-        assert sorted(systemd.asked) == sorted(expected)
-        assert 1 < systemd.most_in_flight <= GC_CONCURRENCY
+        if batching:
+            # Asked for all units at once; one by one only where that did not tell, and after stopping.
+            assert len(systemd.batches) == 1 and sorted(systemd.batches[0]) == sorted(f"machine-m{i}.scope" for i in range(60))
+            assert sorted(systemd.asked) == ["machine-m0.scope", "machine-m5.scope", "machine-m7.scope"]
+        else:
+            # GC asked once per living machine, again after stopping a gone one; side by side, bounded.
+            expected = [f"machine-m{i}.scope" for i in range(60)] + ["machine-m0.scope", "machine-m7.scope"]
+            assert sorted(systemd.asked) == sorted(expected)
+            assert 1 < systemd.most_in_flight <= GC_CONCURRENCY
         unchanged = [n for n in names[1:] if os.stat(tmp_path / n).st_ino == inodes[n]]
         assert sorted(unchanged) == sorted(n for n in names[1:] if n != "m1")
         assert "LEADER_PIDFDID=" in (tmp_path / "m1").read_text()
