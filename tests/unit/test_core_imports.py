@@ -17,7 +17,7 @@ CORE = [
     "machined.caller", "machined.errors", "machined.statefile", "machined.naming", "machined.cgroup",
     "machined.registration", "machined.userdb",
     # the varlink front-end needs no D-Bus either (its polkit client is handed in by the daemon)
-    "machined.varlink", "machined.varlink.machine", "machined.machine_calls", "machined.shell",
+    "machined.varlink", "machined.varlink.machine", "machined.varlink.image", "machined.machine_calls", "machined.shell",
 ]  # fmt: skip
 
 
