@@ -64,14 +64,14 @@ def exited(pidfd: int, timeout: float) -> bool:
 def children_of(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return []
 
 
 def state_and_name(pid: int) -> tuple[str, str]:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # (the latter: reaped while being read)
         return "gone", ""
     name = stat[stat.index("(") + 1 : stat.rindex(")")]
     return stat[stat.rindex(")") + 2], name
