@@ -160,8 +160,16 @@ def create(name: str, leader: int) -> Message:
     return manager_call("CreateMachine", "sayssusa(sv)", [name, b"", "", "vm", leader, "", []])
 
 
+def dbus_fast_compiled() -> bool:
+    """Whether dbus-fast's Cython extension modules are the ones imported (not the pure-Python fallback)."""
+    import dbus_fast.message
+    from dbus_fast._private import marshaller, unmarshaller
+
+    return all(m.__file__.endswith(".so") for m in (dbus_fast.message, marshaller, unmarshaller))
+
+
 async def bench_main(args: argparse.Namespace) -> dict[str, Any]:
-    n, out = args.machines, {}
+    n, out = args.machines, {"dbus_fast_compiled": dbus_fast_compiled()}
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
     await check(bus, manager_call("ListMachines"))  # activation
     pid = main_pid(args.service)
@@ -178,7 +186,9 @@ async def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     await settle(pid)
     calls = args.calls
     ping = lambda i: Message(destination=DEST, path=PATH, interface="org.freedesktop.DBus.Peer", member="Ping")  # noqa: E731
+    ns = cpu_ns(pid)
     out["ping_ms"] = await sequential(bus, ping, calls)
+    out["ping_cpu_us"] = (cpu_ns(pid) - ns) / calls / 1000
     out["get_machine_ms"] = await sequential(bus, lambda i: manager_call("GetMachine", "s", [f"b{i % n}"]), calls)
     out["get_machine_by_pid_ms"] = await sequential(
         bus, lambda i: manager_call("GetMachineByPID", "u", [leaders[i % n]]), calls)
@@ -193,7 +203,9 @@ async def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     await sequential(bus, lambda i: manager_call("ListMachines"), 50)
     out["list_machines_cpu50_stat_s"] = (cpu_ticks(pid) - ticks) / CLK_TCK
     out["list_machines_cpu50_s"] = (cpu_ns(pid) - ns) / 1e9
+    ns = cpu_ns(pid)
     out["machinectl_list_ms"] = [machinectl_list(n) for _ in range(args.machinectl)]
+    out["machinectl_list_cpu_ms"] = (cpu_ns(pid) - ns) / args.machinectl / 1e6
     await settle(pid)
     out["rss_machines_mib"] = rss_mib(pid)
     # Restart: from the stop request until a fresh daemon lists all N again.
@@ -217,7 +229,9 @@ async def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     responder = subprocess.Popen([sys.executable, __file__, "responder", args.service], stdout=subprocess.PIPE, text=True)
     try:
         assert responder.stdout is not None and responder.stdout.readline().strip() == "ready"
+        ns = cpu_ns(responder.pid)
         out["floor_ping_ms"] = await sequential(bus, ping, calls)
+        out["floor_ping_cpu_us"] = (cpu_ns(responder.pid) - ns) / calls / 1000
     finally:
         responder.kill()
         responder.wait()
