@@ -343,12 +343,15 @@ P=$(leader ra-1); pid L1 $P
 Q=$(leader ra-2); pid L2 $Q
 call CreateMachine ra1 '[]' '' vm $P '' '@a(sv) []' >/dev/null
 call CreateMachine ra2 '[]' '' container $Q '' '@a(sv) []' >/dev/null
-gdbus monitor --system --dest $M > /tmp/ra-monitor.log 2>&1 & MON=$!
-sleep 0.3
+# a plain match rule: gdbus monitor --dest follows the name's owner and may miss what a new
+# owner sends right after taking the name
+dbus-monitor --system "type='signal',interface='org.freedesktop.machine1.Manager'" > /tmp/ra-monitor.log 2>&1 & MON=$!
+sleep 0.5
 systemctl restart $SVC
 machinectl list >/dev/null
-sleep 0.5; kill $MON
-grep -E 'Machine(New|Removed)' /tmp/ra-monitor.log | sort
+for _ in $(seq 100); do [ "$(grep -c 'member=MachineNew' /tmp/ra-monitor.log)" -ge 2 ] && break; sleep 0.1; done
+sleep 0.3; kill $MON
+awk '/member=Machine(New|Removed)/ {m = $NF; getline a; getline b; print m, a, b}' /tmp/ra-monitor.log | tr -s ' ' | sort
 # a machine whose scope died while the daemon was down is dropped on start
 systemctl stop $SVC
 systemctl stop machine-ra2.scope
