@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -259,6 +260,44 @@ async def responder() -> None:
     await asyncio.Event().wait()
 
 
+async def serve_batches(args: argparse.Namespace) -> None:
+    """Paired mode: N machines registered, then one batch of calls per line read from stdin
+    ("OP COUNT"), one JSON line back per batch: the batch's p50 and the daemon's CPU per call.
+    bench/run.py alternates batches between ours and real, both sandboxes up at once, so that
+    load from elsewhere on the machine falls on both alike."""
+    n = args.machines
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    await check(bus, manager_call("ListMachines"))
+    leaders = spawn_leaders(n)
+    await in_flight([bus], lambda i: create(f"b{i}", leaders[i]), n, 32)
+    pid = main_pid(args.service)
+    await settle(pid)
+    props = "org.freedesktop.DBus.Properties"
+    ops = {
+        "ping": lambda i: Message(destination=DEST, path=PATH, interface="org.freedesktop.DBus.Peer", member="Ping"),
+        "get_machine": lambda i: manager_call("GetMachine", "s", [f"b{i % n}"]),
+        "get_machine_by_pid": lambda i: manager_call("GetMachineByPID", "u", [leaders[i % n]]),
+        "properties_get": lambda i: Message(destination=DEST, path=machine_path(f"b{i % n}"), interface=props,
+                                            member="Get", signature="ss", body=[MACHINE, "State"]),
+        "properties_get_all": lambda i: Message(destination=DEST, path=machine_path(f"b{i % n}"), interface=props,
+                                                member="GetAll", signature="s", body=[MACHINE]),
+        "list_machines": lambda i: manager_call("ListMachines"),
+    }  # fmt: skip
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line.strip():
+            return
+        op, count = line.split()[0], int(line.split()[1])
+        ns = cpu_ns(pid)
+        if op == "machinectl_list":
+            values = [machinectl_list(n) for _ in range(count)]
+        else:
+            values = await sequential(bus, ops[op], count)
+        print(json.dumps({"p50_ms": statistics.median(values), "cpu_us": (cpu_ns(pid) - ns) / count / 1000}), flush=True)
+
+
 async def bench_big(args: argparse.Namespace) -> dict[str, Any]:
     n, out = args.machines, {}
     buses = [await MessageBus(bus_type=BusType.SYSTEM).connect() for _ in range(4)]
@@ -280,7 +319,7 @@ async def bench_big(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["main", "big", "responder"])
+    ap.add_argument("mode", choices=["main", "big", "responder", "paired"])
     ap.add_argument("service")
     ap.add_argument("--machines", type=int, default=1000)
     ap.add_argument("--calls", type=int, default=2000)
@@ -290,6 +329,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.mode == "responder":
         asyncio.run(responder())
+        return
+    if args.mode == "paired":
+        asyncio.run(serve_batches(args))
         return
     result = asyncio.run(bench_main(args) if args.mode == "main" else bench_big(args))
     print(json.dumps(result))

@@ -81,6 +81,57 @@ def client(sb: Sandbox, impl: str, mode: str, *args: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+# Paired rows: both sandboxes up at once, short batches alternating between them.
+PAIRED = [
+    ("paired: Peer.Ping p50", "ping", 200, ("ratio", 1.2)),
+    ("paired: GetMachine p50", "get_machine", 200, ("ratio", 1.2)),
+    ("paired: GetMachineByPID p50", "get_machine_by_pid", 200, ("ratio", 1.2)),
+    ("paired: Properties.Get (machine State) p50", "properties_get", 200, ("ratio", 1.2)),
+    ("paired: Properties.GetAll (machine) p50", "properties_get_all", 200, ("ratio", 1.2)),
+    ("paired: ListMachines, {n} machines, p50", "list_machines", 20, ("ratio", 1.0)),
+    ("paired: machinectl list, {n} machines, wall", "machinectl_list", 1, ("ratio", 1.0)),
+]
+
+
+def paired(n: int, rounds: int) -> dict[str, dict[str, list[dict]]]:
+    """Both implementations up at once with *n* machines each; *rounds* rounds of one batch per
+    operation and implementation, the order alternating. Load from elsewhere on the machine
+    then falls on both alike, which sequential runs seconds apart cannot promise."""
+    results: dict[str, dict[str, list[dict]]] = {impl: {op: [] for _, op, _, _ in PAIRED} for impl in SERVICE}
+    sandboxes: dict[str, Sandbox] = {}
+    clients: dict[str, subprocess.Popen] = {}
+    try:
+        for impl in ("real", "ours"):
+            sandboxes[impl] = Sandbox(impl, bus_limits=RAISED).start()
+            clients[impl] = sandboxes[impl].popen(
+                [sys.executable, str(CLIENT), "paired", SERVICE[impl], "--machines", str(n)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+        for impl, proc in clients.items():
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"paired client for {impl} did not start")
+        for r in range(rounds):
+            for _, op, count, _ in PAIRED:
+                for impl in (("real", "ours") if r % 2 == 0 else ("ours", "real")):
+                    proc = clients[impl]
+                    assert proc.stdin is not None and proc.stdout is not None
+                    proc.stdin.write(f"{op} {count}\n")
+                    proc.stdin.flush()
+                    results[impl][op].append(json.loads(proc.stdout.readline()))
+    finally:
+        for proc in clients.values():
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for sb in sandboxes.values():
+            sb.stop()
+    return results
+
+
 def one_value(sample: dict, key: str, how: str) -> float:
     value = sample[key]
     if how == "p50":
@@ -110,6 +161,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--big", type=int, default=5000, help="machines of ours' stock-bus run (0: skip)")
     ap.add_argument("--impl", choices=["both", "ours", "real"], default="both")
+    ap.add_argument("--paired-rounds", type=int, default=15, help="rounds of the paired rows (0: skip)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     n = args.machines
@@ -135,7 +187,23 @@ def main() -> int:
             print(f"run {run + 1}/{args.runs} ours, {args.big} machines on a stock bus: "
                   f"{time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
 
+    pairs = {}
+    if args.paired_rounds and args.impl == "both":
+        t = time.monotonic()
+        pairs = paired(n, args.paired_rounds)
+        print(f"paired rows, {args.paired_rounds} rounds: {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
+
     table = []
+    for label, op, _, goal in PAIRED if pairs else []:
+        real = statistics.median(b["p50_ms"] for b in pairs["real"][op])
+        ours = statistics.median(b["p50_ms"] for b in pairs["ours"][op])
+        cpu_real = statistics.median(b["cpu_us"] for b in pairs["real"][op])
+        cpu_ours = statistics.median(b["cpu_us"] for b in pairs["ours"][op])
+        table.append({"operation": label.format(n=f"{n:,}"), "unit": "ms", "real": real, "ours": ours,
+                      "ratio": ours / real, "goal": f"≤ {goal[1]}×", "met": ours / real <= goal[1]})  # fmt: skip
+        table.append({"operation": "  daemon CPU per call" if op != "machinectl_list" else "  daemon CPU per list",
+                      "unit": "µs", "real": cpu_real, "ours": cpu_ours, "ratio": cpu_ours / cpu_real,
+                      "goal": "", "met": None})  # fmt: skip
     for label, key, how, unit, goal in ROWS:
         values = {impl: statistics.median(one_value(s, key, how) for s in samples[impl]) if samples[impl] else None
                   for impl in ("real", "ours")}  # fmt: skip
@@ -185,6 +253,7 @@ def main() -> int:
         "table": table,
         "samples": samples,
         "big": big,
+        "paired": pairs,
     }
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{started:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
