@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 # Inherited mounts below these stay as they are (new procfs, devices, sysfs).
 _KEEP_WRITABLE_PREFIXES = ("/proc", "/sys", "/dev")
@@ -128,6 +129,11 @@ def boot(spec: dict) -> None:
     subprocess.run(["hostname", spec["hostname"]], check=False)
     # Start the sandbox's PIDs high, so that no PID reads like a small number in outputs
     # (tests mask PIDs by value) and PID-reuse tests have room below.
+    exec_systemd(spec)
+
+
+def exec_systemd(spec: dict) -> None:
+    """Become the sandbox's systemd (PIDs from ``first_pid`` on, stdin from /dev/null)."""
     if spec.get("first_pid"):
         with open("/proc/sys/kernel/ns_last_pid", "w", encoding="ascii") as f:
             f.write(str(spec["first_pid"] - 1))
@@ -145,11 +151,16 @@ def boot(spec: dict) -> None:
     )
 
 
-def main() -> None:
+def run_as_pid1(boot: Callable[[dict], None]) -> None:
+    """The boot stage's entry point: the spec on stdin, *boot* it as PID 1."""
     spec = json.load(sys.stdin)
     if os.getpid() != 1:
         raise SystemExit("sandbox: the boot stage must run as PID 1 of a new pid namespace")
     boot(spec)
+
+
+def main() -> None:
+    run_as_pid1(boot)
 
 
 if __name__ == "__main__":

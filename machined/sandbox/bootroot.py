@@ -15,11 +15,11 @@ exec the root's systemd.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import socket
 import subprocess
-import sys
+
+from machined.sandbox.boot import exec_systemd, run_as_pid1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
@@ -151,28 +151,11 @@ def boot(spec: dict) -> None:
     # needs it); the peer groups are new ones of this namespace, nothing reaches the host.
     _check(_libc.mount(None, b"/", None, MS_REC | MS_SHARED, None), "making / shared")
 
-    if spec.get("first_pid"):
-        with open("/proc/sys/kernel/ns_last_pid", "w", encoding="ascii") as f:
-            f.write(str(spec["first_pid"] - 1))
-    env = {
-        "container": "machined-sandbox",
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "LANG": "C.UTF-8",
-    }
-    stdin = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(stdin, 0)
-    os.execve(
-        spec["systemd"],
-        [spec["systemd"], "--system", f"--unit={spec['unit']}", "--show-status=no"],
-        env,
-    )
+    exec_systemd(spec)
 
 
 def main() -> None:
-    spec = json.load(sys.stdin)
-    if os.getpid() != 1:
-        raise SystemExit("sandbox: the boot stage must run as PID 1 of a new pid namespace")
-    boot(spec)
+    run_as_pid1(boot)
 
 
 if __name__ == "__main__":

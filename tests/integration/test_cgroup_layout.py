@@ -13,7 +13,6 @@ Each scenario runs against systemd-machined 252 too.
 
 from __future__ import annotations
 
-import difflib
 import json
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 
 from machined.sandbox import Sandbox
 from machined.sandbox.core import cgroup_layout
-from tests.integration.differential import compare
+from tests.integration.test_lifecycle import assert_same
 
 # Run inside the sandbox, in a scope of its own (the caller's scope): N times, fork a
 # leader and a helper (both in the caller's scope), ask systemd to move them into a
@@ -193,14 +192,6 @@ def test_register_right_after_the_move_records_the_new_scope(ours: Sandbox, real
         assert not [line for line in listed if line.split()[0].startswith(("rr", "ro"))], listed
 
 
-def assert_same(ours: Sandbox, real: Sandbox, script: str, timeout: float = 180) -> str:
-    expected, got = compare(ours, real, script, timeout)
-    if got != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), got.splitlines(True), "real", "ours"))
-        pytest.fail(f"outputs differ:\n{diff}")
-    return got
-
-
 def test_nspawn_keep_unit_and_machinectl_start_register(ours: Sandbox, real: Sandbox, layout: str) -> None:
     """systemd-nspawn --keep-unit and `machinectl start` (systemd-nspawn@.service) register
     their own unit; GetMachineByPID finds the machine from nspawn's supervisor process."""
@@ -234,6 +225,7 @@ machinectl list --no-legend
 machinectl terminate lk-start; gone lk-start
 rm -rf $d /run/systemd/nspawn/lk-start.nspawn
 """,
+        timeout=180,
     )
     assert "Unit=lk-ns.service" in out
     assert out.count("(objectpath '/org/freedesktop/machine1/machine/lk_2dns',)") == 2
