@@ -38,9 +38,11 @@ MACHINE_SLICE = "machine.slice"
 SCOPE_TASKS_MAX = 16384
 # How long CreateMachine waits for its scope's start job (clients give up after 25 s).
 START_JOB_TIMEOUT = 20.0
-# Machines a GC pass checks at once: its calls to PID 1 take at most half of the 32 that may
-# be in flight (the daemon's own calls are served first), the rest stays for callers.
-GC_CONCURRENCY = 16
+# Machines a GC pass checks at once. The daemon's own calls to PID 1 are served before callers',
+# so a pass takes few of the 32 that may be in flight: registrations keep the rest.
+GC_CONCURRENCY = 4
+# Machines checked at once when recovering at start, before any caller is served: half of them.
+RECOVERY_CONCURRENCY = 16
 
 
 # A unit property as the core passes it to the service manager: (name, D-Bus signature, value).
@@ -471,9 +473,8 @@ class MachineManager:
         return True
 
     async def gc(self, drop_not_started: bool) -> None:
-        """One pass over the queue. Machines are checked concurrently (at most
-        :data:`GC_CONCURRENCY` at once), so that a restart with a thousand machines waits for
-        PID 1's answers side by side rather than one after another."""
+        """One pass over the queue, machines checked side by side (at most :data:`GC_CONCURRENCY`
+        at once) rather than one after another."""
         self.gc_passes += 1
         while self._gc_queue:
             batch = list(self._gc_queue.values())
@@ -517,7 +518,7 @@ class MachineManager:
 
         As upstream's start-up (every machine checked by GC, then started), but with the units'
         states asked of PID 1 in one call for all, and machine by machine, side by side (at most
-        :data:`GC_CONCURRENCY` at once) where it must be asked more."""
+        :data:`RECOVERY_CONCURRENCY` at once) where it must be asked more."""
         loaded = []
         for machine in self.state.load_all():
             if machine.name in self.registry:
@@ -530,7 +531,7 @@ class MachineManager:
         # Which units are active, asked for all machines at once where systemd can tell us so.
         units_active = getattr(self.systemd, "units_active", None)
         known = await units_active([m.unit for m in loaded if m.unit]) if units_active and loaded else {}
-        gate = asyncio.Semaphore(GC_CONCURRENCY)
+        gate = asyncio.Semaphore(RECOVERY_CONCURRENCY)
 
         async def recover(machine: Machine) -> None:
             async with gate:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from machined.envfile import parse_env_file
 from machined.machine import Machine, MachineClass, Timestamp, host_machine
-from machined.manager import GC_CONCURRENCY, MachineManager
+from machined.manager import RECOVERY_CONCURRENCY, MachineManager
 from machined.process import ProcessRef
 from machined.statefile import StateDir, _parse_plain, serialize
 
@@ -94,7 +94,7 @@ async def test_restart_drops_the_gone_starts_the_living_and_rewrites_only_what_c
             # GC asked once per living machine, again after stopping a gone one; side by side, bounded.
             expected = [f"machine-m{i}.scope" for i in range(60)] + ["machine-m0.scope", "machine-m7.scope"]
             assert sorted(systemd.asked) == sorted(expected)
-            assert 1 < systemd.most_in_flight <= GC_CONCURRENCY
+            assert 1 < systemd.most_in_flight <= RECOVERY_CONCURRENCY
         unchanged = [n for n in names[1:] if os.stat(tmp_path / n).st_ino == inodes[n]]
         assert sorted(unchanged) == sorted(n for n in names[1:] if n != "m1")
         assert "LEADER_PIDFDID=" in (tmp_path / "m1").read_text()
