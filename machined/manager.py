@@ -122,6 +122,8 @@ class MachineManager:
         self._in_progress: set[int] = set()
         # Scopes of registrations given up on while PID 1 did not answer: stopped when it does.
         self._abandoned: set[str] = set()
+        # Units whose stop job (ours, for a stopping machine) systemd reported done: inactive.
+        self._stopped_units: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.gc_passes = 0  # read by the metrics exporter
 
@@ -326,6 +328,7 @@ class MachineManager:
             machine.stopping = True
         self.state.remove(machine)
         self.registry.remove(machine)
+        self._stopped_units.discard(machine.unit)
         self._gc_queue.pop(id(machine), None)
         waiter = self._create_waiters.pop(id(machine), None)
         if waiter is not None and not waiter.done():
@@ -356,6 +359,9 @@ class MachineManager:
         self._job_done(machine, result)
 
     def _job_done(self, machine: Machine, result: str) -> None:
+        if machine.stopping and result == "done" and machine.unit:
+            # The stop job finished: the unit is inactive, GC need not ask systemd again.
+            self._stopped_units.add(machine.unit)
         machine.scope_job = ""
         waiter = self._create_waiters.get(id(machine))
         self._save(machine)
@@ -466,6 +472,8 @@ class MachineManager:
             return False
         if machine.unit:
             active = known.get(machine.unit) if known else None
+            if active is None and machine.unit in self._stopped_units:
+                active = False
             if active is None:
                 active = await self.systemd.unit_is_active(machine.unit)
             if active:

@@ -110,3 +110,29 @@ async def test_restart_drops_the_gone_starts_the_living_and_rewrites_only_what_c
         for p in leaders:
             p.kill()
             p.wait()
+
+
+class StoppingSystemd(FakeSystemd):
+    async def stop_unit(self, unit: str) -> str:
+        return "/org/freedesktop/systemd1/job/9"
+
+
+async def test_a_stop_job_done_is_an_inactive_unit_without_asking_again(tmp_path: Path) -> None:
+    systemd = StoppingSystemd(inactive=set())  # it would still say "active" if asked
+    manager = MachineManager(host_machine(b"\1" * 16, Timestamp(1, 0)), StateDir(str(tmp_path)), systemd=systemd)
+    m = Machine(name="s1", machine_class=MachineClass.VM, leader=os.getpid(), unit="machine-s1.scope", started=True)
+    manager.registry.add(m)
+    manager.registry.index_unit(m)
+    await manager.terminate(m)
+    assert m.stopping and m.scope_job == "/org/freedesktop/systemd1/job/9"
+    manager.job_removed("/org/freedesktop/systemd1/job/9", "machine-s1.scope", "done")
+    await manager.gc(drop_not_started=True)
+    assert manager.registry.get("s1") is None and systemd.asked == []
+    # A stop job that failed proves nothing: systemd is asked.
+    m2 = Machine(name="s2", machine_class=MachineClass.VM, leader=os.getpid(), unit="machine-s2.scope", started=True)
+    manager.registry.add(m2)
+    manager.registry.index_unit(m2)
+    await manager.terminate(m2)
+    manager.job_removed("/org/freedesktop/systemd1/job/9", "machine-s2.scope", "failed")
+    await manager.gc(drop_not_started=True)
+    assert manager.registry.get("s2") is m2 and systemd.asked == ["machine-s2.scope"]
