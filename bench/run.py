@@ -147,6 +147,23 @@ def fmt(value: float | None, unit: str) -> str:
     return f"{value:.3f} {unit}" if value < 10 else f"{value:.1f} {unit}"
 
 
+def compact(value: object) -> object:
+    """Long lists of latencies as their quantiles (the saved JSON stays small); the rest as is."""
+    if isinstance(value, dict):
+        return {k: compact(v) for k, v in value.items()}
+    if isinstance(value, list) and len(value) > 50 and all(isinstance(v, (int, float)) for v in value):
+        ordered = sorted(value)
+
+        def q(f: float) -> float:
+            return ordered[min(len(ordered) - 1, int(f * len(ordered)))]
+
+        return {"n": len(ordered), "min": ordered[0], "p10": q(0.1), "p50": statistics.median(ordered),
+                "p90": q(0.9), "p99": q(0.99), "max": ordered[-1]}  # fmt: skip
+    if isinstance(value, list):
+        return [compact(v) for v in value]
+    return value
+
+
 def machine_description() -> str:
     cores = os.cpu_count()
     with open("/proc/meminfo") as f:
@@ -251,8 +268,8 @@ def main() -> int:
         "args": vars(args),
         "bus_limits_1000": RAISED,
         "table": table,
-        "samples": samples,
-        "big": big,
+        "samples": compact(samples),
+        "big": compact(big),
         "paired": pairs,
     }
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{started:%Y%m%d-%H%M%S}.json"
