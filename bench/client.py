@@ -104,7 +104,10 @@ async def settle(pid: int, timeout: float = 30) -> None:
 async def check(bus: MessageBus, message: Message) -> Message:
     reply = await bus.call(message)
     assert reply is not None and reply.message_type is MessageType.METHOD_RETURN, (
-        message.member, reply and reply.error_name, reply and reply.body)
+        message.member,
+        reply and reply.error_name,
+        reply and reply.body,
+    )
     return reply
 
 
@@ -153,7 +156,11 @@ def machinectl_list(expect: int) -> float:
     t = time.perf_counter()
     r = subprocess.run(["machinectl", "list", "--no-pager", "--no-legend"], capture_output=True, text=True)
     elapsed = (time.perf_counter() - t) * 1000
-    assert r.returncode == 0 and len(r.stdout.splitlines()) == expect, (r.returncode, r.stderr, len(r.stdout.splitlines()))
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == expect, (
+        r.returncode,
+        r.stderr,
+        len(r.stdout.splitlines()),
+    )
     return elapsed
 
 
@@ -181,7 +188,9 @@ async def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     leaders = spawn_leaders(n)
     seq = args.sequential
     out["create_sequential_ms"] = await sequential(bus, lambda i: create(f"b{i}", leaders[i]), seq)
-    out["create_32_in_flight_s"] = await in_flight([bus], lambda i: create(f"b{seq + i}", leaders[seq + i]), n - seq, 32)
+    out["create_32_in_flight_s"] = await in_flight(
+        [bus], lambda i: create(f"b{seq + i}", leaders[seq + i]), n - seq, 32
+    )
     out["create_32_in_flight_count"] = n - seq
     assert await listed(bus) == n + 1
     await settle(pid)
@@ -192,13 +201,32 @@ async def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     out["ping_cpu_us"] = (cpu_ns(pid) - ns) / calls / 1000
     out["get_machine_ms"] = await sequential(bus, lambda i: manager_call("GetMachine", "s", [f"b{i % n}"]), calls)
     out["get_machine_by_pid_ms"] = await sequential(
-        bus, lambda i: manager_call("GetMachineByPID", "u", [leaders[i % n]]), calls)
-    out["properties_get_ms"] = await sequential(bus, lambda i: Message(
-        destination=DEST, path=machine_path(f"b{i % n}"), interface="org.freedesktop.DBus.Properties",
-        member="Get", signature="ss", body=[MACHINE, "State"]), calls)
-    out["properties_get_all_ms"] = await sequential(bus, lambda i: Message(
-        destination=DEST, path=machine_path(f"b{i % n}"), interface="org.freedesktop.DBus.Properties",
-        member="GetAll", signature="s", body=[MACHINE]), calls)
+        bus, lambda i: manager_call("GetMachineByPID", "u", [leaders[i % n]]), calls
+    )
+    out["properties_get_ms"] = await sequential(
+        bus,
+        lambda i: Message(
+            destination=DEST,
+            path=machine_path(f"b{i % n}"),
+            interface="org.freedesktop.DBus.Properties",
+            member="Get",
+            signature="ss",
+            body=[MACHINE, "State"],
+        ),
+        calls,
+    )
+    out["properties_get_all_ms"] = await sequential(
+        bus,
+        lambda i: Message(
+            destination=DEST,
+            path=machine_path(f"b{i % n}"),
+            interface="org.freedesktop.DBus.Properties",
+            member="GetAll",
+            signature="s",
+            body=[MACHINE],
+        ),
+        calls,
+    )
     out["list_machines_ms"] = await sequential(bus, lambda i: manager_call("ListMachines"), args.list_calls)
     ticks, ns = cpu_ticks(pid), cpu_ns(pid)
     await sequential(bus, lambda i: manager_call("ListMachines"), 50)
@@ -227,7 +255,9 @@ async def bench_main(args: argparse.Namespace) -> dict[str, Any]:
         destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
         member="GetId"), calls)  # fmt: skip
     subprocess.run(["systemctl", "stop", args.service], check=True)
-    responder = subprocess.Popen([sys.executable, __file__, "responder", args.service], stdout=subprocess.PIPE, text=True)
+    responder = subprocess.Popen(
+        [sys.executable, __file__, "responder", args.service], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert responder.stdout is not None and responder.stdout.readline().strip() == "ready"
         ns = cpu_ns(responder.pid)
@@ -295,7 +325,9 @@ async def serve_batches(args: argparse.Namespace) -> None:
             values = [machinectl_list(n) for _ in range(count)]
         else:
             values = await sequential(bus, ops[op], count)
-        print(json.dumps({"p50_ms": statistics.median(values), "cpu_us": (cpu_ns(pid) - ns) / count / 1000}), flush=True)
+        print(
+            json.dumps({"p50_ms": statistics.median(values), "cpu_us": (cpu_ns(pid) - ns) / count / 1000}), flush=True
+        )
 
 
 async def bench_big(args: argparse.Namespace) -> dict[str, Any]:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machined.sandbox import Sandbox  # noqa: E402
 
-CLIENT = r'''
+CLIENT = r"""
 import asyncio, json, subprocess, sys, time
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
@@ -71,7 +71,7 @@ async def main():
     print(json.dumps(out))
 
 asyncio.run(main())
-'''
+"""
 
 
 def measure(impl: str, machines: int, calls: int) -> dict:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machined.sandbox import Sandbox
 from machined.sandbox.containers import BASH_FUNCTIONS
 
-CLIENT = r'''
+CLIENT = r"""
 import asyncio, json, os, subprocess, sys, time
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
@@ -168,7 +168,7 @@ async def main():
     subprocess.run(["bash", "-c", f"source /tmp/bench-functions.sh; stop_container {BOOTED}"], capture_output=True)
 
 asyncio.run(main())
-'''
+"""
 
 OPERATIONS = [
     "GetMachineAddresses", "GetMachineOSRelease", "OpenMachinePTY", "OpenMachineRootDirectory",

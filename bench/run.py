@@ -113,7 +113,7 @@ def paired(n: int, rounds: int) -> dict[str, dict[str, list[dict]]]:
                 raise RuntimeError(f"paired client for {impl} did not start")
         for r in range(rounds):
             for _, op, count, _ in PAIRED:
-                for impl in (("real", "ours") if r % 2 == 0 else ("ours", "real")):
+                for impl in ("real", "ours") if r % 2 == 0 else ("ours", "real"):
                     proc = clients[impl]
                     assert proc.stdin is not None and proc.stdout is not None
                     proc.stdin.write(f"{op} {count}\n")
@@ -254,8 +254,10 @@ def main() -> int:
         verdict = "" if row["met"] is None else (" met" if row["met"] else " NOT met")
         print(f"{row['operation']:<{width}}  {fmt(row['real'], row['unit']):>12} {fmt(row['ours'], row['unit']):>12} "
               f"{ratio:>9}  {row['goal']}{verdict}")  # fmt: skip
-    print(f"1,000-machine rows on a bus with max_match_rules_per_connection=8192 for both; "
-          f"{args.big:,}-machine rows: ours on stock bus limits.")
+    print(
+        f"1,000-machine rows on a bus with max_match_rules_per_connection=8192 for both; "
+        f"{args.big:,}-machine rows: ours on stock bus limits."
+    )
     compiled = [s.get("dbus_fast_compiled") for s in samples["ours"]]
     print(f"dbus-fast's compiled extension in use (ours): {all(compiled) if compiled else 'n/a'}")
 

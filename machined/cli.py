@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from machined import lean  # noqa: F401, I001  (first: asyncio and dbus-fast without OpenSSL)
+from machined import lean  # noqa: F401  (first: asyncio and dbus-fast without OpenSSL)
 
+# isort: split
 import argparse
 import asyncio
 import ctypes

@@ -112,7 +112,7 @@ class BusError(Exception):
         self.varlink = varlink
 
     @classmethod
-    def from_errno(cls, code: int, message: str | None = None) -> "BusError":
+    def from_errno(cls, code: int, message: str | None = None) -> BusError:
         code = abs(code)
         return cls(errno_error_name(code), message if message is not None else os.strerror(code), errno_code=code)
 

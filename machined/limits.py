@@ -84,8 +84,10 @@ class FairLimiter:
         """A slot for *user* (by default the current requester); call the result to give it back."""
         if of_caller and user is None:
             user = await caller.current_uid()
-        if not self._waiting.get(user) and self._may_run(user) and (
-            self._privileged(user) or not self._privileged_waiting()
+        if (
+            not self._waiting.get(user)
+            and self._may_run(user)
+            and (self._privileged(user) or not self._privileged_waiting())
         ):
             self._count(user)
             return self._releaser(user)

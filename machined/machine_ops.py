@@ -34,8 +34,10 @@ def copy(leader: int, leader_fd: int, copy_from: bool, host_path: str, container
     try:
         host_dir, host_name = _open_parent(host_path)
     except OSError as e:
-        raise BusError(errno_error_name(e.errno or errno.EIO),
-                       f"Failed to open host directory {host_path}: {os.strerror(e.errno or errno.EIO)}") from None  # fmt: skip
+        raise BusError(
+            errno_error_name(e.errno or errno.EIO),
+            f"Failed to open host directory {host_path}: {os.strerror(e.errno or errno.EIO)}",
+        ) from None
     join_mount_namespace(leader_fd)
     container_dir, container_name = _open_parent(container_path)
     # As upstream (COPY_REFLINK|COPY_MERGE|COPY_HARDLINKS): with a UID shift, what arrives

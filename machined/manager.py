@@ -180,7 +180,9 @@ class MachineManager:
                 unit = machine.unit
                 await self.finalize(machine)
                 self._abandon(unit)
-                raise BusError.from_errno(errno.ETIMEDOUT, f"Start job for unit {unit} did not finish in time") from None
+                raise BusError.from_errno(
+                    errno.ETIMEDOUT, f"Start job for unit {unit} did not finish in time"
+                ) from None
             finally:
                 self._create_waiters.pop(id(machine), None)
             if result != "done":
@@ -492,7 +494,7 @@ class MachineManager:
                 continue
             gate = asyncio.Semaphore(GC_CONCURRENCY)
 
-            async def one(machine: Machine) -> None:
+            async def one(machine: Machine, gate: asyncio.Semaphore = gate) -> None:
                 async with gate:
                     await self._gc_one(machine, drop_not_started)
 

@@ -203,8 +203,9 @@ class ContainerBus:
         self.buffer = b""
         self.pending = b"\0AUTH EXTERNAL " + str(os.geteuid()).encode().hex().encode() + b"\r\n"
         self.pending += b"NEGOTIATE_UNIX_FD\r\nBEGIN\r\n"
-        self.pending += bytes(Message(destination=DBUS, path=DBUS_PATH, interface=DBUS, member="Hello",
-                                      serial=1)._marshall(True))  # fmt: skip
+        self.pending += bytes(
+            Message(destination=DBUS, path=DBUS_PATH, interface=DBUS, member="Hello", serial=1)._marshall(True)
+        )
         self.authenticated = False
 
     def close(self) -> None:
@@ -214,8 +215,18 @@ class ContainerBus:
              fds: list[int] | None = None) -> None:  # fmt: skip
         self.serial += 1
         serial = self.serial
-        data = bytes(Message(destination=destination, path=path, interface=interface, member=member,
-                             signature=signature, body=body, unix_fds=fds or [], serial=serial)._marshall(True))  # fmt: skip
+        data = bytes(
+            Message(
+                destination=destination,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=body,
+                unix_fds=fds or [],
+                serial=serial,
+            )._marshall(True)
+        )
         if fds and not self.authenticated:
             self.sock.sendall(self.pending)
             self.pending = b""

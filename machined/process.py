@@ -38,7 +38,7 @@ class ProcessRef:
     pidfd_id: int = 0  # inode of the pidfd on pidfs kernels: unique for the boot
 
     @classmethod
-    def take(cls, pid: int, expect_pidfd_id: int = 0, expect_start: int | None = None) -> "ProcessRef":
+    def take(cls, pid: int, expect_pidfd_id: int = 0, expect_start: int | None = None) -> ProcessRef:
         """Pin *pid* now. With expectations (from a state file), refuse another process by that PID."""
         ref = cls(pid)
         if pid <= 0:

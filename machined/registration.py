@@ -26,7 +26,7 @@ class RegistrationRequest:
     root_directory: str
     netif: list[int] = field(default_factory=list)
 
-    def with_leader(self, pid: int) -> "RegistrationRequest":
+    def with_leader(self, pid: int) -> RegistrationRequest:
         return replace(self, leader=pid)
 
 

@@ -16,6 +16,7 @@ from dbus_fast.aio import MessageBus
 from machined.bus.client import call_method
 from machined.shell import LOGIN_SHELL_SCRIPT, shell_command  # noqa: F401  (where they used to be)
 
+
 def shell_properties(user: str, pty_path: str, path: str, argv: list[str], env: list[str]) -> list:
     """Properties of the transient shell unit; fd index 0 is the PTY slave."""
     props = [

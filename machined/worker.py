@@ -1034,7 +1034,7 @@ def serve_job(job_fd: int, on_request: Callable[[], None] | None = None) -> None
     names = request.get("names") or []
     if len(names) != len(fds):
         raise OSError(errno.EBADF, "fds lost on the way")
-    kwargs.update(zip(names, fds))
+    kwargs.update(zip(names, fds, strict=True))
     if request.get("fd_socket"):
         kwargs["fd_socket"] = job_fd
     outcome = _outcome(_target(request["target"]), kwargs)

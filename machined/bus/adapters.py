@@ -43,7 +43,6 @@ MACHINE_REDIRECTS = {
 COPY_FLAGS_PUBLIC = 1  # bit 0: replace an existing destination
 
 
-
 def machine_handlers(manager: MachineManager, access: MachineAccess) -> dict[str, Handler]:
     """The Machine interface's handlers, built once and shared by every machine: each takes
     the machine first (Unregister: Manager only)."""
@@ -84,8 +83,16 @@ def machine_handlers(manager: MachineManager, access: MachineAccess) -> dict[str
 
     def copier(copy_from: bool, with_flags: bool) -> Handler:
         async def handler(machine: Machine, call: Call, src: str, dest: str, flags: int = 0) -> None:
-            await machine_calls.copy(access, machine, copy_from, src, dest, bool(flags & COPY_FLAGS_PUBLIC),
-                                     partial(authorize, call), not (with_flags and flags & ~COPY_FLAGS_PUBLIC))  # fmt: skip
+            await machine_calls.copy(
+                access,
+                machine,
+                copy_from,
+                src,
+                dest,
+                bool(flags & COPY_FLAGS_PUBLIC),
+                partial(authorize, call),
+                not (with_flags and flags & ~COPY_FLAGS_PUBLIC),
+            )
 
         return handler
 

@@ -18,8 +18,15 @@ async def call_method(bus: MessageBus, destination: str, path: str, interface: s
                       unix_fds: list[int] | None = None) -> list[Any]:  # fmt: skip
     """The reply's body; an error reply (or none) raises BusError with the callee's name and text."""
     reply = await bus.call(
-        Message(destination=destination, path=path, interface=interface, member=member,
-                signature=signature, body=body or [], unix_fds=unix_fds or [])  # fmt: skip
+        Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body or [],
+            unix_fds=unix_fds or [],
+        )  # fmt: skip
     )
     if reply is None:
         raise BusError(errors.NO_REPLY, "No reply")
@@ -29,6 +36,8 @@ async def call_method(bus: MessageBus, destination: str, path: str, interface: s
     return reply.body
 
 
-async def call_bus_daemon(bus: MessageBus, member: str, signature: str = "", body: list[Any] | None = None) -> list[Any]:
+async def call_bus_daemon(
+    bus: MessageBus, member: str, signature: str = "", body: list[Any] | None = None
+) -> list[Any]:
     """A call to org.freedesktop.DBus itself."""
     return await call_method(bus, *DBUS, member, signature, body)

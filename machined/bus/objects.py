@@ -100,9 +100,7 @@ class Call:
                 (creds,) = await call_bus_daemon(self.bus, "GetConnectionCredentials", "s", [self.sender])
             except BusError:
                 raise BusError.from_errno(errno.ESRCH, "Failed to get credentials of the caller") from None
-            self._credentials = Credentials(
-                pid=int(creds["ProcessID"].value), uid=int(creds["UnixUserID"].value)
-            )
+            self._credentials = Credentials(pid=int(creds["ProcessID"].value), uid=int(creds["UnixUserID"].value))
             if self._cache is not None and self.sender:
                 self._cache.put(self.sender, self._credentials)
         return self._credentials
@@ -288,7 +286,18 @@ def _writer_is_known(bus: Any) -> bool:
     """Whether dbus-fast's writer has the shape machined.bus.writer_fix knows (its queue, the
     message being written, the socket), so that a reply may be written past the queue."""
     writer = getattr(bus, "_writer", None)
-    names = ("buf", "messages", "offset", "unix_fds", "fut", "sock", "fd", "loop", "negotiate_unix_fd", "write_callback")
+    names = (
+        "buf",
+        "messages",
+        "offset",
+        "unix_fds",
+        "fut",
+        "sock",
+        "fd",
+        "loop",
+        "negotiate_unix_fd",
+        "write_callback",
+    )
     return writer is not None and all(hasattr(writer, n) for n in names) and hasattr(bus, "next_serial")
 
 
@@ -577,7 +586,9 @@ def _get_all_cached(msg: Message, target: Any, selected: list[Interface],
                 if type(v) is CoroutineType:
                     v.close()
             return None
-        body = Marshaller("a{sv}", [{p.name: Variant(p.type, v, False) for (_, p), v in zip(specs, values)}]).marshall()
+        body = Marshaller(
+            "a{sv}", [{p.name: Variant(p.type, v, False) for (_, p), v in zip(specs, values, strict=True)}]
+        ).marshall()
         cache = target.get_all_cache = (key, MarshalledBody(bytes(body), _EMPTY_DICT))
     reply = _MarshalledReturn(message_type=METHOD_RETURN, reply_serial=msg.serial, destination=msg.sender,
                               flags=NO_REPLY_EXPECTED, signature=_DICT, body=_EMPTY_DICT, validate=False)  # fmt: skip
@@ -637,8 +648,7 @@ def _check_signature(msg: Message, iface: str, expected: str, member: str | None
     if msg.signature != expected:
         raise BusError(
             errors.INVALID_ARGS,
-            f"Invalid arguments '{msg.signature}' to call {iface}.{member or msg.member}(), "
-            f"expecting '{expected}'.",
+            f"Invalid arguments '{msg.signature}' to call {iface}.{member or msg.member}(), expecting '{expected}'.",
         )
 
 

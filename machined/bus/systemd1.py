@@ -32,7 +32,7 @@ import errno
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from dbus_fast import Message, MessageType, Variant
@@ -298,10 +298,9 @@ class Systemd:
                     self._resubscribe()
                     self.listener.manager_reloaded()
         elif msg.member == "PropertiesChanged" and msg.path and msg.path.startswith(UNIT_PATH_PREFIX):
-            element = msg.path[len(UNIT_PATH_PREFIX):]
+            element = msg.path[len(UNIT_PATH_PREFIX) :]
             if element and "/" not in element:
                 self.listener.unit_changed(bus_label_unescape(element))
-
 
 
 def _timed_out() -> BusError:

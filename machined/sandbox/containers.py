@@ -9,9 +9,15 @@ host's default services. The tests and ``make run`` share it.
 BASH_FUNCTIONS = r"""
 # (the waits end as soon as the condition holds; their limits only matter on a loaded machine)
 # until_listed NAME: wait until machine NAME is registered
-until_listed() { for _ in $(seq 600); do machinectl show "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "never registered: $1"; }
+until_listed() {
+  for _ in $(seq 600); do machinectl show "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "never registered: $1"
+}
 # gone NAME: wait until machine NAME is no longer registered
-gone() { for _ in $(seq 600); do machinectl show "$1" >/dev/null 2>&1 || return 0; sleep 0.05; done; echo "still registered: $1"; }
+gone() {
+  for _ in $(seq 600); do machinectl show "$1" >/dev/null 2>&1 || return 0; sleep 0.05; done
+  echo "still registered: $1"
+}
 # boot_container NAME: a booted container (systemd, dbus and logind inside, a veth)
 boot_container() {
   local d=/var/lib/machines/$1 o=/tmp/ov-$1
@@ -19,7 +25,8 @@ boot_container() {
   printf '[Unit]\nDescription=Sandbox container target\nWants=dbus.socket systemd-logind.service\nAfter=dbus.socket\n' \
     > $o/upper/etc/systemd/system/sandbox-container.target
   mountpoint -q $d || mount -t overlay overlay -o lowerdir=/,upperdir=$o/upper,workdir=$o/work $d
-  systemd-run --quiet --unit=boot-$1 systemd-nspawn -q -b -D $d --network-veth -M $1 systemd.unit=sandbox-container.target
+  systemd-run --quiet --unit=boot-$1 \
+    systemd-nspawn -q -b -D $d --network-veth -M $1 systemd.unit=sandbox-container.target
   until_listed $1
   for _ in $(seq 600); do
     case "$(systemctl -M $1 is-system-running 2>/dev/null)" in running|degraded) return 0;; esac

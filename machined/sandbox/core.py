@@ -98,9 +98,7 @@ MASKED_UNITS = (
 
 POLICY_FILES = {
     "org.freedesktop.machine1.conf": "/usr/share/dbus-1/system.d/org.freedesktop.machine1.conf",
-    "org.freedesktop.machine1.service": (
-        "/usr/share/dbus-1/system-services/org.freedesktop.machine1.service"
-    ),
+    "org.freedesktop.machine1.service": ("/usr/share/dbus-1/system-services/org.freedesktop.machine1.service"),
     "org.freedesktop.machine1.policy": "/usr/share/polkit-1/actions/org.freedesktop.machine1.policy",
 }
 
@@ -208,9 +206,7 @@ def check_host() -> str:
         text=True,
     )
     if probe.returncode != 0:
-        raise SandboxError(
-            "cannot create pid/mount/cgroup/uts/ipc namespaces here: " + probe.stderr.strip()
-        )
+        raise SandboxError("cannot create pid/mount/cgroup/uts/ipc namespaces here: " + probe.stderr.strip())
     return layout
 
 
@@ -304,7 +300,7 @@ class Sandbox:
     def state_dir(self) -> Path:
         return self.info.state_dir
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         self.start()
         return self
 
@@ -312,7 +308,7 @@ class Sandbox:
         self.stop()
 
     @classmethod
-    def attach(cls, sandbox_id: str) -> "Sandbox":
+    def attach(cls, sandbox_id: str) -> Sandbox:
         """The running sandbox *sandbox_id*, as recorded by the one that started it."""
         path = STATE_ROOT / sandbox_id / "info.json"
         try:
@@ -365,7 +361,7 @@ class Sandbox:
             return python_env()
         return {}
 
-    def start(self) -> "Sandbox":
+    def start(self) -> Sandbox:
         host_layout = check_host()
         if self.systemd == "262":
             self._root = self._ensure_root()
@@ -506,9 +502,7 @@ class Sandbox:
         if self.info.impl == "ours":
             files.append({"path": f"{unit_dir}/systemd-machined.service", "symlink": "/dev/null"})
             files.append({"path": f"{unit_dir}/machined.service", "content": our_unit_text(sys.executable)})
-            files.append(
-                {"path": f"{unit_dir}/dbus-org.freedesktop.machine1.service", "symlink": "machined.service"}
-            )
+            files.append({"path": f"{unit_dir}/dbus-org.freedesktop.machine1.service", "symlink": "machined.service"})
             for name, dst in POLICY_FILES.items():
                 binds.append({"src": str(file_path(interface_file(name))), "dst": dst})
         files += bus_limit_files(self.bus_limits, unit_dir)
@@ -638,8 +632,7 @@ class Sandbox:
         )
         if check and r.returncode != 0:
             raise SandboxError(
-                f"{' '.join(args)!r} failed in sandbox {self.id} with {r.returncode}:\n"
-                f"{r.stdout}{r.stderr}"
+                f"{' '.join(args)!r} failed in sandbox {self.id} with {r.returncode}:\n{r.stdout}{r.stderr}"
             )
         return r
 

@@ -11,12 +11,16 @@ from machined.sandbox.core import Sandbox
 # A booted container with a private network, an address on its side of the veth
 # (TEST-NET-2, never routed anywhere), and nss-mymachines in the sandbox's nsswitch.conf,
 # so that `machinectl shell/login demo-os` and `getent hosts demo-os` have something to act on.
-BOOTED = BASH_FUNCTIONS + r"""
+BOOTED = (
+    BASH_FUNCTIONS
+    + r"""
 boot_container demo-os
-machinectl shell demo-os /bin/sh -c 'ip addr add 198.51.100.2/24 dev host0 && ip link set host0 up' >/dev/null 2>&1 </dev/null
+machinectl shell demo-os /bin/sh -c 'ip addr add 198.51.100.2/24 dev host0 && ip link set host0 up' \
+  >/dev/null 2>&1 </dev/null
 sed 's/^hosts:.*/hosts: files mymachines dns/' /etc/nsswitch.conf > /run/nsswitch.conf
 mount --bind /run/nsswitch.conf /etc/nsswitch.conf
 """
+)
 
 SETUP = [
     # A container: systemd-nspawn registers itself (CreateMachineWithNetwork).
@@ -72,16 +76,17 @@ def demo(id_file: str | None) -> int:
     if id_file:
         with open(id_file, "w", encoding="utf-8") as f:
             f.write(sb.id + "\n")
-    print(f"Sandbox {sb.id} booted systemd (PID {sb.init_pid} on the host) with machined "
-          "in place of systemd-machined.")
+    print(f"Sandbox {sb.id} booted systemd (PID {sb.init_pid} on the host) with machined in place of systemd-machined.")
     for args in SETUP:
         sb.run(args, check=False)
     sb.run(["bash", "-c", BOOTED], check=False, timeout=120)
     wait_for_machine(sb, "demo-container")
     for title, args in STEPS:
         show(sb, title, args)
-    print(f"\nThe sandbox keeps running. Enter it with 'make shell' (or: machined-sandbox shell {sb.id}),"
-          " then try: machinectl shell demo-os, machinectl login demo-os, getent hosts demo-os,"
-          " machinectl copy-to demo-os /etc/hostname /root/, machinectl list-images."
-          " Stop it with 'make stop'.")
+    print(
+        f"\nThe sandbox keeps running. Enter it with 'make shell' (or: machined-sandbox shell {sb.id}),"
+        " then try: machinectl shell demo-os, machinectl login demo-os, getent hosts demo-os,"
+        " machinectl copy-to demo-os /etc/hostname /root/, machinectl list-images."
+        " Stop it with 'make stop'."
+    )
     return 0

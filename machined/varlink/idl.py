@@ -16,7 +16,7 @@ in ``org.varlink.service.InvalidParameter``. An ``int`` may come as a string (va
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 ELEMENTARY = ("bool", "int", "float", "string", "object")
 
@@ -28,10 +28,10 @@ class Enum:
 
 @dataclass(frozen=True)
 class Struct:
-    fields: tuple["Field", ...]
+    fields: tuple[Field, ...]
 
 
-FieldType = Union[str, Enum, Struct]  # elementary name, named type name, or an inline type
+FieldType = str | Enum | Struct  # elementary name, named type name, or an inline type
 
 
 @dataclass(frozen=True)

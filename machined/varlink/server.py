@@ -124,7 +124,7 @@ _UCRED_FD = struct.Struct("i")
 class Call:
     """One method call being served."""
 
-    def __init__(self, connection: "Connection", method: str, parameters: dict[str, Any], more: bool,
+    def __init__(self, connection: Connection, method: str, parameters: dict[str, Any], more: bool,
                  oneway: bool) -> None:  # fmt: skip
         self.connection = connection
         self.method = method
@@ -223,7 +223,7 @@ class Service:
 
 
 class Connection:
-    def __init__(self, server: "VarlinkServer", sock: socket.socket) -> None:
+    def __init__(self, server: VarlinkServer, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
         self.peer = Peer(sock)

@@ -13,7 +13,9 @@ import re
 from machined.sandbox import Sandbox
 from machined.sandbox.containers import BASH_FUNCTIONS
 
-PRELUDE = BASH_FUNCTIONS + r"""
+PRELUDE = (
+    BASH_FUNCTIONS
+    + r"""
 set -u
 M=org.freedesktop.machine1
 MP=/org/freedesktop/machine1
@@ -33,6 +35,7 @@ until_comm() { for _ in $(seq 200); do [ "$(cat /proc/$1/comm 2>/dev/null)" = "$
 state() { for f in "$@"; do echo "--- $f"; cat "/run/systemd/machines/$f"; done; }
 links() { (cd /run/systemd/machines && for f in *; do stat -c '%A %N' -- "$f"; done) 2>&1; }
 """
+)
 
 
 def normalize(text: str) -> str:

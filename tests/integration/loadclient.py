@@ -43,7 +43,9 @@ def spawn_leaders(n: int) -> list[int]:
     return pids
 
 
-async def storm(calls: list[tuple[str, str, list[Any]]], conns: int, concurrency: int, timeout: float) -> dict[str, Any]:
+async def storm(
+    calls: list[tuple[str, str, list[Any]]], conns: int, concurrency: int, timeout: float
+) -> dict[str, Any]:
     buses = [await MessageBus(bus_type=BusType.SYSTEM).connect() for _ in range(conns)]
     outcomes: Counter[str] = Counter()
     slowest = 0.0
@@ -95,8 +97,11 @@ def main() -> int:
         n = int(args.rest[0])
         pids = spawn_leaders(n)
         names = [f"{args.what}{i + 1}" for i in range(n)]
-        calls = [("CreateMachine", "sayssusa(sv)", [nm, b"", "", "vm", pid, "", []]) for nm, pid in zip(names, pids)]
-        result["leaders"] = dict(zip(names, pids))
+        calls = [
+            ("CreateMachine", "sayssusa(sv)", [nm, b"", "", "vm", pid, "", []])
+            for nm, pid in zip(names, pids, strict=True)
+        ]
+        result["leaders"] = dict(zip(names, pids, strict=True))
     elif args.mode == "terminate":
         n = int(args.rest[0])
         calls = [("TerminateMachine", "s", [f"{args.what}{i + 1}"]) for i in range(n)]

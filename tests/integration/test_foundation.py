@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import difflib
 import json
-import time
 import re
+import time
 
 import pytest
 
@@ -101,8 +101,15 @@ def test_our_daemon_serves_the_name(ours: Sandbox) -> None:
     show = ours.run(["systemctl", "show", "machined.service", "-p", "Type,StatusText,ActiveState"]).stdout
     assert "Type=notify" in show and "ActiveState=active" in show
     assert "StatusText=Serving org.freedesktop.machine1." in show
-    hardening = ours.run(["systemctl", "show", "machined.service", "-p",
-                          "WatchdogUSec,Restart,NoNewPrivileges,MemoryDenyWriteExecute,CapabilityBoundingSet"]).stdout
+    hardening = ours.run(
+        [
+            "systemctl",
+            "show",
+            "machined.service",
+            "-p",
+            "WatchdogUSec,Restart,NoNewPrivileges,MemoryDenyWriteExecute,CapabilityBoundingSet",
+        ]
+    ).stdout
     assert "WatchdogUSec=3min" in hardening and "Restart=on-failure" in hardening
     assert "NoNewPrivileges=yes" in hardening and "MemoryDenyWriteExecute=yes" in hardening
     assert "cap_sys_admin" in hardening and "cap_net_admin" not in hardening
@@ -148,6 +155,7 @@ def test_real_reference_is_systemd_machined(real: Sandbox) -> None:
 def test_log_control_differs_only_in_our_identifier(ours: Sandbox, real: Sandbox) -> None:
     args = ["busctl", "introspect", DEST, "/org/freedesktop/LogControl1"]
     expected, got = both(ours, real, args)
+
     def words(text: str) -> list[str]:
         return text.split()
 

@@ -73,7 +73,10 @@ def vendor_dir() -> None:
 
 
 def test_discovery_listing_and_properties(ours: Sandbox, real: Sandbox) -> None:
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 clean_pool
 mkdirimg /var/lib/machines/dir1 dirhost
 mkraw r1 rawhost /var/lib/machines/r1.raw >/dev/null
@@ -101,7 +104,8 @@ call GetImageHostname "'dir1'"; call GetImageMachineID "'dir1'"; call GetImageMa
 call GetImageOSRelease "'r1'"; call GetImageHostname "'r1'"; call GetImageHostname "'.hidden1'"; call GetImageMachineInfo "'.hidden1'"
 mcall $MP/image/nope org.freedesktop.DBus.Properties.GetAll "''"
 umount /usr/lib/machines; clean_pool
-""")
+""",
+    )
     assert "dir1 directory no" in out and "r1 directory no" in out and "vend directory yes" in out
     assert "Path: /run/machines/shadow" in out and "poolshadow" not in out
     assert "Hostname: rawhost" in out and "OS: Raw OS r1" in out and "Hostname: dirhost" in out
@@ -109,7 +113,10 @@ umount /usr/lib/machines; clean_pool
 
 
 def test_bad_names_and_unknown_images(ours: Sandbox, real: Sandbox) -> None:
-    assert_same(ours, real, r"""
+    assert_same(
+        ours,
+        real,
+        r"""
 clean_pool; mkdir -p /var/lib/machines/ok1
 for n in '..' '.' 'a/b' '.#x' "$(printf 'a\tb')" "$(printf 'a\177')" "$(printf 'x%.0s' $(seq 256))" '' nope; do
   for m in GetImage RemoveImage GetImageHostname GetImageOSRelease; do busctl call $M $MP $MI $m s "$n" 2>&1; done
@@ -132,11 +139,15 @@ runuser -u nobody -- busctl call $M $MP $MI SetPoolLimit t 1 2>&1
 runuser -u nobody -- busctl call $M $MP/image/ok1 org.freedesktop.machine1.Image MarkReadOnly b true 2>&1
 runuser -u nobody -- busctl call $M $MP/image/ok1 org.freedesktop.machine1.Image GetHostname 2>&1
 clean_pool
-""")
+""",
+    )
 
 
 def test_directory_and_raw_operations(ours: Sandbox, real: Sandbox) -> None:
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 clean_pool
 mkdirimg /var/lib/machines/d1 d1host; echo '[Exec]' > /var/lib/machines/d1.nspawn; echo abc > /var/lib/machines/d1.roothash
 ln /var/lib/machines/d1/etc/machine-id /var/lib/machines/d1/etc/machine-id.link; mkfifo /var/lib/machines/d1/fifo
@@ -169,13 +180,17 @@ machinectl clean; echo rc=$?; lsi
 machinectl clean --all; echo rc=$?; lsi; ls -A /var/lib/machines
 call CleanPool "'all'"
 clean_pool
-""")
+""",
+    )
     assert "d3 directory yes" in out and "r3 raw yes" in out and "same-bytes" in out
     assert "Could not remove image: Read-only file system" in out
 
 
 def test_block_device_image(ours: Sandbox, real: Sandbox) -> None:
-    assert_same(ours, real, r"""
+    assert_same(
+        ours,
+        real,
+        r"""
 clean_pool
 truncate -s 8M /tmp/blk.img; DEV=$(losetup -f --show /tmp/blk.img)
 ln -s $DEV /var/lib/machines/blk1
@@ -184,11 +199,15 @@ machinectl read-only blk1; blockdev --getro $DEV; lsi; machinectl read-only blk1
 machinectl clone blk1 blk2; machinectl set-limit blk1 1G
 machinectl rename blk1 blk3; ls -A /var/lib/machines; machinectl remove blk3; ls -A /var/lib/machines
 losetup -d $DEV; rm -f /tmp/blk.img
-""")
+""",
+    )
 
 
 def test_read_only_file_system_and_vendor_images(ours: Sandbox, real: Sandbox) -> None:
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 clean_pool
 mountpoint -q /usr/lib/machines || mount -t tmpfs -o size=16m tmpfs /usr/lib/machines
 mkdirimg /usr/lib/machines/vend vendhost
@@ -204,13 +223,17 @@ machinectl remove vendc rawc; umount /run/machines; umount /usr/lib/machines
 mount -t tmpfs -o size=16m tmpfs /run/machines; mkdir /run/machines/stuck; mount -o remount,ro /run/machines
 machinectl clean --all; call CleanPool "'all'"; lsi
 umount /run/machines; clean_pool
-""")
+""",
+    )
     assert "vend directory yes" in out and "vendc directory no" in out and "rofs directory yes" in out
     assert "Failed to remove image stuck: Read-only file system" in out
 
 
 def test_image_in_use_by_nspawn(ours: Sandbox, real: Sandbox) -> None:
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 clean_pool
 mkdir -p /var/lib/machines/lk/{usr,etc,proc,sys,dev,run,tmp,var}
 for l in bin lib lib64 sbin; do ln -s usr/$l /var/lib/machines/lk/$l; done
@@ -227,7 +250,8 @@ ls -A /var/lib/machines
 machinectl rename lk lk2; machinectl remove lk2 lkc; echo rc=$?
 ls -A /var/lib/machines; ls /run/systemd/nspawn/locks
 clean_pool
-""")
+""",
+    )
     assert out.count("Device or resource busy") >= 4 and "rc=0" in out
 
 
@@ -255,7 +279,10 @@ def test_btrfs_subvolumes_snapshots_and_quota(ours: Sandbox, real: Sandbox) -> N
     probe = run(real, "grep -qw btrfs /proc/filesystems && echo btrfs-ok")
     if "btrfs-ok" not in probe:
         pytest.skip("this kernel has no btrfs")
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 clean_pool
 rm -f /tmp/btrfs.img; truncate -s 256M /tmp/btrfs.img; mkfs.btrfs -q /tmp/btrfs.img >/dev/null 2>&1
 mount -o loop /tmp/btrfs.img /var/lib/machines || echo "MOUNT FAILED"
@@ -288,7 +315,9 @@ btrfs subvolume list /var/lib/machines | awk '{print $NF}' | sort
 btrfs qgroup show /var/lib/machines 2>/dev/null | awk 'NR>2 {print $1}' | sort
 machinectl show-image
 umount /var/lib/machines; rm -f /tmp/btrfs.img
-""", timeout=300)
+""",
+        timeout=300,
+    )
     assert "MOUNT FAILED" not in out
     assert "sv1 subvolume no" in out and "sv3 subvolume yes" in out and "plainc subvolume no" in out
     assert "Limit=52428800" in out and "Limit=31457280" in out

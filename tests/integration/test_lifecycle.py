@@ -24,7 +24,10 @@ def assert_same(ours: Sandbox, real: Sandbox, script: str, timeout: float = 120)
 
 
 def test_create_machine_full_picture(ours: Sandbox, real: Sandbox, layout: str) -> None:
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 P=$(leader cm1-l); pid L $P
 call CreateMachine cm1 '[]' '' vm $P '' '@a(sv) []'
 call GetMachine cm1
@@ -45,7 +48,8 @@ call TerminateMachine cm1
 gone cm1
 machinectl list; links
 systemctl is-active machine-cm1.scope
-""")
+""",
+    )
     # systemd tracks the leader in cgroup2 (the 0:: line); only on hybrid does it keep the
     # name=systemd copy (on unified that line, listed all the same, stays at the root)
     assert "<L> cm1" in out and "\n0::/machine.slice/machine-cm1.scope\n" in out
@@ -56,18 +60,25 @@ systemctl is-active machine-cm1.scope
 
 
 def test_introspection_of_a_machine_object(ours: Sandbox, real: Sandbox) -> None:
-    assert_same(ours, real, r"""
+    assert_same(
+        ours,
+        real,
+        r"""
 P=$(leader intro-l); pid L $P
 call CreateMachine intro-vm '[]' 'svc' container $P '/srv' '@a(sv) []' >/dev/null
 busctl introspect $M $MP/machine/intro_2dvm
 busctl call --json=short $M $MP/machine/intro_2dvm org.freedesktop.DBus.Introspectable Introspect
 busctl introspect $M $MP | sort
 call TerminateMachine intro-vm; gone intro-vm
-""")
+""",
+    )
 
 
 def test_libvirt_style_create_with_network_and_scope_properties(ours: Sandbox, real: Sandbox) -> None:
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 P=$(leader lv-l); pid L $P
 call CreateMachineWithNetwork qemu-1-lv "[byte 0x01,0x02,0x03,0x04,0x05,0x06,0x07,0x08,0x09,0x0a,0x0b,0x0c,0x0d,0x0e,0x0f,0x10]" \
   libvirt-qemu vm $P '' '[1, 7]' \
@@ -79,12 +90,16 @@ mcall $MP/machine/qemu_2d1_2dlv org.freedesktop.DBus.Properties.Get org.freedesk
 mcall $MP/machine/qemu_2d1_2dlv org.freedesktop.DBus.Properties.Get org.freedesktop.machine1.Machine Id
 machinectl status -n0 qemu-1-lv
 call TerminateMachine qemu-1-lv; gone qemu-1-lv
-""")
+""",
+    )
     assert "NETIF=1 7" in out and "TasksMax=100" in out and "libvirtd.service" in out
 
 
 def test_register_machine_uses_the_leaders_unit(ours: Sandbox, real: Sandbox) -> None:
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 P=$(leader reg-svc); pid L $P
 call RegisterMachine reg1 '[]' 'my-launcher' container $P /var/lib/machines/reg1
 call RegisterMachineWithNetwork reg1 '[]' '' container $P '' '[3]'
@@ -98,12 +113,16 @@ call RegisterMachine reg2 '[]' '' container $P ''
 call TerminateMachine reg2
 gone reg2
 systemctl is-active reg-svc.service
-""")
+""",
+    )
     assert "SCOPE=reg-svc.service" in out
 
 
 def test_nspawn_registers_and_unregisters(ours: Sandbox, real: Sandbox) -> None:
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 systemd-run --quiet --unit=ns-a systemd-nspawn -q -D / --volatile=yes -M ns-a /bin/sleep 999999
 systemd-run --quiet --unit=ns-b systemd-nspawn -q --keep-unit -D / --volatile=yes -M ns-b /bin/sleep 999999
 until_listed ns-a; until_listed ns-b
@@ -120,12 +139,17 @@ machinectl list
 machinectl terminate ns-a; gone ns-a
 machinectl terminate ns-b; gone ns-b
 machinectl list
-""", timeout=180)
+""",
+        timeout=180,
+    )
     assert "ns-a container systemd-nspawn" in out
 
 
 def test_kill_and_poweroff(ours: Sandbox, real: Sandbox) -> None:
-    assert_same(ours, real, r"""
+    assert_same(
+        ours,
+        real,
+        r"""
 P=$(leader kill-l); pid L $P
 call CreateMachine killme '[]' '' container $P '' '@a(sv) []' >/dev/null
 call KillMachine killme leader 0
@@ -143,11 +167,15 @@ Q=$(leader kill-m); pid Q $Q
 call CreateMachine killall '[]' '' vm $Q '' '@a(sv) []' >/dev/null
 machinectl kill killall; gone killall
 machinectl list
-""")
+""",
+    )
 
 
 def test_bad_input_gets_the_same_errors(ours: Sandbox, real: Sandbox) -> None:
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 P=$(leader bad-l); pid L $P
 E='@a(sv) []'
 call CreateMachine '' '[]' '' vm $P '' "$E"
@@ -193,12 +221,16 @@ machinectl list
 call TerminateMachine dup; gone dup
 systemctl stop bad-l bad-q
 machinectl list
-""")
+""",
+    )
     assert "org.freedesktop.machine1.MachineExists" in out and "Invalid machine name" in out
 
 
 def test_signals_are_announced(ours: Sandbox, real: Sandbox) -> None:
-    assert_same(ours, real, r"""
+    assert_same(
+        ours,
+        real,
+        r"""
 gdbus monitor --system --dest $M > /tmp/monitor.log 2>&1 & MON=$!
 sleep 0.5
 P=$(leader sig-l); pid L $P
@@ -206,11 +238,15 @@ call CreateMachine sig1 '[]' '' vm $P '' '@a(sv) []'
 call TerminateMachine sig1; gone sig1
 sleep 0.3; kill $MON
 grep -E 'Machine(New|Removed)' /tmp/monitor.log
-""")
+""",
+    )
 
 
 def test_leader_exit_and_stopped_scope_remove_the_machine(ours: Sandbox, real: Sandbox) -> None:
-    assert_same(ours, real, r"""
+    assert_same(
+        ours,
+        real,
+        r"""
 P=$(leader le-1); pid L1 $P
 call CreateMachine le1 '[]' '' vm $P '' '@a(sv) []' >/dev/null
 kill -9 $P; gone le1
@@ -219,11 +255,15 @@ call CreateMachine le2 '[]' '' vm $Q '' '@a(sv) []' >/dev/null
 systemctl stop machine-le2.scope; gone le2
 machinectl list; links
 systemctl is-active machine-le1.scope machine-le2.scope
-""")
+""",
+    )
 
 
 def test_restart_and_reexec_keep_the_registry(ours: Sandbox, real: Sandbox) -> None:
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 P=$(leader rs-1); pid L1 $P
 call CreateMachine rs1 '[]' 'svc' vm $P '' '@a(sv) []' >/dev/null
 systemd-run --quiet --unit=rs-ns systemd-nspawn -q -D / --volatile=yes -M rs-ns /bin/sleep 999999
@@ -240,12 +280,16 @@ call TerminateMachine rs1; gone rs1
 kill $P 2>/dev/null
 machinectl terminate rs-ns; gone rs-ns
 machinectl list; links
-""", timeout=180)
+""",
+        timeout=180,
+    )
     assert "rs1 vm svc" in out
 
 
 def test_a_storm_of_200_machines_loses_none_and_leaks_no_scope(ours: Sandbox) -> None:
-    out = run(ours, r"""
+    out = run(
+        ours,
+        r"""
 for i in $(seq 200); do systemd-run --quiet --unit=storm-$i sleep 999998 & done; wait
 for i in $(seq 200); do
   P=$(systemctl show -p MainPID --value storm-$i)
@@ -263,14 +307,19 @@ echo "after listed $(machinectl list --no-legend | wc -l)"
 echo "after states $(ls /run/systemd/machines | wc -l)"
 echo "after scopes $(systemctl list-units --all --no-legend 'machine-storm*.scope' | grep -c active)"
 for i in $(seq 200); do echo storm-$i.service; done | xargs systemctl stop
-""", timeout=600)
+""",
+        timeout=600,
+    )
     assert "listed 200\nstates 200\nscopes 200\n" in out, out
     assert "after listed 0\nafter states 0\nafter scopes 0\n" in out, out
 
 
 def test_dead_holder_of_a_name_is_replaced(ours: Sandbox) -> None:
     """Beyond upstream: a name held by a machine whose leader and unit are gone is freed."""
-    out = normalize(run(ours, r"""
+    out = normalize(
+        run(
+            ours,
+            r"""
 systemd-run --quiet --unit=stale-svc sh -c 'sleep 999998 & echo $! > /tmp/stale-pid; wait'
 sleep 0.3; P=$(cat /tmp/stale-pid); pid P $P
 call RegisterMachine stale '[]' '' container $P ''
@@ -285,14 +334,19 @@ R=$(leader stale-live); pid R $R
 call CreateMachine live '[]' '' vm $R '' '@a(sv) []' >/dev/null
 call CreateMachine live '[]' '' vm $R '' '@a(sv) []'
 call TerminateMachine live; gone live
-"""))
+""",
+        )
+    )
     assert "(objectpath '/org/freedesktop/machine1/machine/stale',)" in out
     assert "stale vm" in out.replace("  ", " ").replace("  ", " ")
     assert "MachineExists: Machine 'live' already exists" in out
 
 
 def test_machine_self_and_lookup_by_any_pid_in_the_unit(ours: Sandbox, real: Sandbox) -> None:
-    assert_same(ours, real, r"""
+    assert_same(
+        ours,
+        real,
+        r"""
 rm -f /tmp/self.out
 systemd-run --quiet --unit=self-l sh -c 'sleep 1; gdbus call --system --dest org.freedesktop.machine1 --object-path /org/freedesktop/machine1/machine/self --method org.freedesktop.DBus.Properties.Get org.freedesktop.machine1.Machine Name > /tmp/self.out 2>&1; gdbus call --system --dest org.freedesktop.machine1 --object-path /org/freedesktop/machine1 --method org.freedesktop.machine1.Manager.GetMachineByPID 0 >> /tmp/self.out 2>&1; exec sleep 999998'
 P=$(systemctl show -p MainPID --value self-l); pid L $P
@@ -306,22 +360,30 @@ call RegisterMachine byunit '[]' '' container $S ''
 call GetMachineByPID $C
 call TerminateMachine selfie; gone selfie
 call TerminateMachine byunit; gone byunit
-""")
+""",
+    )
 
 
 def test_failed_scope_job_is_reported_and_forgotten(ours: Sandbox, real: Sandbox) -> None:
-    assert_same(ours, real, r"""
+    assert_same(
+        ours,
+        real,
+        r"""
 P=$(leader jf-l); pid L $P
 call CreateMachine jobfail '[]' '' vm $P '' "@a(sv) [('Requires', <['no-such-unit-xyz.service']>), ('After', <['no-such-unit-xyz.service']>)]"
 sleep 0.5
 machinectl list; links
 grep systemd /proc/$P/cgroup
 systemctl stop jf-l
-""")
+""",
+    )
 
 
 def test_journal_messages_carry_upstream_ids(ours: Sandbox, real: Sandbox) -> None:
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 P=$(leader jr-l); pid L $P
 call CreateMachine jr1 '[]' '' vm $P '' '@a(sv) []' >/dev/null
 call TerminateMachine jr1; gone jr1
@@ -333,12 +395,16 @@ for line in sys.stdin:
     e = json.loads(line)
     print(e["MESSAGE_ID"], e["NAME"], e["LEADER"], e["MESSAGE"], e["PRIORITY"])'
 done
-""")
+""",
+    )
     assert "New machine jr1." in out and "Machine jr1 terminated." in out
 
 
 def test_restart_announces_the_reloaded_machines(ours: Sandbox, real: Sandbox) -> None:
-    assert_same(ours, real, r"""
+    assert_same(
+        ours,
+        real,
+        r"""
 P=$(leader ra-1); pid L1 $P
 Q=$(leader ra-2); pid L2 $Q
 call CreateMachine ra1 '[]' '' vm $P '' '@a(sv) []' >/dev/null
@@ -358,7 +424,8 @@ systemctl stop machine-ra2.scope
 machinectl list
 ls /run/systemd/machines | sort
 call TerminateMachine ra1; gone ra1
-""")
+""",
+    )
 
 
 def test_1100_machines_more_than_the_default_descriptor_limit() -> None:
@@ -366,7 +433,9 @@ def test_1100_machines_more_than_the_default_descriptor_limit() -> None:
     start with, so the daemon raises it. The sandbox's bus allows more match rules than the stock
     512 per connection (PID 1 spends one per referenced scope; upstream hits that limit too)."""
     with Sandbox("ours", bus_limits={"max_match_rules_per_connection": 8192}) as sb:
-        out = run(sb, r"""
+        out = run(
+            sb,
+            r"""
 systemd-run --quiet --unit=big-leaders -p TasksMax=infinity sh -c 'for i in $(seq 1100); do sleep 999999 & done; wait'
 for _ in $(seq 100); do [ "$(pgrep -c -f '^sleep 999999$')" -ge 1100 ] && break; sleep 0.1; done
 i=0
@@ -388,7 +457,9 @@ wait
 for _ in $(seq 300); do [ "$(machinectl list --no-legend | wc -l)" = 0 ] && break; sleep 0.2; done
 echo "after $(machinectl list --no-legend | wc -l) $(ls /run/systemd/machines | wc -l)"
 systemctl show machined -p NRestarts
-""", timeout=600)
+""",
+            timeout=600,
+        )
     assert "errors 0\nlisted 1100\n" in out, out
     assert int(out.split("fds ", 1)[1].split()[0]) > 1100
     assert "after 0 0\nNRestarts=0" in out, out

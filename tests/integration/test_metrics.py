@@ -98,14 +98,17 @@ def scrape(ours: Sandbox) -> Iterator[Scraper]:
 
 
 def test_http_scrape_counts_machines_and_calls(ours: Sandbox, scrape: Scraper) -> None:
-    out = run(ours, r"""
+    out = run(
+        ours,
+        r"""
 P=$(leader mx-a-l); echo "A=$P"
 call CreateMachine mx-a '[]' 'svc-a' container $P '' '@a(sv) []' >/dev/null
 Q=$(leader mx-b-l); echo "B=$Q"
 call CreateMachine mx-b '[]' 'svc-b' vm $Q '' '@a(sv) []' >/dev/null
 call GetMachine no-such-machine
 call GetMachine mx-a >/dev/null
-""")
+""",
+    )
     assert "org.freedesktop.machine1.NoSuchMachine" in out, out
     fams = scrape()
     machines = info(fams)

@@ -20,7 +20,10 @@ ADDR = "198.51.100.2/24"  # TEST-NET-2: only ever configured inside the containe
 
 
 def test_booted_container_with_private_network(ours: Sandbox, real: Sandbox) -> None:
-    out = assert_same(ours, real, rf"""
+    out = assert_same(
+        ours,
+        real,
+        rf"""
 boot_container net1
 L=$(machinectl show net1 -p Leader --value); pid L $L
 machinectl shell net1 /bin/sh -c 'ip addr add {ADDR} dev host0 && ip link set host0 up' >/dev/null 2>&1
@@ -37,12 +40,17 @@ getent hosts net1 | grep -v fe80
 getent hosts no-such-machine; echo "getent rc=$?"
 umount /etc/nsswitch.conf
 stop_container net1
-""", timeout=180)
+""",
+        timeout=180,
+    )
     assert "198.51.100.2" in out and "Iface: ve-net1" in out and "OS: Debian" in out
 
 
 def test_shell_login_pty_and_root_directory(ours: Sandbox, real: Sandbox) -> None:
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 boot_container sh1
 machinectl shell sh1 /bin/echo hello; echo "rc=$?"
 machinectl shell sh1 /usr/bin/env | grep -E '^(TERM|USER|HOME|SHELL|LOGNAME)=' | sort
@@ -59,12 +67,17 @@ call OpenMachineShell sh1 '' /bin/sh '[]' "['NOEQUALS']"
 call OpenMachineShell sh1 '' /bin/sh '[]' "['A=1', 'A=2']"
 journalctl -M sh1 -n 0 --no-pager; echo "journalctl -M rc=$?"
 stop_container sh1
-""", timeout=180)
+""",
+        timeout=180,
+    )
     assert "hello\nrc=0" in out and "login:" in out
 
 
 def test_copy_to_and_from(ours: Sandbox, real: Sandbox) -> None:
-    assert_same(ours, real, r"""
+    assert_same(
+        ours,
+        real,
+        r"""
 boot_container cp1
 mkdir -p /tmp/src/dir/sub; echo one > /tmp/src/dir/a; echo two > /tmp/src/dir/sub/b
 ln /tmp/src/dir/a /tmp/src/dir/hl; ln -s a /tmp/src/dir/sl; chmod 640 /tmp/src/dir/a; chown 12:34 /tmp/src/dir/sub/b
@@ -92,11 +105,16 @@ call CopyToMachineWithFlags cp1 /tmp/src/f /x 2
 call CopyToMachine .host /tmp/src/f /x
 call CopyToMachine nope /tmp/src/f /x
 stop_container cp1
-""", timeout=180)
+""",
+        timeout=180,
+    )
 
 
 def test_bind_mounts(ours: Sandbox, real: Sandbox) -> None:
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 boot_container bm1
 mkdir -p /tmp/bindsrc; echo bound > /tmp/bindsrc/hello; echo filebind > /tmp/onefile
 machinectl bind --mkdir bm1 /tmp/bindsrc /mnt/bound; echo "rc=$?"
@@ -113,12 +131,17 @@ call BindMountMachine bm1 relative /y false false
 call BindMountMachine bm1 /tmp 'a/b' false false
 call BindMountMachine .host /tmp /y false false
 stop_container bm1
-""", timeout=180)
+""",
+        timeout=180,
+    )
     assert "bound\n" in out and "Read-only file system" in out
 
 
 def test_vm_and_shared_network_answers(ours: Sandbox, real: Sandbox) -> None:
-    assert_same(ours, real, r"""
+    assert_same(
+        ours,
+        real,
+        r"""
 P=$(leader opvm-l); pid L $P
 call CreateMachine opvm '[]' '' vm $P '' '@a(sv) []' >/dev/null
 for m in GetMachineAddresses GetMachineOSRelease GetMachineUIDShift OpenMachinePTY OpenMachineLogin OpenMachineRootDirectory; do
@@ -148,11 +171,15 @@ call MapToMachineUser 4294967295
 call MapFromMachineUser .host 5
 call MapFromMachineUser nope 5
 machinectl terminate opns; gone opns
-""")
+""",
+    )
 
 
 def test_user_namespace_mapping(ours: Sandbox, real: Sandbox) -> None:
-    assert_same(ours, real, r"""
+    assert_same(
+        ours,
+        real,
+        r"""
 systemd-run --quiet --unit=userns-l unshare --user sleep 999998
 P=$(systemctl show -p MainPID --value userns-l); pid L $P
 echo '0 200000 65536' > /proc/$P/uid_map; echo '0 200000 65536' > /proc/$P/gid_map
@@ -168,7 +195,8 @@ call MapToMachineGroup 200007
 call MapToMachineUser 300000
 call BindMountMachine usern /tmp /tmp false false
 call TerminateMachine usern; gone usern
-""")
+""",
+    )
 
 
 def test_a_hung_container_costs_only_its_caller(ours: Sandbox) -> None:
@@ -238,7 +266,10 @@ stop_container hang2
 
 def test_container_users_in_the_host_user_database(ours: Sandbox, real: Sandbox) -> None:
     """The io.systemd.UserDatabase varlink service: userdbctl and nss-systemd (getent) see vu-/vg- names."""
-    out = assert_same(ours, real, r"""
+    out = assert_same(
+        ours,
+        real,
+        r"""
 systemd-run --quiet --unit=udb-l unshare --user sleep 999999
 P=$(systemctl show -p MainPID --value udb-l); pid L $P
 echo '0 200000 65536' > /proc/$P/uid_map; echo '0 200000 65536' > /proc/$P/gid_map
@@ -253,5 +284,6 @@ userdbctl user vu-nope-5 2>&1; echo "rc=$?"
 getent passwd 200005 vu-udb-6; getent group vg-udb-12 200013
 call TerminateMachine udb; gone udb
 userdbctl user 200005 2>&1; echo "rc=$?"
-""")
+""",
+    )
     assert "vu-udb-5:x:200005:65534:UID 5 of Container udb:/:/usr/sbin/nologin" in out

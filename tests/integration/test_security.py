@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import sys
 
-
 from machined.sandbox import Sandbox
 from tests.integration.differential import normalize, run
 from tests.integration.test_lifecycle import assert_same
@@ -47,9 +46,9 @@ def _mask_bus_denials(text: str) -> str:
 
 
 def test_unprivileged_callers_get_what_upstream_gives(ours: Sandbox, real: Sandbox) -> None:
-    lines = [f"echo \"> {c}\"; {AS_NOBODY} --object-path $MP --method $MI.{c} 2>&1" for c in MANAGER_CALLS]
+    lines = [f'echo "> {c}"; {AS_NOBODY} --object-path $MP --method $MI.{c} 2>&1' for c in MANAGER_CALLS]
     lines += [
-        f"echo \"> Machine.{c}\"; {AS_NOBODY} --object-path $MP/machine/auc "
+        f'echo "> Machine.{c}"; {AS_NOBODY} --object-path $MP/machine/auc '
         f"--method org.freedesktop.machine1.Machine.{c} 2>&1"
         for c in MACHINE_CALLS
     ]
@@ -76,7 +75,10 @@ polkit.addRule(function(action, subject) {
 
 
 def test_polkit_grant_path(ours: Sandbox, real: Sandbox) -> None:
-    out = assert_same(ours, real, rf"""
+    out = assert_same(
+        ours,
+        real,
+        rf"""
 P=$(leader pk-l); pid L $P
 call CreateMachine pk1 '[]' '' vm $P '' '@a(sv) []' >/dev/null
 {AS_NOBODY} --object-path $MP --method $MI.KillMachine pk1 all 18 2>&1
@@ -93,12 +95,13 @@ systemctl restart polkit
 gone pk1
 umount /etc/polkit-1/rules.d
 systemctl restart polkit
-""")
+""",
+    )
     # granted manage-machines: kill and terminate work; shell (another action) stays refused
     assert out.count("()\n") >= 2 and "Interactive authentication required." in out
 
 
-FUZZER = r'''
+FUZZER = r"""
 import asyncio, json, os, random, sys, time
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -208,7 +211,7 @@ async def main():
     print(json.dumps(stats))
 
 asyncio.run(main())
-'''
+"""
 
 
 def _rss_kb(sb: Sandbox) -> tuple[int, int]:
@@ -221,9 +224,12 @@ def test_fuzzing_10000_calls_never_crashes_or_hangs_and_memory_stays_bounded() -
     import json
 
     with Sandbox("ours") as sb:
-        run(sb, r"""
+        run(
+            sb,
+            r"""
 for n in fz1 fz2; do P=$(leader $n-l); call CreateMachine $n '[]' '' vm $P '' '@a(sv) []' >/dev/null; done
-""")
+""",
+        )
         sb.run(["sh", "-c", f"cat > /tmp/fuzz.py <<'EOF'\n{FUZZER}\nEOF"])
         warm = sb.run([sys.executable, "/tmp/fuzz.py", "1", "1500"], timeout=600)
         pid_before, rss_before = _rss_kb(sb)
@@ -243,7 +249,10 @@ for n in fz1 fz2; do P=$(leader $n-l); call CreateMachine $n '[]' '' vm $P '' '@
 def test_pid_reuse_never_hits_the_newcomer() -> None:
     """A dead leader's PID taken by another process: Kill and GetMachineByPID leave the newcomer alone."""
     with Sandbox("ours") as sb:
-        out = normalize(run(sb, r"""
+        out = normalize(
+            run(
+                sb,
+                r"""
 # the machine's unit outlives its leader: the service's shell reaps the leader and goes on
 systemd-run --quiet --unit=reuse-svc bash -c 'sleep 999998 & echo $! > /tmp/reuse-leader; wait; exec sleep 999997'
 sleep 0.3; P=$(cat /tmp/reuse-leader); pid L $P
@@ -267,7 +276,9 @@ kill -0 $P && echo "newcomer alive"
 machinectl show reuse -p Leader --value | sed "s/^$P$/same PID/"
 call TerminateMachine reuse; gone reuse
 kill $P
-"""))
+""",
+            )
+        )
     assert "pidfd ids persisted: 1" in out
     assert "newcomer took the leader's PID" in out
     assert "NoMachineForPID" in out
@@ -287,7 +298,9 @@ def _registry_matches_scopes(sb: Sandbox, prefix: str) -> tuple[list[str], list[
 
 def test_sigkill_during_a_registration_storm_loses_nothing() -> None:
     with Sandbox("ours") as sb:
-        run(sb, r"""
+        run(
+            sb,
+            r"""
 for i in $(seq 60); do systemd-run --quiet --unit=kst-$i sleep 999998 & done; wait
 machinectl list >/dev/null
 for i in $(seq 60); do
@@ -299,7 +312,9 @@ systemctl kill -s KILL machined.service
 wait
 sleep 2
 machinectl list >/dev/null
-""", timeout=300)
+""",
+            timeout=300,
+        )
         state = run(sb, "systemctl show machined.service -p NRestarts,ActiveState")
         machines, scopes = _registry_matches_scopes(sb, "kst")
         files = run(sb, "ls /run/systemd/machines | grep '^kst' | sort").split()
@@ -311,7 +326,9 @@ machinectl list >/dev/null
 
 def test_daemon_reexec_and_reload_during_load_keep_the_registry_exact() -> None:
     with Sandbox("ours") as sb:
-        out = run(sb, r"""
+        out = run(
+            sb,
+            r"""
 for i in $(seq 40); do systemd-run --quiet --unit=rx-$i sleep 999998 & done; wait
 machinectl list >/dev/null
 for i in $(seq 40); do
@@ -325,7 +342,9 @@ sleep 1
 # after reexec we must still follow systemd: stopping a scope removes its machine
 systemctl stop machine-rx1.scope; gone rx1
 echo done
-""", timeout=300)
+""",
+            timeout=300,
+        )
         machines, scopes = _registry_matches_scopes(sb, "rx")
     assert "still registered" not in out
     assert machines == scopes
@@ -334,7 +353,10 @@ echo done
 
 def test_bus_restart_and_corrupt_state_files() -> None:
     with Sandbox("ours") as sb:
-        out = normalize(run(sb, r"""
+        out = normalize(
+            run(
+                sb,
+                r"""
 P=$(leader br-l); pid L $P
 call CreateMachine br1 '[]' '' vm $P '' '@a(sv) []' >/dev/null
 printf 'garbage\x00\xff\n' > /run/systemd/machines/corrupt1
@@ -348,7 +370,10 @@ systemctl show machined.service -p ActiveState
 journalctl -u machined.service -o cat --no-pager | grep -E 'Skipping state file|Lost the connection' | sed 's/:.*//' | sort -u
 ls /run/systemd/machines | sort
 call TerminateMachine br1; gone br1
-""", timeout=120))
+""",
+                timeout=120,
+            )
+        )
     assert "br1 vm - - - -" in out.replace("  ", " ")
     assert "after bus restart: ActiveState=inactive ExecMainStatus=0 NRestarts=0 Result=success" in out
     assert "ActiveState=active" in out

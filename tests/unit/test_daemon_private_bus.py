@@ -44,8 +44,17 @@ def private_bus(tmp_path: Path) -> Iterator[str]:
 
 def start_daemon(address: str, state_dir: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "machined", "--bus-address", address, "--state-dir", str(state_dir),
-         "--userdb-socket", str(state_dir) + ".userdb"],
+        [
+            sys.executable,
+            "-m",
+            "machined",
+            "--bus-address",
+            address,
+            "--state-dir",
+            str(state_dir),
+            "--userdb-socket",
+            str(state_dir) + ".userdb",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -58,9 +67,7 @@ def daemon(private_bus: str, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
     proc = start_daemon(private_bus, tmp_path / "machines")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        r = subprocess.run(
-            ["busctl", f"--address={private_bus}", "status", DEST], capture_output=True, text=True
-        )
+        r = subprocess.run(["busctl", f"--address={private_bus}", "status", DEST], capture_output=True, text=True)
         if r.returncode == 0:
             break
         time.sleep(0.05)
@@ -88,7 +95,9 @@ async def test_list_machines_serves_host(private_bus: str, daemon: subprocess.Po
     assert (tmp_path / "machines").is_dir()
 
 
-async def test_get_all_with_empty_interface_returns_every_property(private_bus: str, daemon: subprocess.Popen[str]) -> None:
+async def test_get_all_with_empty_interface_returns_every_property(
+    private_bus: str, daemon: subprocess.Popen[str]
+) -> None:
     reply = await call(
         private_bus, "/org/freedesktop/machine1/machine/_2ehost", "org.freedesktop.DBus.Properties", "GetAll", "s", [""]
     )
@@ -132,7 +141,9 @@ async def test_errors_are_named_as_sd_bus_names_them(
     assert (reply.error_name, reply.body[0]) == (error, text)
 
 
-def test_second_instance_exits_with_a_clear_message(private_bus: str, daemon: subprocess.Popen[str], tmp_path: Path) -> None:
+def test_second_instance_exits_with_a_clear_message(
+    private_bus: str, daemon: subprocess.Popen[str], tmp_path: Path
+) -> None:
     second = start_daemon(private_bus, tmp_path / "machines2")
     out, err = second.communicate(timeout=20)
     assert second.returncode == 1

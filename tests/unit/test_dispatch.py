@@ -8,11 +8,11 @@ import io
 import os
 from typing import Any
 
+from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast._private.unmarshaller import Unmarshaller
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbus_fast import Message, MessageFlag, MessageType, Variant
-from dbus_fast._private.unmarshaller import Unmarshaller
 from machined.bus.adapters import _list_body
 from machined.bus.introspection import load_interface
 from machined.bus.logcontrol import LogControl
@@ -96,8 +96,11 @@ machine_names = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=T
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(st.tuples(machine_names, st.text(wire_chars, max_size=12), st.sampled_from(list(MachineClass))), max_size=6,
-             unique_by=lambda t: t[0])  # fmt: skip
+    st.lists(
+        st.tuples(machine_names, st.text(wire_chars, max_size=12), st.sampled_from(list(MachineClass))),
+        max_size=6,
+        unique_by=lambda t: t[0],
+    )  # fmt: skip
 )
 def test_list_machines_rows_marshalled_once_are_what_dbus_fast_writes(entries: list) -> None:
     machines = [Machine(name=n, service=s, machine_class=c) for n, s, c in entries]
@@ -134,7 +137,7 @@ async def test_lookups_are_answered_at_once_without_a_task(tmp_path) -> None:  #
     assert get_all_read.body[0]["Name"] == Variant("s", "a") and list(get_all_read.body[0])[0] == "Name"
     assert get_all_read.body[0]["State"] == Variant("s", "running") and len(get_all_read.body[0]) == 11
     assert [row[0] for row in unmarshal(bus.wire[2]).body[0]] == [".host", "a", "b-2"]
-    assert "<interface name=\"org.freedesktop.machine1.Machine\">" in xml.body[0]
+    assert '<interface name="org.freedesktop.machine1.Machine">' in xml.body[0]
     assert missing.error_name == "org.freedesktop.machine1.NoSuchMachine"
     assert all(m.body == [] for m in calls)  # arguments dropped once answered
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from machined import forkserver, nsprobe, worker
+from machined import nsprobe, worker
 from machined.errors import BusError
 from machined.worker import HelperPool, run_helper, run_worker, run_worker_with_fd, send_fd, serve_requests
 

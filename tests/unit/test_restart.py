@@ -63,8 +63,9 @@ class BatchingSystemd(FakeSystemd):
 
 
 @pytest.mark.parametrize("batching", [False, True])
-async def test_restart_drops_the_gone_starts_the_living_and_rewrites_only_what_changed(tmp_path: Path,
-                                                                                      batching: bool) -> None:
+async def test_restart_drops_the_gone_starts_the_living_and_rewrites_only_what_changed(
+    tmp_path: Path, batching: bool
+) -> None:
     leaders = [subprocess.Popen(["sleep", "1000"]) for _ in range(60)]
     try:
         state = StateDir(str(tmp_path))
@@ -88,7 +89,9 @@ async def test_restart_drops_the_gone_starts_the_living_and_rewrites_only_what_c
         assert not (tmp_path / "m0").exists() and not (tmp_path / "unit:machine-m0.scope").exists()
         if batching:
             # Asked for all units at once; one by one only where that did not tell, and after stopping.
-            assert len(systemd.batches) == 1 and sorted(systemd.batches[0]) == sorted(f"machine-m{i}.scope" for i in range(60))
+            assert len(systemd.batches) == 1 and sorted(systemd.batches[0]) == sorted(
+                f"machine-m{i}.scope" for i in range(60)
+            )
             assert sorted(systemd.asked) == ["machine-m0.scope", "machine-m5.scope", "machine-m7.scope"]
         else:
             # GC asked once per living machine, again after stopping a gone one; side by side, bounded.

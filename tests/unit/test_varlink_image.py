@@ -20,7 +20,7 @@ from machined.varlink.machine import machine_service
 from tests.unit.test_image_service import RecordingOperations
 from tests.unit.test_varlink_machine import Client
 
-I = "io.systemd.MachineImage."
+IFACE = "io.systemd.MachineImage."
 
 
 def invalid(field: str) -> dict[str, Any]:
@@ -51,50 +51,50 @@ async def images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: igno
 
 async def test_list(images) -> None:  # type: ignore[no-untyped-def]
     client, _, machines = images
-    assert await client.one(I + "List", {}) == {"error": "org.varlink.service.ExpectedMore"}
-    replies = await client.call(I + "List", {}, more=True)
+    assert await client.one(IFACE + "List", {}) == {"error": "org.varlink.service.ExpectedMore"}
+    replies = await client.call(IFACE + "List", {}, more=True)
     assert sorted(r["parameters"]["name"] for r in replies) == [".host", "img1"]
     assert [r.get("continues") for r in replies] == [True, None]
-    one = (await client.one(I + "List", {"name": "img1"}))["parameters"]
+    one = (await client.one(IFACE + "List", {"name": "img1"}))["parameters"]
     assert one["path"] == str(machines / "img1") and one["type"] == "directory" and one["class"] == "machine"
     assert one["readOnly"] is False and "hostname" not in one
-    meta = (await client.one(I + "List", {"name": "img1", "acquireMetadata": "yes"}))["parameters"]
+    meta = (await client.one(IFACE + "List", {"name": "img1", "acquireMetadata": "yes"}))["parameters"]
     assert meta["hostname"] == "imghost" and meta["OSRelease"] == ["ID=test", "VERSION_ID=1"]
-    assert await client.one(I + "List", {"name": "nope"}) == {"error": "io.systemd.MachineImage.NoSuchImage"}
-    assert await client.one(I + "List", {"name": "a/b"}) == invalid("name")
+    assert await client.one(IFACE + "List", {"name": "nope"}) == {"error": "io.systemd.MachineImage.NoSuchImage"}
+    assert await client.one(IFACE + "List", {"name": "a/b"}) == invalid("name")
 
 
 async def test_update_clone_remove(images) -> None:  # type: ignore[no-untyped-def]
     client, ops, machines = images
-    assert await client.one(I + "Update", {"name": "img1", "newName": "bad/name"}) == invalid("newName")
-    assert await client.one(I + "Update", {"name": "img1", "limit": -1}) == invalid("limit")
-    assert await client.one(I + "Update", {"name": "gone", "newName": "x"}) == {
+    assert await client.one(IFACE + "Update", {"name": "img1", "newName": "bad/name"}) == invalid("newName")
+    assert await client.one(IFACE + "Update", {"name": "img1", "limit": -1}) == invalid("limit")
+    assert await client.one(IFACE + "Update", {"name": "gone", "newName": "x"}) == {
         "error": "io.systemd.MachineImage.NoSuchImage"
     }
-    assert await client.one(I + "Update", {"name": "img1", "newName": "img2"}) == {}
+    assert await client.one(IFACE + "Update", {"name": "img1", "newName": "img2"}) == {}
     assert sorted(os.listdir(machines)) == ["img2"]
-    assert await client.one(I + "Clone", {"name": "img2"}) == invalid("newName")  # mandatory
-    assert await client.one(I + "Clone", {"name": "img2", "newName": "img3", "readOnly": True}) == {}
-    assert await client.one(I + "Remove", {"name": "img2"}) == {}
+    assert await client.one(IFACE + "Clone", {"name": "img2"}) == invalid("newName")  # mandatory
+    assert await client.one(IFACE + "Clone", {"name": "img2", "newName": "img3", "readOnly": True}) == {}
+    assert await client.one(IFACE + "Remove", {"name": "img2"}) == {}
     assert [(target.rsplit(":", 1)[1], kwargs.get("new_name")) for target, kwargs in ops.calls] == [
         ("clone_in_child", "img3"),
         ("remove_in_child", None),
     ]
     ops.limit = 0  # 64 operations running: refused before anything is looked at
-    assert await client.one(I + "Remove", {"name": "zzz"}) == {"error": "io.systemd.MachineImage.TooManyOperations"}
-    assert await client.one(I + "Clone", {"name": "img2", "newName": "x"}) == {
+    assert await client.one(IFACE + "Remove", {"name": "zzz"}) == {"error": "io.systemd.MachineImage.TooManyOperations"}
+    assert await client.one(IFACE + "Clone", {"name": "img2", "newName": "x"}) == {
         "error": "io.systemd.MachineImage.TooManyOperations"
     }
 
 
 async def test_pool_limit_and_clean(images) -> None:  # type: ignore[no-untyped-def]
     client, ops, _ = images
-    assert await client.one(I + "SetPoolLimit", {"limit": -5}) == invalid("limit")
-    assert await client.one(I + "SetPoolLimit", {}) == invalid("limit")
-    assert await client.one(I + "CleanPool", {"mode": "all"}) == {"error": "org.varlink.service.ExpectedMore"}
-    assert await client.call(I + "CleanPool", {"mode": "some"}, more=True) == [invalid("mode")]
+    assert await client.one(IFACE + "SetPoolLimit", {"limit": -5}) == invalid("limit")
+    assert await client.one(IFACE + "SetPoolLimit", {}) == invalid("limit")
+    assert await client.one(IFACE + "CleanPool", {"mode": "all"}) == {"error": "org.varlink.service.ExpectedMore"}
+    assert await client.call(IFACE + "CleanPool", {"mode": "some"}, more=True) == [invalid("mode")]
     ops.result = [("a", 5), ("b", 2**64 - 1)]
-    replies = await client.call(I + "CleanPool", {"mode": "hidden"}, more=True)
+    replies = await client.call(IFACE + "CleanPool", {"mode": "hidden"}, more=True)
     assert replies == [
         {"parameters": {"name": "a", "usageExclusive": 5}, "continues": True},
         {"parameters": {"name": "b"}},

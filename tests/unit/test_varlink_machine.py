@@ -65,7 +65,7 @@ class Client:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def connect(cls, path: str) -> "Client":
+    async def connect(cls, path: str) -> Client:
         return cls(*await asyncio.open_unix_connection(path))
 
     async def send(self, message: dict[str, Any]) -> None:
