@@ -42,6 +42,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from machined import __version__
 from machined.data import interface_file, unit_file
@@ -138,13 +139,16 @@ def activation_settings(data: bytes) -> dict[str, str] | None:
         return None
 
 
-def polkit_actions(data: bytes) -> dict[str, tuple] | None:
+_Pairs = tuple[tuple[str, str], ...]
+
+
+def polkit_actions(data: bytes) -> dict[str, tuple[_Pairs, _Pairs]] | None:
     """Action id -> (defaults, annotations) of a polkit policy (None: unreadable)."""
     try:
         root = ET.fromstring(data)
     except ET.ParseError:
         return None
-    actions = {}
+    actions: dict[str, tuple[_Pairs, _Pairs]] = {}
     for action in root.iter("action"):
         defaults = action.find("defaults")
         values = tuple(sorted((d.tag, (d.text or "").strip()) for d in (defaults if defaults is not None else [])))
@@ -178,14 +182,14 @@ class Desired:
     target: str | None = None
     mode: int = 0o644
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         if self.target is not None:
             return {"type": "symlink", "target": self.target}
         assert self.content is not None
         return {"type": "file", "sha256": _sha256(self.content), "mode": f"{self.mode:04o}"}
 
 
-def _state_of(p: Path) -> dict:
+def _state_of(p: Path) -> dict[str, Any]:
     """What is at *p* now: absent, a symlink (its target) or a regular file (hash and metadata)."""
     try:
         st = p.lstat()
@@ -206,18 +210,18 @@ def _state_of(p: Path) -> dict:
     }
 
 
-def _same(current: dict, wanted: dict) -> bool:
+def _same(current: dict[str, Any], wanted: dict[str, Any]) -> bool:
     """Whether *current* is *wanted* as far as install cares (type, content or target, mode)."""
     if current["type"] != wanted["type"]:
         return False
     if wanted["type"] == "symlink":
-        return current["target"] == wanted["target"]
+        return bool(current["target"] == wanted["target"])
     if wanted["type"] == "file":
-        return current["sha256"] == wanted["sha256"] and current["mode"] == wanted["mode"]
+        return bool(current["sha256"] == wanted["sha256"] and current["mode"] == wanted["mode"])
     return True
 
 
-def _as_it_was(current: dict, before: dict) -> bool:
+def _as_it_was(current: dict[str, Any], before: dict[str, Any]) -> bool:
     """Whether *current* is exactly the recorded *before* (content, mode, owner, mtime)."""
     if not _same(current, before):
         return False
@@ -265,7 +269,7 @@ def _write_file(tmp: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def _restore_metadata(p: Path, state: dict) -> None:
+def _restore_metadata(p: Path, state: dict[str, Any]) -> None:
     try:
         os.chown(p, state["uid"], state["gid"])  # before chmod: chown clears set-id bits
     except PermissionError:
@@ -360,7 +364,7 @@ class Installation:
     def manifest_path(self) -> Path:
         return self.p(MANIFEST)
 
-    def load_manifest(self) -> dict | None:
+    def load_manifest(self) -> dict[str, Any] | None:
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -369,13 +373,14 @@ class Installation:
             raise InstallError(f"{self.manifest_path} is unreadable ({e}); fix or remove it by hand") from e
         if data.get("version") != MANIFEST_VERSION:
             raise InstallError(f"{self.manifest_path} has an unknown format version {data.get('version')!r}")
-        return data
+        manifest: dict[str, Any] = data
+        return manifest
 
-    def save_manifest(self, manifest: dict) -> None:
+    def save_manifest(self, manifest: dict[str, Any]) -> None:
         data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
         _replace_atomically(self.manifest_path, lambda tmp: _write_file(tmp, data, 0o600))
 
-    def _mkdirs(self, path: str, manifest: dict, mode: int = 0o755) -> None:
+    def _mkdirs(self, path: str, manifest: dict[str, Any], mode: int = 0o755) -> None:
         """Create *path* and its missing parents (recorded, so that uninstall removes them)."""
         missing = []
         d = Path(path)
@@ -388,7 +393,7 @@ class Installation:
 
     # what there was before install
 
-    def original(self, path: str, manifest: dict | None) -> bytes | None:
+    def original(self, path: str, manifest: dict[str, Any] | None) -> bytes | None:
         """The content *path* had before machined was installed (None: no such file)."""
         entry = _entry(manifest, path)
         if entry is None:
@@ -404,7 +409,7 @@ class Installation:
             return resolved.read_bytes() if resolved.is_file() else None
         return None
 
-    def plan(self, manifest: dict | None) -> tuple[list[Desired], list[str]]:
+    def plan(self, manifest: dict[str, Any] | None) -> tuple[list[Desired], list[str]]:
         """What install puts in place, and notes on what it leaves as it is."""
         exec_start = self.exec_start or default_exec_start()
         check_exec_start(exec_start)
@@ -539,7 +544,7 @@ class Installation:
         if any(path.startswith(f"{UNIT_DIR}/") for path in changed):
             host.daemon_reload()
 
-    def _record(self, d: Desired, manifest: dict) -> dict:
+    def _record(self, d: Desired, manifest: dict[str, Any]) -> dict[str, Any]:
         p = self.p(d.path)
         self._mkdirs(str(Path(d.path).parent), manifest)
         before = _state_of(p)
@@ -552,7 +557,7 @@ class Installation:
             before["backup"] = name
         return {"path": d.path, "role": d.role, "before": before, "installed": None}
 
-    def _apply(self, d: Desired, manifest: dict) -> bool:
+    def _apply(self, d: Desired, manifest: dict[str, Any]) -> bool:
         p = self.p(d.path)
         current = _state_of(p)
         wanted = d.state()
@@ -609,7 +614,7 @@ class Installation:
         self._uninstall(manifest, start=start)
         return True
 
-    def _uninstall(self, manifest: dict, *, start: bool) -> None:
+    def _uninstall(self, manifest: dict[str, Any], *, start: bool) -> None:
         host = self.host
         ours_active = host.is_active(UNIT) if host is not None else False
         reverted = self._undo_files(manifest)
@@ -631,11 +636,11 @@ class Installation:
         self._forget(manifest)
         self.out("machined is uninstalled")
 
-    def _undo_files(self, manifest: dict) -> list[str]:
+    def _undo_files(self, manifest: dict[str, Any]) -> list[str]:
         """Put back every entry as it was before install; the paths that changed."""
         return [e["path"] for e in reversed(manifest["entries"]) if self._revert(e)]
 
-    def _forget(self, manifest: dict) -> None:
+    def _forget(self, manifest: dict[str, Any]) -> None:
         """Remove the backups, the manifest and the directories install created."""
         shutil.rmtree(self.p(BACKUP_DIR), ignore_errors=True)
         self.manifest_path.unlink(missing_ok=True)
@@ -645,7 +650,7 @@ class Installation:
             except OSError:
                 pass  # not empty (e.g. files saved by uninstall) or gone already
 
-    def _revert(self, entry: dict) -> bool:
+    def _revert(self, entry: dict[str, Any]) -> bool:
         """Put *entry*'s path back as it was before install; whether anything changed."""
         path, before = entry["path"], entry["before"]
         p = self.p(path)
@@ -680,7 +685,7 @@ class Installation:
         return True
 
 
-def _entry(manifest: dict | None, path: str) -> dict | None:
+def _entry(manifest: dict[str, Any] | None, path: str) -> dict[str, Any] | None:
     if manifest is None:
         return None
     return next((e for e in manifest["entries"] if e["path"] == path), None)

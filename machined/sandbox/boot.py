@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 # Inherited mounts below these stay as they are (new procfs, devices, sysfs).
 _KEEP_WRITABLE_PREFIXES = ("/proc", "/sys", "/dev")
@@ -62,9 +63,9 @@ def _write_file(path: str, content: str | None, mode: int, symlink: str | None) 
     os.chmod(path, mode)
 
 
-def boot(spec: dict) -> None:
+def boot(spec: dict[str, Any]) -> None:
     """Set up the namespace described by *spec* and exec systemd (never returns)."""
-    tmpfs: list[dict] = spec["tmpfs"]
+    tmpfs: list[dict[str, Any]] = spec["tmpfs"]
     for entry in tmpfs:
         os.makedirs(entry["path"], exist_ok=True)
     for bind in spec["binds"]:
@@ -81,7 +82,7 @@ def boot(spec: dict) -> None:
 
     # Paths the sandbox needs (the project, its virtualenv) that a private tmpfs
     # would hide, e.g. a checkout under /tmp: keep a handle, bind them back after.
-    preserved = []
+    preserved: list[tuple[str, int]] = []
     for path in spec.get("preserve", []):
         if any(_under(path, kept) for kept, _ in preserved):
             continue  # visible through its preserved parent
@@ -132,7 +133,7 @@ def boot(spec: dict) -> None:
     exec_systemd(spec)
 
 
-def exec_systemd(spec: dict) -> None:
+def exec_systemd(spec: dict[str, Any]) -> None:
     """Become the sandbox's systemd (PIDs from ``first_pid`` on, stdin from /dev/null)."""
     if spec.get("first_pid"):
         with open("/proc/sys/kernel/ns_last_pid", "w", encoding="ascii") as f:
@@ -151,7 +152,7 @@ def exec_systemd(spec: dict) -> None:
     )
 
 
-def run_as_pid1(boot: Callable[[dict], None]) -> None:
+def run_as_pid1(boot: Callable[[dict[str, Any]], None]) -> None:
     """The boot stage's entry point: the spec on stdin, *boot* it as PID 1."""
     spec = json.load(sys.stdin)
     if os.getpid() != 1:

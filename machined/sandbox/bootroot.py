@@ -18,6 +18,7 @@ import ctypes
 import os
 import socket
 import subprocess
+from typing import Any
 
 from machined.sandbox.boot import exec_systemd, run_as_pid1
 
@@ -71,7 +72,7 @@ def _check(ret: int, what: str) -> None:
         raise SystemExit(f"sandbox: {what}: {os.strerror(err)}")
 
 
-def _populate_dev(root: str, spec: dict) -> None:
+def _populate_dev(root: str, spec: dict[str, Any]) -> None:
     dev = _in(root, "/dev")
     _mount("-t", "tmpfs", "-o", "mode=755,nosuid,size=4m", "tmpfs", dev)
     for node in spec["dev_nodes"]:
@@ -102,7 +103,7 @@ def _populate_dev(root: str, spec: dict) -> None:
         os.symlink(target, _in(root, f"/dev/{name}"))
 
 
-def boot(spec: dict) -> None:
+def boot(spec: dict[str, Any]) -> None:
     """Assemble the root described by *spec*, pivot into it and exec systemd (never returns)."""
     staging = spec["staging"]
     _mount("-t", "tmpfs", "-o", f"mode=700,size={spec['staging_size']}", "tmpfs", staging)

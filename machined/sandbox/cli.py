@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 from machined.sandbox.core import CGROUP_ENV, LAYOUTS, SYSTEMD_VERSIONS, Sandbox, SandboxError
 
@@ -157,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) and args.command[0] == "--":
         args.command = args.command[1:]
+    func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return args.func(args)
+        return func(args)
     except SandboxError as e:
         print(f"machined-sandbox: {e}", file=sys.stderr)
         return 1

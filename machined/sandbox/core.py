@@ -18,6 +18,7 @@ command-line tool can find, enter and stop sandboxes started earlier.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import re
@@ -29,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from machined import cgroup as _cg
 from machined.data import file_path, interface_file, unit_file
@@ -220,7 +221,7 @@ def systemd_binary() -> str:
     return "/lib/systemd/systemd"
 
 
-def bus_limit_files(bus_limits: dict[str, int], unit_dir: str) -> list[dict]:
+def bus_limit_files(bus_limits: dict[str, int], unit_dir: str) -> list[dict[str, Any]]:
     """A bus configuration with *bus_limits* and the dbus.service drop-in that uses it."""
     if not bus_limits:
         return []
@@ -328,7 +329,7 @@ class Sandbox:
     @staticmethod
     def list() -> list[tuple[SandboxInfo, bool]]:
         """Every sandbox recorded on this host, with whether its systemd is still running."""
-        result = []
+        result: list[tuple[SandboxInfo, bool]] = []
         if not STATE_ROOT.is_dir():
             return result
         for entry in sorted(STATE_ROOT.iterdir()):
@@ -483,8 +484,8 @@ class Sandbox:
         tmp.write_text(json.dumps(asdict(self.info)), encoding="utf-8")
         tmp.rename(self.state_dir / "info.json")
 
-    def _boot_spec(self, layout: str, console: str) -> dict:
-        files: list[dict] = []
+    def _boot_spec(self, layout: str, console: str) -> dict[str, Any]:
+        files: list[dict[str, Any]] = []
         unit_dir = "/run/systemd/system"
         files.append(
             {
@@ -498,7 +499,7 @@ class Sandbox:
         )
         for unit in MASKED_UNITS:
             files.append({"path": f"{unit_dir}/{unit}", "symlink": "/dev/null"})
-        binds: list[dict] = []
+        binds: list[dict[str, Any]] = []
         if self.info.impl == "ours":
             files.append({"path": f"{unit_dir}/systemd-machined.service", "symlink": "/dev/null"})
             files.append({"path": f"{unit_dir}/machined.service", "content": our_unit_text(sys.executable)})
@@ -585,7 +586,7 @@ class Sandbox:
 
     # ----- running commands inside -----------------------------------------------------
 
-    def command(self, args: list[str]) -> list[str]:
+    def command(self, args: builtins.list[str]) -> builtins.list[str]:
         """argv that runs *args* inside the sandbox (its namespaces and a cgroup of it)."""
         if not self.info.init_pid:
             raise SandboxError("the sandbox is not running")
@@ -613,7 +614,7 @@ class Sandbox:
 
     def run(
         self,
-        args: list[str],
+        args: builtins.list[str],
         *,
         check: bool = True,
         timeout: float | None = 60,
@@ -636,11 +637,11 @@ class Sandbox:
             )
         return r
 
-    def popen(self, args: list[str], **kwargs: object) -> subprocess.Popen:
+    def popen(self, args: builtins.list[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start *args* inside without waiting (output handling as the caller says)."""
         kwargs.setdefault("env", self.env())
-        return subprocess.Popen(self.command(args), **kwargs)  # type: ignore[call-overload]
+        return subprocess.Popen(self.command(args), **kwargs)
 
-    def interactive(self, args: list[str]) -> int:
+    def interactive(self, args: builtins.list[str]) -> int:
         """Run *args* inside attached to this terminal; return its exit status."""
         return subprocess.call(self.command(args), env=self.env())

@@ -19,7 +19,7 @@ import sys
 import sysconfig
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from machined.sandbox.core import Sandbox
@@ -145,7 +145,7 @@ def python_env() -> dict[str, str]:
     return {"LD_LIBRARY_PATH": HOST_LIBS}
 
 
-def boot_spec(sb: Sandbox, rootfs: Path, console: str) -> dict:
+def boot_spec(sb: Sandbox, rootfs: Path, console: str) -> dict[str, Any]:
     """The spec :mod:`machined.sandbox.bootroot` assembles and boots."""
     from machined.data import file_path, interface_file
     from machined.sandbox.core import (
@@ -158,7 +158,7 @@ def boot_spec(sb: Sandbox, rootfs: Path, console: str) -> dict:
     )
 
     unit_dir = "/run/systemd/system"
-    files: list[dict] = [
+    files: list[dict[str, Any]] = [
         {
             "path": f"{unit_dir}/{TARGET}",
             "content": (
@@ -177,7 +177,7 @@ def boot_spec(sb: Sandbox, rootfs: Path, console: str) -> dict:
     ]
     for unit in dict.fromkeys(MASKED_UNITS + EXTRA_MASKED_UNITS):
         files.append({"path": f"{unit_dir}/{unit}", "symlink": "/dev/null"})
-    binds: list[dict] = [{"src": p, "dst": p} for p in host_paths()]
+    binds: list[dict[str, Any]] = [{"src": p, "dst": p} for p in host_paths()]
     if sb.info.impl == "ours":
         for unit in ("systemd-machined.service", "systemd-machined.socket"):
             files.append({"path": f"{unit_dir}/{unit}", "symlink": "/dev/null"})

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SUITE = "forky"
 VARIANT = "minbase"
@@ -156,7 +157,7 @@ class Root:
     """A complete cached tree and what its manifest says about it."""
 
     path: Path
-    manifest: dict
+    manifest: dict[str, Any]
 
     @property
     def rootfs(self) -> Path:
