@@ -28,7 +28,7 @@ _OPEN_FOR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW | os.
 def ioctl_int(fd: int, request: int, fmt: str, default: int = 0) -> int:
     """The integer an ioctl reads into its argument, *default* if it fails."""
     try:
-        return struct.unpack(fmt, fcntl.ioctl(fd, request, bytes(struct.calcsize(fmt))))[0]
+        return int(struct.unpack(fmt, fcntl.ioctl(fd, request, bytes(struct.calcsize(fmt))))[0])
     except OSError:
         return default
 
@@ -87,6 +87,7 @@ def crtime(target: int | str) -> int:
         return born or 0
     if len(raw) != 8:
         return born or 0
+    stored: int
     (stored,) = struct.unpack("<Q", raw)
     if stored in (0, UINT64_MAX):
         return born or 0

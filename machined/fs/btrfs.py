@@ -98,7 +98,7 @@ def subvolume_id(fd: int) -> int:
     args = bytearray(4096)
     struct.pack_into("QQ", args, 0, 0, BTRFS_FIRST_FREE_OBJECTID)
     fcntl.ioctl(fd, BTRFS_IOC_INO_LOOKUP, args)
-    return struct.unpack_from("Q", args, 0)[0]
+    return int(struct.unpack_from("Q", args, 0)[0])
 
 
 def ino_lookup(fd: int, tree_id: int, objectid: int) -> str:
@@ -389,7 +389,7 @@ def subtree_quota_path(path: str) -> Quota:
 def quota_rescan_ongoing(fd: int) -> bool:
     args = bytearray(64)
     fcntl.ioctl(fd, BTRFS_IOC_QUOTA_RESCAN_STATUS, args)
-    return struct.unpack_from("Q", args, 0)[0] != 0
+    return int(struct.unpack_from("Q", args, 0)[0]) != 0
 
 
 # --- quota: changing ------------------------------------------------------------------

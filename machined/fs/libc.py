@@ -76,6 +76,8 @@ def birth_time(target: int | str) -> int | None:
     except OSError:
         return None
     (mask,) = struct.unpack_from("I", raw, 0)
+    sec: int
+    nsec: int
     sec, nsec = struct.unpack_from("qI", raw, _STATX_BTIME_OFFSET)
     if not mask & STATX_BTIME or sec == 0:
         return None
@@ -85,7 +87,7 @@ def birth_time(target: int | str) -> int | None:
 def mount_id(dir_fd: int, name: str) -> int:
     """The mount id of *name* in *dir_fd* ("" for the directory itself), symlinks not followed."""
     raw = statx(dir_fd, name, AT_SYMLINK_NOFOLLOW | (0 if name else AT_EMPTY_PATH), STATX_MNT_ID)
-    return struct.unpack_from("Q", raw, _STATX_MNT_ID_OFFSET)[0]
+    return int(struct.unpack_from("Q", raw, _STATX_MNT_ID_OFFSET)[0])
 
 
 def fs_type_fd(fd: int) -> int:
