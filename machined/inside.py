@@ -115,10 +115,10 @@ def uid_shift(leader: int) -> int | None:
         if os.path.exists(f"/proc/{leader}"):
             return 0  # kernel without user namespaces
         raise BusError.from_errno(errno.ESRCH) from None
-    uid_lines = [line.split() for line in uid_lines if line.strip()]
-    if len(uid_lines) != 1 or len(uid_lines[0]) != 3:
+    uid_rows = [line.split() for line in uid_lines if line.strip()]
+    if len(uid_rows) != 1 or len(uid_rows[0]) != 3:
         return None
-    inside, outside, count = (int(x) for x in uid_lines[0])
+    inside, outside, count = (int(x) for x in uid_rows[0])
     if inside != 0 or count < 65534:
         return None
     with open(f"/proc/{leader}/gid_map", encoding="ascii") as f:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 from machined.naming import HOST_MACHINE_NAME, machine_object_path
 from machined.process import ProcessRef
@@ -64,7 +65,7 @@ class Machine:
     supervisor_ref: ProcessRef | None = field(default=None, repr=False, compare=False)
     uid: int = 0
     # Its Properties.GetAll reply body as last marshalled, with the values it was made of.
-    get_all_cache: tuple | None = field(default=None, repr=False, compare=False)
+    get_all_cache: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
 
     @functools.cached_property
     def object_path(self) -> str:

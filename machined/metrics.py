@@ -205,7 +205,8 @@ class Metrics:
     ) -> None:
         """*known_methods*: the (interface, method) pairs calls may be labelled with;
         *reader*: where machines' cgroups are read (default: this system's layout)."""
-        prometheus_client.disable_created_metrics()  # no *_created series: half the samples, no use here
+        # no *_created series: half the samples, no use here (prometheus_client leaves the function unannotated)
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
         self._known = frozenset(known_methods)
         self._known_members = frozenset(member for _, member in self._known)

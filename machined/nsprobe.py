@@ -120,7 +120,7 @@ def _os_release() -> dict[str, str]:
         raise OSError(errno.ENOENT, "Machine does not contain OS release information") from None
 
 
-def _addresses() -> list[list]:
+def _addresses() -> list[list[int | str]]:
     return [[a.family, a.address.hex()] for a in netlink.dump_addresses()]
 
 

@@ -17,9 +17,9 @@ from machined.bus.client import call_method
 from machined.shell import LOGIN_SHELL_SCRIPT, shell_command  # noqa: F401  (where they used to be)
 
 
-def shell_properties(user: str, pty_path: str, path: str, argv: list[str], env: list[str]) -> list:
+def shell_properties(user: str, pty_path: str, path: str, argv: list[str], env: list[str]) -> list[list[Any]]:
     """Properties of the transient shell unit; fd index 0 is the PTY slave."""
-    props = [
+    props: list[list[Any]] = [
         ["Description", Variant("s", f"Shell for User {user}")],
         ["StandardInputFileDescriptor", Variant("h", 0)],
         ["StandardOutputFileDescriptor", Variant("h", 0)],

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from machined import idmap
-from machined.machine import MachineClass
+from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
 from machined.varlink.server import Call, Service, VarlinkError
 
@@ -58,7 +58,7 @@ class UserDatabase:
     def __init__(self, manager: MachineManager) -> None:
         self.manager = manager
 
-    def _containers(self) -> list:
+    def _containers(self) -> list[Machine]:
         return [m for m in self.manager.machines() if m.machine_class is MachineClass.CONTAINER]
 
     def _by_host_id(self, outer: int, kind: str) -> tuple[str, int]:

@@ -58,8 +58,8 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from typing import Any, TypeVar
 
 from machined import caller, errors
 from machined.errors import BusError
@@ -667,7 +667,10 @@ async def _coalesced(key: str, start: Callable[[], Any]) -> Any:
     return result
 
 
-async def _deadline(work: Any, timeout: float | None) -> Any:
+_T = TypeVar("_T")
+
+
+async def _deadline(work: Awaitable[_T], timeout: float | None) -> _T:
     # (wait_for, not asyncio.timeout: handlers start outside any task, see bus.objects)
     try:
         return await asyncio.wait_for(work, timeout)

@@ -139,8 +139,9 @@ class ImageService:
         try:
             if img.is_tree:
                 return await asyncio.to_thread(metadata.read_metadata, img)
-            return await self.operations.run(_READ_METADATA, timeout=METADATA_TIMEOUT, shared=True,
-                                             image=img.fields())  # fmt: skip
+            read: dict[str, Any] = await self.operations.run(_READ_METADATA, timeout=METADATA_TIMEOUT, shared=True,
+                                                             image=img.fields())  # fmt: skip
+            return read
         except OSError as e:
             code = e.errno or errno.EIO
             raise BusError(
