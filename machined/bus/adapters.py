@@ -9,6 +9,7 @@ look the machine up and run the very handler of the Machine object.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 from machined import lifecycle, machine_calls
 from machined.access import MachineAccess
@@ -16,8 +17,8 @@ from machined.bus.introspection import load_interface
 from machined.bus.objects import BusObject, Call, FdReply, Handler, MarshalledBody, PropertyGetter
 from machined.bus.polkit import authorize
 from machined.machine import Machine
-from machined.manager import MachineManager
-from machined.registration import validate_registration
+from machined.manager import MachineManager, UnitProperty
+from machined.registration import RegistrationRequest, validate_registration
 
 MANAGER_IFACE = "org.freedesktop.machine1.Manager"
 MACHINE_IFACE = "org.freedesktop.machine1.Machine"
@@ -56,13 +57,13 @@ def machine_handlers(manager: MachineManager, access: MachineAccess) -> dict[str
     async def kill(machine: Machine, call: Call, who: str, signal: int) -> None:
         await lifecycle.kill(manager, machine, who, signal, partial(authorize, call))
 
-    async def get_addresses(machine: Machine, call: Call) -> list:
+    async def get_addresses(machine: Machine, call: Call) -> list[Any]:
         return [[(a.family, a.address) for a in await access.addresses(machine)]]
 
-    async def get_os_release(machine: Machine, call: Call) -> list:
+    async def get_os_release(machine: Machine, call: Call) -> list[Any]:
         return [await access.os_release(machine)]
 
-    async def get_uid_shift(machine: Machine, call: Call) -> list:
+    async def get_uid_shift(machine: Machine, call: Call) -> list[Any]:
         return [await access.uid_shift(machine)]
 
     async def open_pty(machine: Machine, call: Call) -> FdReply:
@@ -118,7 +119,7 @@ def machine_handlers(manager: MachineManager, access: MachineAccess) -> dict[str
     }
 
 
-def unit_properties(properties: list) -> list:
+def unit_properties(properties: list[list[Any]]) -> list[UnitProperty]:
     """The caller's a(sv) scope properties as the core takes them: (name, signature, value)."""
     return [(name, variant.signature, variant.value) for name, variant in properties]
 
@@ -131,7 +132,7 @@ def _redirect(manager: MachineManager, target: Handler) -> Handler:
 
 
 # ListMachines' a(ssso) on the wire: each row a struct (8-aligned) of four strings (4-aligned).
-_LIST_EMPTY: list = [[]]
+_LIST_EMPTY: list[Any] = [[]]
 
 
 def _list_row(machine: Machine) -> bytes:
@@ -169,14 +170,15 @@ def manager_object(manager: MachineManager, access: MachineAccess,
     """The object at /org/freedesktop/machine1 (*machine_methods*: from :func:`machine_handlers`)."""
     machine_methods = machine_methods or machine_handlers(manager, access)
     registry = manager.registry
-    listed: list = [-1, None]  # (registry generation, ListMachines body)
+    listed: list[Any] = [-1, None]  # (registry generation, ListMachines body)
 
     def list_machines(call: Call) -> MarshalledBody:
         if listed[0] != registry.generation:
             listed[:] = [registry.generation, _list_body(manager.machines())]
-        return listed[1]
+        body: MarshalledBody = listed[1]
+        return body
 
-    def get_machine(call: Call, name: str) -> list:
+    def get_machine(call: Call, name: str) -> list[Any]:
         return [manager.get(name).object_path]
 
     def get_machine_by_pid(call: Call, pid: int) -> object:
@@ -184,49 +186,49 @@ def manager_object(manager: MachineManager, access: MachineAccess,
             return get_machine_of_caller(call)
         return [manager.get_by_pid(pid).object_path]
 
-    async def get_machine_of_caller(call: Call) -> list:
+    async def get_machine_of_caller(call: Call) -> list[Any]:
         return [manager.get_by_pid((await call.credentials()).pid).object_path]
 
     async def request(call: Call, name: str, machine_id: bytes, service: str, machine_class: str,
-                      leader: int, root: str, netif: list[int] | None = None):  # fmt: skip
+                      leader: int, root: str, netif: list[int] | None = None) -> RegistrationRequest:  # fmt: skip
         req = validate_registration(name, machine_id, service, machine_class, leader, root, netif)
         if req.leader == 0:
             req = req.with_leader((await call.credentials()).pid)
         return req
 
     async def create_machine(call: Call, name: str, machine_id: bytes, service: str, machine_class: str,
-                             leader: int, root: str, properties: list) -> list:  # fmt: skip
+                             leader: int, root: str, properties: list[list[Any]]) -> list[Any]:  # fmt: skip
         req = await request(call, name, machine_id, service, machine_class, leader, root)
         return [(await manager.create(req, unit_properties(properties))).object_path]
 
     async def create_machine_with_network(call: Call, name: str, machine_id: bytes, service: str,
                                           machine_class: str, leader: int, root: str, netif: list[int],
-                                          properties: list) -> list:  # fmt: skip
+                                          properties: list[list[Any]]) -> list[Any]:  # fmt: skip
         req = await request(call, name, machine_id, service, machine_class, leader, root, netif)
         return [(await manager.create(req, unit_properties(properties))).object_path]
 
     async def register_machine(call: Call, name: str, machine_id: bytes, service: str, machine_class: str,
-                               leader: int, root: str) -> list:  # fmt: skip
+                               leader: int, root: str) -> list[Any]:  # fmt: skip
         req = await request(call, name, machine_id, service, machine_class, leader, root)
         return [(await manager.register(req)).object_path]
 
     async def register_machine_with_network(call: Call, name: str, machine_id: bytes, service: str,
                                             machine_class: str, leader: int, root: str,
-                                            netif: list[int]) -> list:  # fmt: skip
+                                            netif: list[int]) -> list[Any]:  # fmt: skip
         req = await request(call, name, machine_id, service, machine_class, leader, root, netif)
         return [(await manager.register(req)).object_path]
 
-    def map_from_user(call: Call, name: str, uid: int) -> list:
+    def map_from_user(call: Call, name: str, uid: int) -> list[Any]:
         return [access.map_from_machine(name, uid, "uid")]
 
-    def map_from_group(call: Call, name: str, gid: int) -> list:
+    def map_from_group(call: Call, name: str, gid: int) -> list[Any]:
         return [access.map_from_machine(name, gid, "gid")]
 
-    def map_to_user(call: Call, uid: int) -> list:
+    def map_to_user(call: Call, uid: int) -> list[Any]:
         machine, inner = access.map_to_machine(uid, "uid")
         return [machine.name, machine.object_path, inner]
 
-    def map_to_group(call: Call, gid: int) -> list:
+    def map_to_group(call: Call, gid: int) -> list[Any]:
         machine, inner = access.map_to_machine(gid, "gid")
         return [machine.name, machine.object_path, inner]
 

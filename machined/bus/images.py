@@ -8,6 +8,8 @@ image up (name checked) and run the very handler of the Image object.
 
 from __future__ import annotations
 
+from typing import Any
+
 from machined.bus.introspection import load_interface
 from machined.bus.objects import BusObject, Call, Handler, PropertyGetter
 from machined.bus.polkit import authorize
@@ -64,17 +66,17 @@ def image_methods(manager: MachineManager, img: Image) -> dict[str, Handler]:
     async def set_limit(call: Call, limit: int) -> None:
         await service.set_limit(img, limit, _polkit(call))
 
-    async def get_hostname(call: Call) -> list:
+    async def get_hostname(call: Call) -> list[Any]:
         return [(await service.metadata(img))["hostname"]]
 
-    async def get_machine_id(call: Call) -> list:
+    async def get_machine_id(call: Call) -> list[Any]:
         machine_id = (await service.metadata(img))["machine_id"]
         return [bytes.fromhex(machine_id) if machine_id else b""]
 
-    async def get_machine_info(call: Call) -> list:
+    async def get_machine_info(call: Call) -> list[Any]:
         return [(await service.metadata(img))["machine_info"]]
 
-    async def get_os_release(call: Call) -> list:
+    async def get_os_release(call: Call) -> list[Any]:
         return [(await service.metadata(img))["os_release"]]
 
     return {
@@ -91,9 +93,10 @@ def image_methods(manager: MachineManager, img: Image) -> dict[str, Handler]:
 
 
 def _redirect(manager: MachineManager, target: str) -> Handler:
-    async def handler(call: Call, name: str, *args: object) -> list | None:
+    async def handler(call: Call, name: str, *args: object) -> list[Any] | None:
         img = await _service(manager).lookup(name)
-        return await image_methods(manager, img)[target](call, *args)
+        reply: list[Any] | None = await image_methods(manager, img)[target](call, *args)
+        return reply
 
     return handler
 
@@ -102,17 +105,17 @@ def image_manager_methods(manager: MachineManager) -> dict[str, Handler]:
     """Manager methods about images (ListImages, GetImage, RemoveImage...), by member name."""
     service = _service(manager)
 
-    async def list_images(call: Call) -> list:
+    async def list_images(call: Call) -> list[Any]:
         found = await service.discover()
         return [[(i.name, i.type, i.read_only, i.crtime, i.mtime, i.usage, i.object_path) for i in found.values()]]
 
-    async def get_image(call: Call, name: str) -> list:
+    async def get_image(call: Call, name: str) -> list[Any]:
         return [(await service.get(name)).object_path]
 
     async def set_pool_limit(call: Call, limit: int) -> None:
         await service.set_pool_limit(limit, _polkit(call))
 
-    async def clean_pool(call: Call, mode: str) -> list:
+    async def clean_pool(call: Call, mode: str) -> list[Any]:
         return [await service.clean_pool(mode, _polkit(call))]
 
     methods: dict[str, Handler] = {
