@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import CoroutineType
-from typing import Any, Protocol
+from typing import Any, Protocol, final
 
 from dbus_fast import Message, MessageFlag, MessageType, SignatureTree, Variant
 from dbus_fast._private.marshaller import Marshaller
@@ -109,6 +109,10 @@ class Call:
         """The requester's UID (:class:`machined.caller.Requester`)."""
         return (await self.credentials()).uid
 
+    async def pid(self) -> int:
+        """The requester's PID (:class:`machined.caller.Requester`)."""
+        return (await self.credentials()).pid
+
 
 class FdReply:
     """Out-arguments carrying file descriptors: each ``h`` value is an index into *fds*.
@@ -142,8 +146,10 @@ class _MarshalledReturn(Message):
     """A method return whose body is a :class:`MarshalledBody`: only the header is marshalled
     (with the empty body in place of the real one, whose length and bytes are put in then)."""
 
+    marshalled: MarshalledBody
+
     def _marshall(self, negotiate_unix_fd: bool) -> bytearray:
-        out = Message._marshall(self, negotiate_unix_fd)
+        out: bytearray = Message._marshall(self, negotiate_unix_fd)
         fields = int.from_bytes(out[12:16], "little")
         header = out[: (16 + fields + 7) & ~7]
         data = self.marshalled.data
@@ -247,6 +253,7 @@ _PLAIN = frozenset({list, tuple, str, int, bool, bytes, dict, float, FdReply, Ma
 Finish = Callable[[Any], Message]
 
 
+@final
 class _Later:
     """A reply that must wait: for *awaitable*, whose result *finish* turns into the reply
     (without *finish*, the result is the reply)."""
@@ -263,7 +270,7 @@ class _Later:
 
 async def _settle(outcome: Message | _Later) -> Message:
     if type(outcome) is not _Later:
-        return outcome  # type: ignore[return-value]
+        return outcome
     value = await outcome.awaitable
     return outcome.finish(value) if outcome.finish is not None else value
 
@@ -271,7 +278,8 @@ async def _settle(outcome: Message | _Later) -> Message:
 def _finish(msg: Message, finish: Finish | None, value: Any) -> Message:
     """The reply from a waited-for result; call it outside any ``except`` block."""
     if finish is None:
-        return value
+        reply: Message = value
+        return reply
     try:
         return finish(value)
     except Exception as e:
@@ -437,7 +445,9 @@ class Dispatcher:
         return self._dispatch_to(call, obj)  # type: ignore[arg-type]
 
     async def _dispatch_after_lookup(self, call: Call) -> Message:
-        obj = await self.tree.lookup(call.message.path, call)
+        path = call.message.path
+        assert path is not None  # the bus daemon delivers no method call without a path
+        obj = await self.tree.lookup(path, call)
         return await _settle(self._dispatch_to(call, obj))
 
     def _dispatch_to(self, call: Call, obj: BusObject | None) -> Message | _Later:
@@ -637,7 +647,7 @@ async def _resume(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Any:
             return done.value
 
 
-def _find_member(obj: BusObject, member: str) -> Interface | None:
+def _find_member(obj: BusObject, member: str | None) -> Interface | None:
     for iface in obj.interfaces:
         if member in iface.methods:
             return iface

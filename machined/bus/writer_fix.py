@@ -62,4 +62,4 @@ def _write_callback(self: Any, remove_writer: bool = True) -> None:
 
 def apply() -> None:
     """Install the fixed write callback on dbus-fast's asyncio message writer."""
-    _aio._MessageWriter.write_callback = _write_callback  # type: ignore[attr-defined]
+    _aio._MessageWriter.write_callback = _write_callback  # type: ignore[method-assign]  # the fix replaces it
