@@ -131,7 +131,7 @@ class MachineVarlink:
         if pid is None or pid < 0:
             raise invalid_parameter("pid")
         if pid == 0:
-            return call.peer.pid
+            return call.peer.pid_value
         if not os.path.exists(f"/proc/{pid}"):
             raise invalid_parameter("pid")  # 262 cannot pin it: the field is refused
         expected = _int(value.get("pidfdId")) if isinstance(value, dict) else None
@@ -280,7 +280,7 @@ class MachineVarlink:
             raise invalid_parameter("sshPrivateKeyPath")
         req = validate_registration(name, machine_id, params.get("service") or "", params["class"], leader, root, netif)
         if req.leader == 0:
-            req = req.with_leader(call.peer.pid)
+            req = req.with_leader(call.peer.pid_value)
         await lifecycle.register(self.manager, req, params.get("allocateUnit") is True, call.peer.uid_value,
                                  self.authorizer(call), call.peer.process_ref())  # fmt: skip
         return None
@@ -391,7 +391,7 @@ class MachineVarlink:
 
     @staticmethod
     def _ids(call: Call) -> tuple[int | None, int | None]:
-        out = []
+        out: list[int | None] = []
         for key in ("uid", "gid"):
             value = call.parameters.get(key)
             if value is None:

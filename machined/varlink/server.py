@@ -72,10 +72,11 @@ class Peer:
     """The process at the other end of a connection, as the kernel vouches for it."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.pid, self.uid_value, self.gid = -1, -1, -1
+        # (pid_value and uid_value: pid() and uid() are the Requester's methods)
+        self.pid_value, self.uid_value, self.gid = -1, -1, -1
         self.pidfd = -1
         try:
-            self.pid, self.uid_value, self.gid = _UCRED.unpack(
+            self.pid_value, self.uid_value, self.gid = _UCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
             )
         except OSError:
@@ -83,9 +84,9 @@ class Peer:
         try:
             self.pidfd = _UCRED_FD.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
         except OSError:
-            if self.pid > 0:  # older kernels: pin the PID; then check it still is the peer's
+            if self.pid_value > 0:  # older kernels: pin the PID; then check it still is the peer's
                 try:
-                    self.pidfd = os.pidfd_open(self.pid)
+                    self.pidfd = os.pidfd_open(self.pid_value)
                 except OSError:
                     self.pidfd = -1
         self.pidfd_id = 0
@@ -99,14 +100,14 @@ class Peer:
         return self.uid_value
 
     async def pid(self) -> int:
-        return self.pid
+        return self.pid_value
 
     def process_ref(self) -> ProcessRef | None:
         """The peer's process, pinned by a duplicate of its pidfd (None if it has none)."""
         if self.pidfd < 0:
             return None
-        ref = ProcessRef(self.pid, pidfd=os.dup(self.pidfd), pidfd_id=self.pidfd_id)
-        ref.start_time = start_time(self.pid)
+        ref = ProcessRef(self.pid_value, pidfd=os.dup(self.pidfd), pidfd_id=self.pidfd_id)
+        ref.start_time = start_time(self.pid_value)
         return ref
 
     def polkit_subject(self) -> PolkitSubject:
@@ -361,7 +362,12 @@ class Connection:
 
     async def _writable(self) -> None:
         future = self.loop.create_future()
-        self.loop.add_writer(self.sock.fileno(), lambda: future.done() or future.set_result(None))
+
+        def wake() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        self.loop.add_writer(self.sock.fileno(), wake)
         try:
             await future
         finally:
@@ -442,7 +448,11 @@ class VarlinkServer:
             task = loop.create_task(connection.serve())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-            task.add_done_callback(lambda _t, uid=uid: self._release_uid(uid))
+
+            def release(_task: asyncio.Task[None], uid: int = uid) -> None:
+                self._release_uid(uid)
+
+            task.add_done_callback(release)
 
     def _release_uid(self, uid: int) -> None:
         left = self._per_uid.get(uid, 1) - 1

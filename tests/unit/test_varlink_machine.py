@@ -328,7 +328,8 @@ async def test_peer_credentials_and_polkit_subject(tmp_path: Path) -> None:
         client.close()
         await server.stop()
     (peer,) = peers
-    assert peer.pid == os.getpid() and peer.gid == os.getgid()
+    assert peer.pid_value == os.getpid() and peer.gid == os.getgid()
+    assert await peer.pid() == os.getpid()  # a caller.Requester
     assert peer.pidfd_id > 0  # pinned by SO_PEERPIDFD (or pidfd_open of its PID)
     # asked about the process (pidfd) and its UID; 262 calls the machine "name" in the details
     assert seen == [
