@@ -32,7 +32,7 @@ import errno
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from dbus_fast import Message, MessageType, Variant
@@ -196,12 +196,14 @@ class Systemd:
 
         *properties* are (name, signature, value) as the core builds them; here they become variants."""
         body = [name, "fail", [[key, Variant(sig, value)] for key, sig, value in properties], []]
-        return (await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))", body, job=True))[0]
+        job: str = (await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))", body, job=True))[0]
+        return job
 
     async def stop_unit(self, unit: str) -> str:
         """StopUnit(unit, "fail"); "" when the unit does not exist (nothing to stop)."""
         try:
-            return (await self._manager_call("StopUnit", "ss", [unit, "fail"], job=True))[0]
+            job: str = (await self._manager_call("StopUnit", "ss", [unit, "fail"], job=True))[0]
+            return job
         except BusError as e:
             if e.name in (NO_SUCH_UNIT, LOAD_FAILED):
                 return ""
@@ -255,8 +257,8 @@ class Systemd:
 
     # ----- signals -------------------------------------------------------------------
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
