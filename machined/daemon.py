@@ -25,11 +25,12 @@ from machined.bus.objects import Dispatcher, new_signal
 from machined.bus.systemd1 import Systemd
 from machined.bus.tree import MANAGER_PATH, MachinedTree
 from machined.errors import BusError
-from machined.machine import Machine, Timestamp, host_machine
+from machined.machine import Machine, MachineClass, Timestamp, host_machine
 from machined.manager import MachineManager
 from machined.statefile import StateDir
 from machined.userdb import userdb_service
 from machined.varlink import VarlinkServer
+from machined.worker import prestart
 
 if TYPE_CHECKING:
     from machined.metrics import Metrics
@@ -233,6 +234,9 @@ class Daemon:
         """MachineNew / MachineRemoved on the Manager object."""
         if self._count_announcements is not None:
             self._count_announcements(signal_name, machine)
+        if signal_name == "MachineNew" and machine.machine_class is MachineClass.CONTAINER:
+            # Looks inside containers go through the fork server: have it ready for the first one.
+            prestart()
         if self.bus is None or not self.bus.connected:
             return
         self.bus.send(

@@ -83,7 +83,7 @@ DIED = "Child died abnormally."
 
 __all__ = [
     "LIMITS_EXCEEDED", "HelperPool", "Operations", "children", "run_helper", "run_worker", "run_worker_with_fd",
-    "send_fd", "serve_job", "serve_requests",
+    "prestart", "send_fd", "serve_job", "serve_requests",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -537,11 +537,32 @@ class _ForkServer:
 
 
 _server = _ForkServer()
+_prestarting: set[asyncio.Task[None]] = set()
 
 
 def forkserver_pid() -> int | None:
     """The fork server's PID while it runs."""
     return _server.pid
+
+
+def prestart() -> None:
+    """Start the fork server and its spares in the background, if they are not there yet, so
+    that the first operation finds them ready (the daemon calls this when a container starts:
+    a daemon with no containers never starts it before an operation needs it). Returns at once;
+    the server is started from the next turn of the event loop, after what the caller is
+    about to send (a registration's reply). A start that fails is what the first operation would
+    have met: it takes the exec path for a while."""
+    loop = asyncio.get_running_loop()
+    if (_server.ctl is not None and _server.loop is loop) or _prestarting:
+        return
+    task = loop.create_task(_prestart())
+    _prestarting.add(task)
+    task.add_done_callback(_prestarting.discard)
+
+
+async def _prestart() -> None:
+    if await _server.ready():
+        _server._replenish()
 
 
 def _spawn() -> Child:
