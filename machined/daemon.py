@@ -145,7 +145,8 @@ class Daemon:
             return_free_memory()
             log.info("Serving %s on the bus.", BUS_NAME)
             watchdog = notify.start_watchdog(loop)
-            disconnected = asyncio.ensure_future(self.bus.wait_for_disconnect())
+            # (dbus-fast leaves wait_for_disconnect unannotated)
+            disconnected = asyncio.ensure_future(self.bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
             stopped = asyncio.ensure_future(self._stop.wait())
             await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if watchdog is not None:
@@ -305,8 +306,9 @@ async def _describe_owner(bus: MessageBus, name: str) -> str:
         (pid,) = await call_bus_daemon(bus, "GetConnectionUnixProcessID", "s", [name])
     except BusError:
         return ""
+    import psutil  # here: only a daemon that cannot take the name asks, the running one does without it
+
     try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
-            return f" by PID {pid} ({f.read().strip()})"
-    except OSError:
+        return f" by PID {pid} ({psutil.Process(pid).name()})"
+    except (psutil.Error, ValueError):  # gone meanwhile
         return f" by PID {pid}"

@@ -43,14 +43,12 @@ async def kill(
 
 def process_owner(pid: int) -> int | None:
     """The real UID of process *pid*, None if it is gone."""
+    import psutil  # here: only registrations by other users than root ask, the idle daemon does without it
+
     try:
-        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
+        return psutil.Process(pid).uids().real
+    except (psutil.Error, ValueError):  # gone, or no valid PID
         return None
-    return None
 
 
 async def register(manager: MachineManager, req: RegistrationRequest, allocate_unit: bool, caller_uid: int,

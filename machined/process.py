@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 
 def start_time(pid: int) -> int | None:
-    """Start time of *pid* in clock ticks after boot (field 22 of /proc/PID/stat)."""
+    """Start time of *pid* in clock ticks after boot (field 22 of /proc/PID/stat). Read here, not
+    with psutil, whose create_time() is a float of seconds since the epoch that adds the boot time
+    as the clock has it now: identity checks compare these exact ticks, which never move."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
