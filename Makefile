@@ -13,7 +13,7 @@ DEBS := systemd systemd-container systemd-userdbd dbus polkitd libnss-mymachines
         gcc python3-dev python3-venv util-linux mount procps iproute2 hostname \
         btrfs-progs fdisk e2fsprogs debootstrap
 
-.PHONY: run shell stop test unit deps clean
+.PHONY: run shell stop test unit lint deps clean
 
 deps: $(VENV)/.installed
 
@@ -51,6 +51,8 @@ CGROUP_LAYOUTS := hybrid unified
 
 test: deps
 	@status=0; \
+	echo "== lint: ruff check, ruff format --check, mypy --strict"; \
+	$(MAKE) --no-print-directory lint || status=1; \
 	$(BIN)/python -m pytest -v -p no:cacheprovider --ignore=tests/integration --ignore=tests/integration262 tests || status=1; \
 	for layout in $(CGROUP_LAYOUTS); do \
 		echo "== integration tests, sandbox cgroup layout: $$layout"; \
@@ -62,6 +64,10 @@ test: deps
 
 unit: deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
+# Style, formatting and types (pyproject.toml: [tool.ruff], [tool.mypy] strict); `make test` runs it first.
+lint: deps
+	$(BIN)/ruff check machined tests bench && $(BIN)/ruff format --check machined tests bench && $(BIN)/mypy machined
 
 clean:
 	rm -rf $(VENV) $(RUNDIR) *.egg-info
