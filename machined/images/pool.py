@@ -26,7 +26,7 @@ NAME_MAX = 255
 HOST_IMAGE = ".host"
 POOL_PATH = "/var/lib/machines"
 
-SEARCH_PATH = (
+SEARCH_PATH: tuple[str, ...] = (
     "/etc/machines",
     "/run/machines",
     "/var/lib/machines",
