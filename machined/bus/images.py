@@ -8,11 +8,14 @@ image up (name checked) and run the very handler of the Image object.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from machined import personality
 from machined.bus.introspection import load_interface
 from machined.bus.objects import BusObject, Call, Handler, PropertyGetter
 from machined.bus.polkit import authorize
+from machined.errors import BusError
 from machined.images.pool import Image
 from machined.images.service import Authorize, ImageService
 from machined.manager import MachineManager
@@ -55,7 +58,12 @@ def image_methods(manager: MachineManager, img: Image) -> dict[str, Handler]:
         await service.remove(img, _polkit(call))
 
     async def rename(call: Call, new_name: str) -> None:
-        await service.rename(img, new_name, _polkit(call))
+        try:
+            await service.rename(img, new_name, _polkit(call))
+        except OSError as e:
+            if not (e.errno and personality.is_262()):
+                raise
+            raise BusError.from_errno(e.errno, f"Failed to rename image: {os.strerror(e.errno)}") from e
 
     async def clone(call: Call, new_name: str, read_only: bool) -> None:
         await service.clone(img, new_name, read_only, _polkit(call))
@@ -107,7 +115,9 @@ def image_manager_methods(manager: MachineManager) -> dict[str, Handler]:
 
     async def list_images(call: Call) -> list[Any]:
         found = await service.discover()
-        return [[(i.name, i.type, i.read_only, i.crtime, i.mtime, i.usage, i.object_path) for i in found.values()]]
+        return [
+            [(i.name, i.type, i.shown_read_only, i.crtime, i.mtime, i.usage, i.object_path) for i in found.values()]
+        ]
 
     async def get_image(call: Call, name: str) -> list[Any]:
         return [(await service.get(name)).object_path]
@@ -156,7 +166,7 @@ async def image_object(manager: MachineManager, element: str, call: Call) -> Bus
             (i, "Name"): lambda: img.name,
             (i, "Path"): lambda: img.path,
             (i, "Type"): lambda: img.type,
-            (i, "ReadOnly"): lambda: img.read_only,
+            (i, "ReadOnly"): lambda: img.shown_read_only,
             (i, "CreationTimestamp"): lambda: img.crtime,
             (i, "ModificationTimestamp"): lambda: img.mtime,
             (i, "Usage"): lambda: img.usage,

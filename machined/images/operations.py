@@ -15,7 +15,7 @@ import errno
 import os
 from typing import Any
 
-from machined import errors
+from machined import errors, personality
 from machined.errors import BusError
 from machined.fs import attrs, btrfs
 from machined.fs.copy import clone_tree, copy_file_atomic
@@ -99,8 +99,11 @@ def clone(img: Image, new_name: str, read_only: bool) -> None:
 
 
 def mark_read_only(img: Image, read_only: bool) -> None:
-    """Make an image read-only or writable: subvolume flag, immutable directory, write bits, BLKROSET."""
+    """Make an image read-only or writable: subvolume flag, immutable directory, write bits, BLKROSET.
+    262 refuses hidden images too (it always reports them read-only)."""
     _refuse_vendor_and_host(img)
+    if img.is_hidden and personality.is_262():
+        raise _fail(errno.EROFS)
     with image_path_lock(img.path, exclusive=True):
         if img.type == "subvolume":
             btrfs.set_subvolume_read_only(img.path, read_only)

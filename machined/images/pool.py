@@ -17,6 +17,7 @@ import stat
 from collections.abc import Iterator
 from typing import Any
 
+from machined import personality
 from machined.fs import attrs, btrfs, libc
 from machined.fs.fds import opened
 from machined.naming import image_object_path
@@ -88,6 +89,12 @@ class Image:
     @property
     def is_hidden(self) -> bool:
         return self.name.startswith(".")
+
+    @property
+    def shown_read_only(self) -> bool:
+        """Read-only as clients are told (ListImages, ReadOnly, varlink List): 262 reports every
+        hidden image (``.host`` included) read-only, whatever its files are; 252 the files' state."""
+        return self.read_only or (personality.is_262() and self.is_hidden)
 
     @property
     def is_tree(self) -> bool:

@@ -78,7 +78,7 @@ class ImageVarlink:
         out: dict[str, Any] = {"name": img.name}
         if img.path:
             out["path"] = img.path
-        out.update(type=img.type, **{"class": "machine"}, readOnly=img.read_only)
+        out.update(type=img.type, **{"class": "machine"}, readOnly=img.shown_read_only)
         for key, value, unset in (
             ("creationTimestamp", img.crtime, 0),
             ("modificationTimestamp", img.mtime, 0),
