@@ -55,3 +55,9 @@ async def current_uid() -> int | None:
         return await requester.uid()
     except Exception:
         return -1  # unknown: treated as an unprivileged user of its own
+
+
+def over_dbus() -> bool:
+    """Whether the current request came over D-Bus (262's per-user instance looks up a leader's
+    unit differently for D-Bus and varlink registrations)."""
+    return getattr(current.get(), "transport", "") == "dbus"

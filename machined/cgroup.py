@@ -57,6 +57,33 @@ def cgroup_path_get_unit(path: str) -> str | None:
     return None
 
 
+def cgroup_path_get_unit_full(path: str) -> tuple[str | None, str]:
+    """The unit of a cgroup path and the path below the unit's own cgroup (262's subgroup):
+    ``/user.slice/user-1000.slice/user@1000.service/app.slice/x.service`` →
+    ``("user@1000.service", "app.slice/x.service")``; no unit → ``(None, "")``."""
+    parts = [p for p in path.split("/") if p]
+    for i, part in enumerate(parts):
+        if part.endswith(".slice"):
+            continue
+        if not part.endswith(_UNIT_SUFFIXES):
+            return None, ""
+        return part, "/".join(parts[i + 1 :])
+    return None, ""
+
+
+def cgroup_path_get_user_unit_full(path: str) -> tuple[str | None, str]:
+    """As :func:`cgroup_path_get_unit_full`, for the unit in a user's service manager: the path
+    below that manager's ``user@UID.service`` (None when the path is not below one)."""
+    parts = [p for p in path.split("/") if p]
+    for i, part in enumerate(parts):
+        if part.endswith(".slice"):
+            continue
+        if not (part.startswith("user@") and part.endswith(".service")):
+            return None, ""
+        return cgroup_path_get_unit_full("/".join(parts[i + 1 :]))
+    return None, ""
+
+
 def layout_from_fs_types(root: int | None, unified: int | None, systemd: int | None) -> str:
     """The layout, given the file system types (statfs ``f_type``, None: not a mount
     point we can stat) of /sys/fs/cgroup, /sys/fs/cgroup/unified and

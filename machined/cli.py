@@ -144,11 +144,26 @@ def main(argv: list[str] | None = None) -> int:
         default=15.0,
         help="how often --metrics-textfile is rewritten (default: %(default)s)",
     )
+    parser.add_argument(
+        "--user",
+        action="store_true",
+        help="serve the calling user only, as systemd 262's 'systemd-machined --user': on the user's bus and "
+        "$XDG_RUNTIME_DIR/systemd/machine/io.systemd.Machine, machines' scopes in the user's service manager, "
+        "state files in $XDG_RUNTIME_DIR/systemd/machines, images in the user's directories",
+    )
     parser.add_argument("--version", action="version", version=f"machined {__version__}")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     return_large_buffers_to_the_system()
     try:
+        user = None
+        if args.user:
+            from machined.userscope import UserScopeError, from_environment
+
+            try:
+                user = from_environment()
+            except UserScopeError as e:
+                raise StartupError(str(e)) from None
         daemon = Daemon(
             bus_address=args.bus_address,
             state_dir=args.state_dir,
@@ -157,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_listen=args.metrics_listen,
             metrics_textfile=args.metrics_textfile,
             metrics_interval=args.metrics_interval,
+            user=user,
         )
         return asyncio.run(daemon.run())
     except StartupError as e:

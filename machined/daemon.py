@@ -29,6 +29,7 @@ from machined.machine import Machine, MachineClass, Timestamp, host_machine
 from machined.manager import MachineManager
 from machined.statefile import StateDir
 from machined.userdb import userdb_service
+from machined.userscope import UserScope
 from machined.varlink import VarlinkServer
 from machined.worker import prestart
 
@@ -92,7 +93,14 @@ class Daemon:
     def __init__(self, bus_address: str | None = None, state_dir: str = STATE_DIR,
                  userdb_socket: str = USERDB_SOCKET, metrics_listen: tuple[str, int] | None = None,
                  metrics_textfile: str | None = None, metrics_interval: float = 15.0,
-                 machine_socket: str | None = None) -> None:  # fmt: skip
+                 machine_socket: str | None = None, user: UserScope | None = None) -> None:  # fmt: skip
+        # The per-user instance (262's --user): the user's bus, sockets, state and images.
+        self.user = user
+        if user is not None:
+            bus_address = bus_address or user.bus_address
+            if state_dir == STATE_DIR:
+                state_dir = user.state_dir
+            userdb_socket = ""  # (262's user instance serves no user records)
         self.bus_address = bus_address
         self.userdb_socket = userdb_socket
         self.userdb: VarlinkServer | None = None
@@ -104,6 +112,13 @@ class Daemon:
         self.machine_id = machine_id
         host = host_machine(bytes.fromhex(machine_id) if len(machine_id) == 32 else b"", boot_timestamp())
         self.manager = MachineManager(host, StateDir(state_dir), announce=self._announce)
+        if user is not None:
+            self.manager.registry.remove(host)  # a user's instance has no .host machine
+            self.manager.user_scope = True
+            self.manager.pool_path = user.pool_path
+            from machined.images import pool
+
+            pool.use_user_search_path(user.image_search_path, user.pool_path)
         self.log_control = LogControl(IDENTIFIER)
         self.bus: MessageBus | None = None
         self._stop = asyncio.Event()
@@ -188,11 +203,15 @@ class Daemon:
         from machined.varlink import machine as machine_varlink
         from machined.varlink.server import listen_fds
 
+        socket_path, image_link, registry = MACHINE_SOCKET, MACHINE_IMAGE_LINK, VARLINK_REGISTRY
+        if self.user is not None:
+            socket_path, image_link = self.user.machine_socket, self.user.machine_image_link
+            registry = self.user.varlink_registry
         sockets = listen_fds("varlink")
         if sockets:
             paths: list[str] = []
         elif self.machine_socket is None:
-            paths = [MACHINE_SOCKET] if self.bus_address is None else []
+            paths = [socket_path] if self.bus_address is None or self.user is not None else []
         else:
             paths = [self.machine_socket] if self.machine_socket else []
         if not sockets and not paths:
@@ -200,17 +219,18 @@ class Daemon:
         from machined import __version__
 
         service = machine_varlink.machine_service(self.manager, polkit=polkit.check, bus=self.bus, version=__version__)
-        self.machine_varlink = VarlinkServer(service, paths, sockets=sockets)
+        mode = 0o600 if self.user is not None else 0o666  # (as 262's socket units)
+        self.machine_varlink = VarlinkServer(service, paths, sockets=sockets, mode=mode)
         try:
             await self.machine_varlink.start()
         except OSError as e:
             log.warning("Not serving io.systemd.Machine on %s: %s", ", ".join(paths), e)
             self.machine_varlink = None
             return
-        if paths == [MACHINE_SOCKET] or sockets:
-            for link in (MACHINE_IMAGE_LINK, *(os.path.join(VARLINK_REGISTRY, os.path.basename(p))
-                                               for p in (MACHINE_SOCKET, MACHINE_IMAGE_LINK))):  # fmt: skip
-                _symlink(MACHINE_SOCKET, link)
+        if paths == [socket_path] or sockets:
+            for link in (image_link, *(os.path.join(registry, os.path.basename(p))
+                                       for p in (socket_path, image_link))):  # fmt: skip
+                _symlink(socket_path, link)
 
     def _start_metrics(self) -> None:
         """Export metrics if asked to; prometheus_client is imported only then."""

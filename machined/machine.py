@@ -64,6 +64,9 @@ class Machine:
     # (pinned, released with the machine) and its user. D-Bus registrations are root's (252).
     supervisor_ref: ProcessRef | None = field(default=None, repr=False, compare=False)
     uid: int = 0
+    # The cgroup below the unit the machine lives in (262's per-user instance: a varlink
+    # registration of a leader in the user's manager is in a subgroup of user@UID.service).
+    subgroup: str = ""
     # Its Properties.GetAll reply body as last marshalled, with the values it was made of.
     get_all_cache: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
 

@@ -20,8 +20,13 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from machined import errors, journal
-from machined.cgroup import cgroup_path_get_unit, pid_cgroup
+from machined import caller, errors, journal
+from machined.cgroup import (
+    cgroup_path_get_unit,
+    cgroup_path_get_unit_full,
+    cgroup_path_get_user_unit_full,
+    pid_cgroup,
+)
 from machined.errors import BusError
 from machined.machine import Machine, MachineClass, Timestamp
 from machined.naming import machine_scope_name
@@ -126,6 +131,10 @@ class MachineManager:
         self._stopped_units: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.gc_passes = 0  # read by the metrics exporter
+        # The per-user instance (``machined --user``): units are the user's manager's, and a
+        # machine may live in a cgroup below its unit (its subgroup), watched through its leader.
+        self.user_scope = False
+        self._leader_watches: dict[int, int] = {}  # machine identity → its leader's pidfd
 
     # ----- lookups -------------------------------------------------------------------
 
@@ -190,7 +199,11 @@ class MachineManager:
         return machine
 
     async def register(self, req: RegistrationRequest) -> Machine:
-        """RegisterMachine: the leader's existing unit becomes the machine's unit."""
+        """RegisterMachine: the leader's existing unit becomes the machine's unit.
+
+        In the per-user instance, as 262: a D-Bus RegisterMachine takes the unit of the user's
+        manager the leader runs in; a varlink Register the system's unit holding it (the user's
+        ``user@UID.service``), with the cgroup below as the machine's subgroup."""
         machine = await self._add(req)
         try:
             path = pid_cgroup(machine.leader)
@@ -198,12 +211,19 @@ class MachineManager:
                 raise BusError.from_errno(
                     errno.ESRCH, f"Failed to determine unit of process {machine.leader} : No such process"
                 )
-            unit = cgroup_path_get_unit(path)
+            subgroup = ""
+            if not self.user_scope:
+                unit = cgroup_path_get_unit(path)
+            elif caller.over_dbus():
+                unit, subgroup = cgroup_path_get_user_unit_full(path)
+            else:
+                unit, subgroup = cgroup_path_get_unit_full(path)
             if unit is None:
                 raise BusError.from_errno(
                     errno.ENXIO, f"Failed to determine unit of process {machine.leader} : No such device or address"
                 )
             machine.unit = unit
+            machine.subgroup = subgroup
             await self._start(machine, [])
         except BaseException:
             self._drop_unstarted(machine)
@@ -276,12 +296,33 @@ class MachineManager:
                 self._starting -= 1
             machine.scope_job = job
         self.registry.index_unit(machine)
+        if machine.subgroup:
+            self._watch_leader(machine)
         journal.machine_started(machine)
         if not machine.timestamp.is_set():
             machine.timestamp = now()
         machine.started = True
         self._save(machine)
         self.announce("MachineNew", machine)
+
+    def _watch_leader(self, machine: Machine) -> None:
+        """A machine in a subgroup of a unit (262's per-user instance) goes with its leader:
+        systemd says nothing about a cgroup below a unit, the leader's pidfd does."""
+        ref = machine.leader_ref
+        if ref is None or ref.pidfd is None or id(machine) in self._leader_watches:
+            return
+        fd = ref.pidfd
+        asyncio.get_running_loop().add_reader(fd, self._leader_exited, machine)
+        self._leader_watches[id(machine)] = fd
+
+    def _leader_exited(self, machine: Machine) -> None:
+        self._unwatch_leader(machine)
+        self.queue_gc(machine)
+
+    def _unwatch_leader(self, machine: Machine) -> None:
+        fd = self._leader_watches.pop(id(machine), None)
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
 
     def _save(self, machine: Machine) -> None:
         if machine.started:
@@ -299,6 +340,9 @@ class MachineManager:
         """machine_stop(): ask systemd to stop the unit; removal follows through GC."""
         if machine.machine_class not in (MachineClass.CONTAINER, MachineClass.VM):
             raise errors.not_supported()
+        if machine.subgroup:
+            # 262 does not stop a cgroup below a unit (the unit holds more than the machine).
+            raise BusError.from_errno(errno.ESRCH)
         if machine.unit:
             assert self.systemd is not None
             job = await self.systemd.stop_unit(machine.unit)
@@ -330,6 +374,7 @@ class MachineManager:
             machine.stopping = True
         self.state.remove(machine)
         self.registry.remove(machine)
+        self._unwatch_leader(machine)
         self._stopped_units.discard(machine.unit)
         self._gc_queue.pop(id(machine), None)
         waiter = self._create_waiters.pop(id(machine), None)
@@ -469,6 +514,8 @@ class MachineManager:
             return False
         if drop_not_started and not machine.started:
             return True
+        if machine.subgroup:
+            return machine.leader_ref is None or not machine.leader_ref.is_alive()
         assert self.systemd is not None
         if machine.scope_job and await self.systemd.job_is_active(machine.scope_job):
             return False
@@ -512,7 +559,7 @@ class MachineManager:
         # asks systemd twice even when nothing was stopped; its calls block, so the second
         # answer is the first one again: we ask again only after stopping.
         may = await self.may_gc(machine, drop_not_started, known)
-        if may and not machine.stopping:
+        if may and not machine.stopping and not machine.subgroup:
             try:
                 await self.terminate(machine)
             except BusError as e:

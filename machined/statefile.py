@@ -155,7 +155,7 @@ class StateDir:
         text = serialize(machine)
         if self._as_read.pop(machine.name, None) != text:
             self._write(machine.name, text)
-        if machine.unit:
+        if machine.unit and not machine.subgroup:  # (262: a unit holding more than the machine has no link)
             try:
                 os.symlink(machine.name, self.file_of(UNIT_LINK_PREFIX + machine.unit))
             except FileExistsError:
@@ -200,7 +200,7 @@ class StateDir:
     def remove(self, machine: Machine) -> None:
         self._as_read.pop(machine.name, None)
         paths = [self.file_of(machine.name)]
-        if machine.unit:
+        if machine.unit and not machine.subgroup:
             paths.append(self.file_of(UNIT_LINK_PREFIX + machine.unit))
         for path in paths:
             try:

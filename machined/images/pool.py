@@ -38,6 +38,23 @@ SEARCH_PATH: tuple[str, ...] = (
 
 NSPAWN_SETTINGS_DIRS = ("/etc/systemd/nspawn", "/run/systemd/nspawn")
 
+# The per-user instance's search path (pool second), no ``.host`` image: set by the daemon
+# through the environment, so that its worker children (a fresh interpreter) see it too.
+USER_SEARCH_PATH_ENV = "MACHINED_USER_IMAGE_PATH"
+INCLUDE_HOST = True
+
+
+def use_user_search_path(search_path: tuple[str, ...], pool_path: str) -> None:
+    """Look for images where a user's instance does (262): *search_path*, the pool *pool_path*."""
+    global SEARCH_PATH, POOL_PATH, INCLUDE_HOST
+    SEARCH_PATH, POOL_PATH, INCLUDE_HOST = tuple(search_path), pool_path, False
+    os.environ[USER_SEARCH_PATH_ENV] = ":".join([pool_path, *search_path])
+
+
+if os.environ.get(USER_SEARCH_PATH_ENV):
+    _pool, *_search = os.environ[USER_SEARCH_PATH_ENV].split(":")
+    SEARCH_PATH, POOL_PATH, INCLUDE_HOST = tuple(_search), _pool, False
+
 
 def image_name_is_valid(name: str) -> bool:
     """Upstream's rule: a valid file name, no control characters, not a ``.#`` temporary."""
@@ -137,7 +154,7 @@ def discover() -> dict[str, Image]:
             image = _make(name, directory, entry.name, st)
             if image is not None:
                 found[name] = image
-    if HOST_IMAGE not in found:
+    if HOST_IMAGE not in found and INCLUDE_HOST:
         found[HOST_IMAGE] = host_image()
     return found
 
@@ -154,7 +171,7 @@ def find(name: str) -> Image | None:
         image = _make(name, directory, *located)
         if image is not None:
             return image
-    return host_image() if name == HOST_IMAGE else None
+    return host_image() if name == HOST_IMAGE and INCLUDE_HOST else None
 
 
 def host_image() -> Image:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -145,6 +146,56 @@ def python_env() -> dict[str, str]:
     return {"LD_LIBRARY_PATH": HOST_LIBS}
 
 
+USER_UNIT_DIR = "/run/systemd/user"  # (read by every user's service manager)
+
+
+def user_bus_files() -> list[dict[str, Any]]:
+    """A bus for each user's service manager (what Debian's dbus-user-session adds, which a
+    minbase root lacks): 262's per-user machined serves on it."""
+    return [
+        {
+            "path": f"{USER_UNIT_DIR}/dbus.socket",
+            "content": "[Unit]\nDescription=D-Bus User Message Bus Socket\n\n[Socket]\nListenStream=%t/bus\n",
+        },
+        {
+            "path": f"{USER_UNIT_DIR}/dbus.service",
+            "content": (
+                "[Unit]\nDescription=D-Bus User Message Bus\nRequires=dbus.socket\n\n[Service]\n"
+                "ExecStart=/usr/bin/dbus-daemon --session --address=systemd: --nofork --nopidfile "
+                "--systemd-activation --syslog-only\n"
+            ),
+        },
+        {"path": f"{USER_UNIT_DIR}/sockets.target.wants/dbus.socket", "symlink": "../dbus.socket"},
+    ]
+
+
+def our_user_unit_files() -> list[dict[str, Any]]:
+    """Ours in place of 262's per-user systemd-machined: its units masked, ours socket-activated
+    and bus-activated in each user's service manager, as 262's are."""
+    from machined.data import unit_file
+
+    service = unit_file("machined-user.service").read_text(encoding="utf-8")
+    service = re.sub(r"(?m)^ExecStart=.*$", f"ExecStart={sys.executable} -m machined --user", service)
+    files: list[dict[str, Any]] = [
+        {"path": f"{USER_UNIT_DIR}/{unit}", "symlink": "/dev/null"}
+        for unit in ("systemd-machined.service", "systemd-machined.socket")
+    ]
+    files += [
+        {"path": f"{USER_UNIT_DIR}/machined.service", "content": service},
+        {
+            "path": f"{USER_UNIT_DIR}/machined.service.d/host-python.conf",
+            "content": f"[Service]\nEnvironment=LD_LIBRARY_PATH={HOST_LIBS}\n",
+        },
+        {"path": f"{USER_UNIT_DIR}/dbus-org.freedesktop.machine1.service", "symlink": "machined.service"},
+        {
+            "path": f"{USER_UNIT_DIR}/machined.socket",
+            "content": unit_file("machined-user.socket").read_text(encoding="utf-8"),
+        },
+        {"path": f"{USER_UNIT_DIR}/sockets.target.wants/machined.socket", "symlink": "../machined.socket"},
+    ]
+    return files
+
+
 def boot_spec(sb: Sandbox, rootfs: Path, console: str) -> dict[str, Any]:
     """The spec :mod:`machined.sandbox.bootroot` assembles and boots."""
     from machined.data import file_path, interface_file
@@ -175,6 +226,7 @@ def boot_spec(sb: Sandbox, rootfs: Path, console: str) -> dict[str, Any]:
         # (the tree's /etc/hostname is the build host's name; systemd sets the hostname from it)
         {"path": "/etc/hostname", "content": f"sandbox-{sb.id}\n"},
     ]
+    files += user_bus_files()
     for unit in dict.fromkeys(MASKED_UNITS + EXTRA_MASKED_UNITS):
         files.append({"path": f"{unit_dir}/{unit}", "symlink": "/dev/null"})
     binds: list[dict[str, Any]] = [{"src": p, "dst": p} for p in host_paths()]
@@ -189,6 +241,7 @@ def boot_spec(sb: Sandbox, rootfs: Path, console: str) -> dict[str, Any]:
             }
         )
         files.append({"path": f"{unit_dir}/dbus-org.freedesktop.machine1.service", "symlink": "machined.service"})
+        files += our_user_unit_files()
         for name, dst in POLICY_FILES.items():
             binds.append({"src": str(file_path(interface_file(name))), "dst": dst})
     for soname, path in missing_libraries(rootfs).items():

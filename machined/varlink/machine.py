@@ -200,6 +200,8 @@ class MachineVarlink:
                            ("unit", machine.unit)):  # fmt: skip
             if value:
                 out[key] = value
+        if machine.subgroup:
+            out["subgroup"] = machine.subgroup
         leader = self._leader(machine)
         if leader is not None:
             out["leader"] = leader
