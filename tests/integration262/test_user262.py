@@ -143,3 +143,28 @@ ls -A $XDG_RUNTIME_DIR/systemd/machines
     assert "Unit=machine-um2.scope" in out and "Unit=um3-l.service" in out and "Subgroup=app.slice/um1-l.service" in out
     assert "UID=1500" in out and "Slice=machine.slice" in out
     assert "still there" not in out
+
+
+def test_root_reaches_a_users_instance(users: tuple[Sandbox, Sandbox]) -> None:
+    """Root may use a user's instance (the socket's mode keeps other users out): it registers
+    the user's processes without polkit, and the machine is root's."""
+    ours, real = users
+    env = f"XDG_RUNTIME_DIR={RUN} DBUS_SESSION_BUS_ADDRESS=unix:path={RUN}/bus"
+    script = PRELUDE.replace("$XDG_RUNTIME_DIR", RUN) + (
+        f'asuser() {{ runuser -u {USER} -- env {env} "$@"; }}\n'
+        + r"""
+asuser systemd-run --user -q --unit=rootl sleep 1000
+P=$(asuser systemctl --user show -P MainPID rootl)
+vl $V io.systemd.Machine.Register "{\"name\":\"rm1\",\"class\":\"container\",\"leader\":$P}"
+vl $V io.systemd.Machine.List '{"name":"rm1"}'
+vl $V io.systemd.Machine.Register '{"name":"rm2","class":"container","leader":1}'
+vl $V io.systemd.Machine.Unregister '{"name":"rm1"}'
+vl $V io.systemd.Machine.List '{"name":"rm1"}'
+asuser systemctl --user stop rootl
+"""
+    )
+    outputs = [_mask((r := sb.run(["sh", "-c", script], check=False)).stdout + r.stderr) for sb in (real, ours)]
+    if outputs[1] != outputs[0]:
+        diff = "".join(difflib.unified_diff(outputs[0].splitlines(True), outputs[1].splitlines(True), "real", "ours"))
+        pytest.fail(f"outputs differ:\n{diff}")
+    assert '"name":"rm1"' in outputs[0] and '"UID":0' in outputs[0]
