@@ -37,6 +37,22 @@ def interface_text(name: str) -> str:
         return f.read()
 
 
+def interface_file_for(systemd: str, name: str) -> Traversable:
+    """``dbus-interfaces/<name>`` as machined ships it for a host whose systemd is *systemd*
+    ("252", "262"): the file of ``dbus-interfaces/262/`` where 262's differs (bus policy,
+    polkit actions), else the common one."""
+    if systemd != "252":
+        special = interface_file(f"262/{name}")
+        if special.is_file():
+            return special
+    return interface_file(name)
+
+
+def unit_text(name: str) -> str:
+    """The text of ``units/<name>``."""
+    return unit_file(name).read_text(encoding="utf-8")
+
+
 def unit_file(name: str) -> Traversable:
     """``units/<name>``."""
     from importlib.resources import files

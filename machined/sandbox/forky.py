@@ -198,7 +198,7 @@ def our_user_unit_files() -> list[dict[str, Any]]:
 
 def boot_spec(sb: Sandbox, rootfs: Path, console: str) -> dict[str, Any]:
     """The spec :mod:`machined.sandbox.bootroot` assembles and boots."""
-    from machined.data import file_path, interface_file
+    from machined.data import file_path, interface_file_for, unit_text
     from machined.sandbox.core import (
         FIRST_PID,
         MASKED_UNITS,
@@ -242,8 +242,11 @@ def boot_spec(sb: Sandbox, rootfs: Path, console: str) -> dict[str, Any]:
         )
         files.append({"path": f"{unit_dir}/dbus-org.freedesktop.machine1.service", "symlink": "machined.service"})
         files += our_user_unit_files()
-        for name, dst in POLICY_FILES.items():
-            binds.append({"src": str(file_path(interface_file(name))), "dst": dst})
+        # Started by socket activation like systemd-machined 262 (our socket unit), or by the bus.
+        files.append({"path": f"{unit_dir}/machined.socket", "content": unit_text("machined.socket")})
+        files.append({"path": f"{unit_dir}/sockets.target.wants/machined.socket", "symlink": "../machined.socket"})
+        for name, dst in POLICY_FILES.items():  # 262's bus policy and polkit actions where they differ from 252's
+            binds.append({"src": str(file_path(interface_file_for("262", name))), "dst": dst})
     for soname, path in missing_libraries(rootfs).items():
         binds.append({"src": os.path.realpath(path), "dst": f"{HOST_LIBS}/{soname}"})
     files += bus_limit_files(sb.bus_limits, unit_dir)
