@@ -107,6 +107,8 @@ class Daemon:
         # None: upstream's sockets (passed by systemd, or bound here) on the system bus only
         self.machine_socket = machine_socket
         self.machine_varlink: VarlinkServer | None = None
+        self.resolve_hook: VarlinkServer | None = None  # io.systemd.Resolve.Hook (262)
+        self._hook_changed: Callable[[], None] | None = None
         self.state_dir = state_dir
         machine_id = read_machine_id()
         self.machine_id = machine_id
@@ -155,6 +157,7 @@ class Daemon:
             self.manager.start_gc()
             await self._start_userdb()
             await self._start_machine_varlink()
+            await self._start_resolve_hook()
             dispatcher.ready.set()
             notify.ready(f"Serving {BUS_NAME}.")
             return_free_memory()
@@ -171,6 +174,8 @@ class Daemon:
                 await self.userdb.stop()
             if self.machine_varlink is not None:
                 await self.machine_varlink.stop()
+            if self.resolve_hook is not None:
+                await self.resolve_hook.stop()
             if disconnected.done():
                 disconnected.exception()  # how it went away (EOFError...) is no news: no traceback
                 log.warning("Lost the connection to the bus; exiting.")
@@ -232,6 +237,24 @@ class Daemon:
                                        for p in (socket_path, image_link))):  # fmt: skip
                 _symlink(socket_path, link)
 
+    async def _start_resolve_hook(self) -> None:
+        """io.systemd.Resolve.Hook (262): machine names for systemd-resolved, on a socket of its own
+        that the daemon always binds itself (as 262), next to io.systemd.Machine's."""
+        if self.machine_varlink is None or self.user is not None or self.machine_socket is not None:
+            return
+        from machined import __version__
+        from machined.varlink import resolve_hook
+
+        service, hook = resolve_hook.resolve_hook_service(self.manager, version=__version__)
+        self.resolve_hook = VarlinkServer(service, [resolve_hook.SOCKET])
+        try:
+            await self.resolve_hook.start()
+        except OSError as e:
+            log.warning("Not serving io.systemd.Resolve.Hook on %s: %s", resolve_hook.SOCKET, e)
+            self.resolve_hook = None
+            return
+        self._hook_changed = hook.changed
+
     def _start_metrics(self) -> None:
         """Export metrics if asked to; prometheus_client is imported only then."""
         if self.metrics_listen is None and not self.metrics_textfile:
@@ -255,6 +278,8 @@ class Daemon:
         """MachineNew / MachineRemoved on the Manager object."""
         if self._count_announcements is not None:
             self._count_announcements(signal_name, machine)
+        if self._hook_changed is not None:
+            self._hook_changed()
         if signal_name == "MachineNew" and machine.machine_class is MachineClass.CONTAINER:
             # Looks inside containers go through the fork server: have it ready for the first one.
             prestart()
