@@ -80,10 +80,9 @@ def _daemon_elf_files() -> list[str]:
     """The interpreter and the extension modules the daemon may load (standard library and
     the project's runtime dependencies)."""
     files = [os.path.realpath(sys.executable)]
-    stdlib = sysconfig.get_path("platstdlib")
-    files += sorted(
-        f for f in glob.glob(os.path.join(stdlib, "lib-dynload", "*.so")) if "_tkinter" not in os.path.basename(f)
-    )
+    # The interpreter's extension modules (in a virtualenv, platstdlib is the venv's, which has none).
+    dynload = sysconfig.get_config_var("DESTSHARED") or os.path.join(sysconfig.get_path("platstdlib"), "lib-dynload")
+    files += sorted(f for f in glob.glob(os.path.join(dynload, "*.so")) if "_tkinter" not in os.path.basename(f))
     try:
         requires = metadata.requires("machined") or []
     except metadata.PackageNotFoundError:
