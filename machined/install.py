@@ -8,6 +8,11 @@ What ``install`` puts in place (paths inside ``--root``, default ``/``):
   ``systemctl enable`` creates from ``[Install] Alias=``; dbus-daemon activates the name
   through it (the alias in /etc hides upstream's in /lib/systemd/system);
 * ``/etc/systemd/system/systemd-machined.service`` -> ``/dev/null``, as ``systemctl mask``;
+* where systemd is 257 or later (upstream's machined is socket-activated: its
+  ``systemd-machined.socket`` is there): ``/etc/systemd/system/machined.socket``, enabled
+  (``sockets.target.wants/machined.socket``, as ``systemctl enable``), and
+  ``systemd-machined.socket`` masked; the bus policy and polkit actions are then 262's
+  (``dbus-interfaces/262/``);
 * ``/etc/dbus-1/system.d/org.freedesktop.machine1.conf``: our bus policy. dbus-daemon
   reads /usr/share/dbus-1/system.d first and /etc/dbus-1/system.d after it (the
   administrator's layer); the last matching rule wins and ours opens with a ``deny`` for
@@ -45,12 +50,17 @@ from pathlib import Path
 from typing import Any
 
 from machined import __version__
-from machined.data import interface_file, unit_file
+from machined.data import interface_file, interface_file_for, unit_file
 
 UNIT_DIR = "/etc/systemd/system"
 UNIT = "machined.service"
 ALIAS = "dbus-org.freedesktop.machine1.service"
 UPSTREAM_UNIT = "systemd-machined.service"
+SOCKET = "machined.socket"
+SOCKET_WANTS = f"{UNIT_DIR}/sockets.target.wants/{SOCKET}"
+UPSTREAM_SOCKET = "systemd-machined.socket"
+# Where upstream's socket unit is when systemd is 257 or later (machined socket-activated).
+UPSTREAM_SOCKET_PATHS = (f"/usr/lib/systemd/system/{UPSTREAM_SOCKET}", f"/lib/systemd/system/{UPSTREAM_SOCKET}")
 BUS_POLICY = "/etc/dbus-1/system.d/org.freedesktop.machine1.conf"
 ACTIVATION_FILE = "org.freedesktop.machine1.service"
 # dbus-daemon's <standard_system_servicedirs/>, first one wins (dbus-daemon(1)).
@@ -125,6 +135,12 @@ def unit_text(exec_start: str) -> str:
     text, n = re.subn(r"(?m)^ExecStart=.*$", lambda _: f"ExecStart={exec_start}", text)
     if n != 1:
         raise InstallError("the shipped machined.service has no single ExecStart= line (broken installation?)")
+    return f"# Installed by 'machined install' (machined {__version__}); 'machined uninstall' removes it.\n" + text
+
+
+def socket_text() -> str:
+    """Our socket unit as installed (systemd 257 and later)."""
+    text = unit_file(SOCKET).read_text(encoding="utf-8")
     return f"# Installed by 'machined install' (machined {__version__}); 'machined uninstall' removes it.\n" + text
 
 
@@ -409,19 +425,31 @@ class Installation:
             return resolved.read_bytes() if resolved.is_file() else None
         return None
 
+    def socket_activated(self) -> bool:
+        """Whether systemd here is 257 or later, where machined is socket-activated (upstream's
+        systemd-machined.socket is installed)."""
+        return any(self.p(path).is_file() for path in UPSTREAM_SOCKET_PATHS)
+
     def plan(self, manifest: dict[str, Any] | None) -> tuple[list[Desired], list[str]]:
         """What install puts in place, and notes on what it leaves as it is."""
         exec_start = self.exec_start or default_exec_start()
         check_exec_start(exec_start)
-        ours_policy = interface_file("org.freedesktop.machine1.conf").read_bytes()
+        systemd = "262" if self.socket_activated() else "252"
+        ours_policy = interface_file_for(systemd, "org.freedesktop.machine1.conf").read_bytes()
         ours_activation = interface_file(ACTIVATION_FILE).read_bytes()
-        ours_polkit = interface_file("org.freedesktop.machine1.policy").read_bytes()
+        ours_polkit = interface_file_for(systemd, "org.freedesktop.machine1.policy").read_bytes()
         desired = [
             Desired(f"{UNIT_DIR}/{UNIT}", "unit", content=unit_text(exec_start).encode()),
             Desired(f"{UNIT_DIR}/{ALIAS}", "the alias systemctl enable makes", target=f"{UNIT_DIR}/{UNIT}"),
             Desired(f"{UNIT_DIR}/{UPSTREAM_UNIT}", "masked, as systemctl mask does", target="/dev/null"),
             Desired(BUS_POLICY, "bus policy", content=ours_policy),
         ]
+        if systemd != "252":
+            desired += [
+                Desired(f"{UNIT_DIR}/{SOCKET}", "socket unit", content=socket_text().encode()),
+                Desired(SOCKET_WANTS, "the link systemctl enable makes", target=f"{UNIT_DIR}/{SOCKET}"),
+                Desired(f"{UNIT_DIR}/{UPSTREAM_SOCKET}", "masked, as systemctl mask does", target="/dev/null"),
+            ]
         notes = []
 
         # Bus activation: the first file of the search path is the one that counts.
@@ -465,6 +493,8 @@ class Installation:
                 "entries": [],
                 "upstream_was_active": host.is_active(UPSTREAM_UNIT) if host is not None else False,
             }
+        if self.socket_activated() and "upstream_socket_was_active" not in manifest:
+            manifest["upstream_socket_was_active"] = host.is_active(UPSTREAM_SOCKET) if host is not None else False
             self._mkdirs(STATE_DIR, manifest)
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self._mkdirs(BACKUP_DIR, manifest, mode=0o700)
@@ -516,9 +546,17 @@ class Installation:
         # Masked, systemd-machined cannot run on: systemd ignores its watchdog pings from the
         # reload on and would kill it (SIGABRT) when WatchdogSec= runs out. Stop it now,
         # --no-start or not; its machines stay in /run/systemd/machines for machined.
+        # Its socket first (it would start it again), which frees the path for ours.
+        socket = self.socket_activated()
+        if socket and host.is_active(UPSTREAM_SOCKET):
+            host.stop(UPSTREAM_SOCKET)
+            self.out(f"stopped {UPSTREAM_SOCKET}")
         if host.is_active(UPSTREAM_UNIT):
             host.stop(UPSTREAM_UNIT)
             self.out(f"stopped {UPSTREAM_UNIT}")
+        if socket and not host.is_active(SOCKET):
+            host.start(SOCKET)  # (--no-start too: varlink clients start machined through it, as the bus does)
+            self.out(f"started {SOCKET}")
         if not start:
             self.out(f"{UNIT} not started (--no-start): the bus starts it at the first request")
         elif not host.is_active(UNIT):
@@ -599,6 +637,16 @@ class Installation:
         upstream = host.show(UPSTREAM_UNIT, "LoadState").get("LoadState")
         if upstream != "masked":
             problems.append(f"{UPSTREAM_UNIT} is {upstream}, not masked: a unit of that name outranks the mask")
+        if self.socket_activated():
+            sock = host.show(SOCKET, "LoadState", "FragmentPath")
+            if sock.get("LoadState") != "loaded" or sock.get("FragmentPath") != f"{UNIT_DIR}/{SOCKET}":
+                problems.append(
+                    f"systemd loads {SOCKET} from {sock.get('FragmentPath') or '?'} ({sock.get('LoadState')}), "
+                    f"not from {UNIT_DIR}/{SOCKET}: that one outranks ours; remove it and try again"
+                )
+            upstream = host.show(UPSTREAM_SOCKET, "LoadState").get("LoadState")
+            if upstream != "masked":
+                problems.append(f"{UPSTREAM_SOCKET} is {upstream}, not masked: a unit of that name outranks the mask")
         return problems
 
     # uninstall
@@ -617,10 +665,21 @@ class Installation:
     def _uninstall(self, manifest: dict[str, Any], *, start: bool) -> None:
         host = self.host
         ours_active = host.is_active(UNIT) if host is not None else False
+        socket = "upstream_socket_was_active" in manifest
+        socket_active = host.is_active(SOCKET) if host is not None and socket else False
         reverted = self._undo_files(manifest)
         if host is not None:
             # Reload before stopping ours: from here on, activation starts systemd-machined.
             self._reload(host, reverted)
+            if socket_active:
+                host.stop(SOCKET)  # (first: it would start ours again)
+                self.out(f"stopped {SOCKET}")
+            if socket and (manifest.get("upstream_socket_was_active") or socket_active):
+                if host.show(UPSTREAM_SOCKET, "LoadState").get("LoadState") == "masked":
+                    self.out(f"{UPSTREAM_SOCKET} is masked (as it was before install); not started")
+                else:
+                    host.start(UPSTREAM_SOCKET)
+                    self.out(f"started {UPSTREAM_SOCKET}")
             if ours_active:
                 # Its unit file is gone: it cannot run on (see install), --no-start or not.
                 host.stop(UNIT)

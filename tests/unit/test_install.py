@@ -486,3 +486,63 @@ def test_live_uninstall_leaves_systemd_machined_masked_if_it_was(tmp_path: Path)
     assert os.readlink(root / MASK) == "/dev/null"
     assert host.calls[-1] == "stop machined.service"
     assert "systemd-machined.service is masked (as it was before install); not started" in lines
+
+
+# ----- systemd 257 and later: machined socket-activated ---------------------------------
+
+UPSTREAM_SOCKET_FILE = "usr/lib/systemd/system/systemd-machined.socket"
+SOCKET = "etc/systemd/system/machined.socket"
+SOCKET_WANTS = "etc/systemd/system/sockets.target.wants/machined.socket"
+SOCKET_MASK = "etc/systemd/system/systemd-machined.socket"
+
+
+def forky_root(root: Path) -> Path:
+    """A tree like Debian forky (systemd 262): upstream's socket unit and 262's polkit actions."""
+    (root / "etc/systemd/system").mkdir(parents=True)
+    (root / "etc/dbus-1/system.d").mkdir(parents=True)
+    put(root, UPSTREAM_ACTIVATION, UPSTREAM_ACTIVATION_TEXT, mtime=1_700_000_000)
+    put(root, UPSTREAM_SOCKET_FILE, "[Socket]\nListenStream=/run/systemd/machine/io.systemd.Machine\n")
+    text = interface_file("262/org.freedesktop.machine1.policy").read_text().replace("<vendor>machined", "<vendor>x")
+    put(root, POLKIT, text, mtime=1_700_000_000)
+    return root
+
+
+class FakeHost262(FakeHost):
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        if unit in (inst.SOCKET, inst.UPSTREAM_SOCKET):
+            if unit == inst.SOCKET:
+                return {"LoadState": "loaded", "FragmentPath": "/etc/systemd/system/machined.socket"}
+            masked = os.path.islink(self.root / SOCKET_MASK) and os.readlink(self.root / SOCKET_MASK) == "/dev/null"
+            return {"LoadState": "masked" if masked else "loaded"}
+        return super().show(unit, *props)
+
+
+def test_on_262_install_adds_the_socket_enabled_masks_upstreams_and_ships_262s_policies(tmp_path: Path) -> None:
+    root = forky_root(tmp_path)
+    before = snapshot(root)
+    host = FakeHost262(root, {inst.UPSTREAM_UNIT, inst.UPSTREAM_SOCKET})
+    installation(root, host).install()
+    assert (root / SOCKET).read_text().endswith(inst.unit_file("machined.socket").read_text())
+    assert "ListenStream=/run/systemd/machine/io.systemd.Machine" in (root / SOCKET).read_text()
+    assert os.readlink(root / SOCKET_WANTS) == "/etc/systemd/system/machined.socket"
+    assert os.readlink(root / SOCKET_MASK) == "/dev/null"
+    assert (root / POLICY).read_bytes() == interface_file("262/org.freedesktop.machine1.conf").read_bytes()
+    assert b"CreateMachine" in (root / POLICY).read_bytes()
+    assert (root / POLKIT).read_text().count("<vendor>x") == 1  # upstream's 262 actions are kept (same as ours)
+    # upstream's socket stopped before its service, ours started before machined
+    calls = [c for c in host.calls if c.startswith(("start", "stop"))]
+    assert calls == ["stop systemd-machined.socket", "stop systemd-machined.service", "start machined.socket",
+                     "start machined.service"]  # fmt: skip
+    host.calls.clear()
+    installation(root, host).uninstall()
+    calls = [c for c in host.calls if c.startswith(("start", "stop"))]
+    assert calls == ["stop machined.socket", "start systemd-machined.socket", "stop machined.service",
+                     "start systemd-machined.service"]  # fmt: skip
+    assert snapshot(root) == before
+
+
+def test_on_252_nothing_of_the_socket(tmp_path: Path) -> None:
+    root = debian_root(tmp_path)
+    installation(root).install()
+    assert not (root / SOCKET).exists() and not (root / SOCKET_WANTS).exists() and not (root / SOCKET_MASK).exists()
+    assert (root / POLICY).read_bytes() == interface_file("org.freedesktop.machine1.conf").read_bytes()
