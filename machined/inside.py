@@ -78,7 +78,8 @@ async def look(machine: Machine, op: str, timeout: float = PROBE_TIMEOUT, *, sha
 async def container_addresses(machine: Machine) -> list[Address]:
     data, _ = await look(machine, "addresses", shared=True)
     assert isinstance(data, list)
-    return [Address(int(f), 0, 0, bytes.fromhex(a)) for f, a in data]
+    # [family, address hex, ifindex] (a helper of an older version: without the ifindex)
+    return [Address(int(row[0]), 0, int(row[2]) if len(row) > 2 else 0, bytes.fromhex(str(row[1]))) for row in data]
 
 
 async def container_os_release(machine: Machine) -> dict[str, str]:

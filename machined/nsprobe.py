@@ -121,7 +121,7 @@ def _os_release() -> dict[str, str]:
 
 
 def _addresses() -> list[list[int | str]]:
-    return [[a.family, a.address.hex()] for a in netlink.dump_addresses()]
+    return [[a.family, a.address.hex(), a.ifindex] for a in netlink.dump_addresses()]
 
 
 def _open_pty(fd_socket: int) -> str:

@@ -211,7 +211,8 @@ class MachineVarlink:
         if machine.timestamp.is_set():
             out["timestamp"] = {"realtime": machine.timestamp.realtime, "monotonic": machine.timestamp.monotonic}
         if addresses is not None:
-            out["addresses"] = [{"family": a.family, "address": list(a.address)} for a in addresses]
+            out["addresses"] = [{**({"ifindex": a.ifindex} if a.ifindex > 0 else {}), "family": a.family,
+                                 "address": list(a.address)} for a in addresses]  # fmt: skip
         if os_release:
             out["OSRelease"] = [f"{key}={value}" for key, value in os_release.items()]
         if shift is not None:

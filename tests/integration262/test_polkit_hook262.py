@@ -29,6 +29,7 @@ H = "/run/systemd/resolve.hook/io.systemd.Machine"
 def _mask(text: str) -> str:
     text = re.sub(r'"(pidfdId|realtime|monotonic|creationTimestamp|modificationTimestamp)":\d+', r'"\1":N', text)
     text = re.sub(r'"(id|bootId|machineId)":"[0-9a-f]{32}"', r'"\1":"<id>"', text)
+    text = re.sub(r'"ifindex":\d+', '"ifindex":N', text)
     text = re.sub(r"sandbox-[0-9a-f]{8}", "sandbox-ID", text)
     return re.sub(r'"pid":\d+', '"pid":P', text)
 
@@ -128,6 +129,9 @@ vc $V io.systemd.Machine.Register "{\"name\":\"hk2\",\"class\":\"vm\",\"leader\"
 systemd-run --quiet --unit=hk-l3 /bin/sleep 2992; R=$(systemctl show -p MainPID --value hk-l3)
 vc $V io.systemd.Machine.Register "{\"name\":\"hk3\",\"class\":\"container\",\"leader\":$R}"
 vc $H io.systemd.Resolve.Hook.QueryFilter '{}'
+# what List tells of the same addresses (with the interface index inside the container)
+vc $V io.systemd.Machine.List '{"name":"hk1","acquireMetadata":"yes"}'
+vc $V io.systemd.Machine.List '{"name":".host","acquireMetadata":"yes"}'
 rr '{"key":{"class":1,"type":1,"name":"hk1"}},{"key":{"class":1,"type":28,"name":"hk1"}}'
 rr '{"key":{"type":28,"name":"hk1"}},{"key":{"type":1,"name":"hk1"}},{"key":{"type":1,"name":"hk1"}}'
 for n in hk1 HK1 hk1. a.hk1 a.b.hk1 nope "" . -a a_b 'a\\\\065' hk2 hk3 .host a..b; do
@@ -161,6 +165,7 @@ vc $H io.systemd.Resolve.Hook.QueryFilter '{}'
 def test_resolve_hook_as_262(real262: Sandbox, ours262: Sandbox) -> None:
     out = _same(real262, ours262, HOOK)
     assert '"address":[10,77,0,2]},"raw":"A2hrMQAAAQABAAAAAAAECk0AAg=="' in out, out
+    assert '{"ifindex":N,"family":2,"address":[10,77,0,2]}' in out, out
     assert '{"rcode":3}' in out and "EOPNOTSUPP" in out and "ENONET" in out, out
     assert '{"filterDomains":["hk1","hk2","hk3"]}' in out, out
     # the subscriber heard of each machine coming and going
