@@ -24,7 +24,7 @@ from machined.caller import Authorize
 from machined.errors import BusError
 from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
-from machined.naming import HOST_MACHINE_NAME, hostname_is_valid
+from machined.naming import HOST_MACHINE_NAME, hostname_is_valid, path_is_normalized_absolute
 from machined.process import ProcessRef
 from machined.registration import SIGNAL_MAX, validate_registration
 from machined.varlink.interfaces import IO_SYSTEMD_MACHINE, IO_SYSTEMD_SERVICE
@@ -268,8 +268,8 @@ class MachineVarlink:
             raise invalid_parameter("class")  # unknown, or "host": only the system itself is that
         leader = self._leader_param(params)
         root = params.get("rootDirectory") or ""
-        if params.get("rootDirectory") is not None and not root.startswith("/"):
-            raise invalid_parameter("rootDirectory")
+        if params.get("rootDirectory") is not None and not path_is_normalized_absolute(root):
+            raise invalid_parameter("rootDirectory")  # (262: no "//", "." or "..", names of 255 bytes at most)
         netif = []
         for index in params.get("ifIndices") or []:
             value = _int(index)

@@ -174,3 +174,236 @@ varlinkctl introspect $I io.systemd.MachineImage | grep -c method
     )
     assert ".host directory yes -" in out and ".hid1 directory yes -" in out
     assert "Could not rename image: Failed to rename image: File exists" in out
+
+
+def test_nspawn_keep_unit_and_machinectl_start_register_over_varlink(ours262: Sandbox, real262: Sandbox) -> None:
+    """systemd-nspawn 262 with --keep-unit, and booted by `machinectl start` (systemd-nspawn@.service):
+    both register through io.systemd.Machine, never RegisterMachine or CreateMachine on the bus."""
+    out = assert_same(
+        ours262,
+        real262,
+        r"""
+dbus-monitor --system "type='method_call',destination='org.freedesktop.machine1'" > /tmp/mon.txt 2>&1 &
+MON=$!
+for _ in $(seq 100); do grep -q NameAcquired /tmp/mon.txt 2>/dev/null && break; sleep 0.05; done
+# --keep-unit: nspawn registers the service it runs in (no scope of its own)
+systemd-run --quiet --unit=ku262 -p Delegate=yes systemd-nspawn -q --keep-unit -D / --volatile=yes -M ku262 /bin/sleep 2999
+until_listed ku262
+machinectl list --no-legend
+machinectl show ku262 -p Name -p Class -p Service -p Unit -p RootDirectory -p State
+systemctl stop ku262.service; gone ku262
+# machinectl start: systemd-nspawn@.service (--keep-unit) boots the image, settings from a trusted .nspawn file
+d=/var/lib/machines/ms262 o=/tmp/ov-ms262
+mkdir -p $d $o/upper/etc/systemd/system $o/work /etc/systemd/nspawn
+printf '[Unit]\nDescription=Sandbox container target\nWants=dbus.socket systemd-logind.service\nAfter=dbus.socket\n' > $o/upper/etc/systemd/system/sandbox-container.target
+mountpoint -q $d || mount -t overlay overlay -o lowerdir=/,upperdir=$o/upper,workdir=$o/work $d
+printf '[Exec]\nBoot=yes\nPrivateUsers=no\nParameters=systemd.unit=sandbox-container.target\n[Network]\nVirtualEthernet=no\nPrivate=no\n' > /etc/systemd/nspawn/ms262.nspawn
+machinectl start ms262; echo "start rc=$?"
+until_listed ms262
+for _ in $(seq 600); do case "$(systemctl -M ms262 is-system-running 2>/dev/null)" in running|degraded) break;; esac; sleep 0.1; done
+machinectl list --no-legend
+machinectl show ms262 -p Name -p Class -p Service -p Unit -p RootDirectory -p State
+systemctl is-active systemd-nspawn@ms262.service
+machinectl shell ms262 /bin/echo inside; echo "rc=$?"
+machinectl stop ms262; echo "stop rc=$?"; gone ms262
+for _ in $(seq 600); do case $(systemctl show -p ActiveState --value systemd-nspawn@ms262.service) in inactive|failed) break;; esac; sleep 0.05; done
+systemctl show systemd-nspawn@ms262.service -p ActiveState -p Result
+machinectl start nope262; echo "rc=$?"
+umount $d; rm -f /etc/systemd/nspawn/ms262.nspawn
+kill $MON; wait $MON 2>/dev/null
+# nspawn 262 registers over varlink only: no RegisterMachine*/CreateMachine* on the bus
+echo "D-Bus registrations: $(grep -c -E 'member=(Register|Create)Machine' /tmp/mon.txt)"
+""",
+    )
+    assert "Unit=ku262.service" in out and "Unit=systemd-nspawn@ms262.service" in out and "inside\nrc=0" in out
+    assert "D-Bus registrations: 0" in out
+
+
+def test_varlinkctl_on_both_sockets(ours262: Sandbox, real262: Sandbox) -> None:
+    """Each socket serves both interfaces: info, list-interfaces, list-methods, introspect, calls and
+    their errors (unknown interfaces and methods, bad parameters, bad JSON, oneway)."""
+    out = assert_same(
+        ours262,
+        real262,
+        r"""
+V=/run/systemd/machine/io.systemd.Machine
+I=/run/systemd/machine/io.systemd.MachineImage
+ls -l --time-style=+ $V $I | awk '{print $1, $NF}'
+ls /run/varlink/registry/ 2>&1 | grep -i machine
+for s in $V $I; do
+  echo "== $s"
+  varlinkctl --json=short info $s | python3 -c 'import json,sys; print(json.load(sys.stdin)["interfaces"])' 2>/dev/null || varlinkctl info $s | grep -A9 Interfaces
+  varlinkctl list-interfaces $s
+  varlinkctl list-methods $s io.systemd.MachineImage; echo "rc=$?"
+  varlinkctl introspect $s io.systemd.MachineImage | grep -v -E '^\s*# (\w|\()'
+  varlinkctl introspect $s io.systemd.Nope; echo "rc=$?"
+  varlinkctl --json=short call $s org.varlink.service.GetInterfaceDescription '{"interface":"io.systemd.Nope"}'; echo "rc=$?"
+  varlinkctl --json=short call $s org.varlink.service.GetInterfaceDescription '{}'; echo "rc=$?"
+  varlinkctl --json=short call --more $s io.systemd.Machine.List '{"name":".host"}' | sed -E 's/"(pidfdId|realtime|monotonic)":[0-9]+/"\1":N/g; s/"(id|bootId)":"[0-9a-f]+"/"\1":"X"/g; s/"pid":[0-9]+/"pid":P/g'; echo "rc=$?"
+  varlinkctl --json=short call --more $s io.systemd.MachineImage.List '{"name":".host"}' | sed -E 's/"(creationTimestamp|modificationTimestamp)":[0-9]+/"\1":N/g'; echo "rc=$?"
+  varlinkctl --json=short call $s io.systemd.MachineImage.Nope '{}'; echo "rc=$?"
+  varlinkctl --json=short call $s io.systemd.MachineImage.List '{"name":1}'; echo "rc=$?"
+  varlinkctl --json=short call $s io.systemd.MachineImage.List '{"name":"..."}'; echo "rc=$?"
+  varlinkctl --json=short call $s io.systemd.MachineImage.List '[]'; echo "rc=$?"
+  varlinkctl --json=short call $s io.systemd.MachineImage.List 'nojson'; echo "rc=$?"
+  varlinkctl --json=short call $s io.systemd.MachineImage.Clone '{"name":".host"}'; echo "rc=$?"
+  varlinkctl --json=short call $s io.systemd.MachineImage.Update '{"name":".host","newName":"a/b"}'; echo "rc=$?"
+  varlinkctl --json=short call $s io.systemd.MachineImage.Update '{"name":".host","limit":"x"}'; echo "rc=$?"
+  varlinkctl --json=short call --oneway $s io.systemd.service.Ping '{}'; echo "rc=$?"
+  varlinkctl --json=short call $s io.systemd.service.Ping '{}'; echo "rc=$?"
+  varlinkctl --json=short call $s io.systemd.UserDatabase.GetUserRecord '{"service":"io.systemd.Machine"}'; echo "rc=$?"
+  varlinkctl --json=short call $s io.systemd.Resolve.Hook.QueryFilter '{}'; echo "rc=$?"
+  varlinkctl --json=short call $s io.systemd.Machine.Open '{"name":".host","mode":"shell"}'; echo "rc=$?"
+  varlinkctl --json=short call $s io.systemd.Machine.MapFrom '{"name":".host","uid":0}'; echo "rc=$?"
+  varlinkctl --json=short call $s io.systemd.Machine.MapTo '{"uid":0}'; echo "rc=$?"
+done
+""",
+    )
+    assert out.count("io.systemd.MachineImage.NoSuchImage") == 2 and out.count("UserInHostRange") == 2
+
+
+def test_userdbctl_and_getent_for_a_machine_with_private_users(ours262: Sandbox, real262: Sandbox) -> None:
+    """A machine registered over varlink with a user namespace: its users and groups through
+    io.systemd.Machine's user database (userdbctl 262) and nss-systemd (getent)."""
+    out = assert_same(
+        ours262,
+        real262,
+        r"""
+systemd-run --quiet --unit=udb-l unshare --user sleep 999999
+P=$(systemctl show -p MainPID --value udb-l); pid L $P
+for _ in $(seq 100); do [ "$(readlink /proc/$P/ns/user)" != "$(readlink /proc/1/ns/user)" ] && break; sleep 0.05; done
+echo '0 200000 65536' > /proc/$P/uid_map; echo '0 200000 65536' > /proc/$P/gid_map
+varlinkctl --json=short call /run/systemd/machine/io.systemd.Machine io.systemd.Machine.Register "{\"name\":\"udb262\",\"class\":\"container\",\"leader\":$P}"; echo "rc=$?"
+ls -l --time-style=+ /run/systemd/userdb/ | awk 'NF>2 {print $1, $NF}' | grep -i machine
+userdbctl user 200005 -j --no-pager 2>&1
+userdbctl user vu-udb262-7 -j --no-pager 2>&1
+userdbctl group 200009 -j 2>&1
+userdbctl group vg-udb262-9 -j 2>&1
+userdbctl user vu-udb262-999999 2>&1; echo "rc=$?"
+userdbctl user vu-nope-5 2>&1; echo "rc=$?"
+userdbctl user --no-pager --no-legend -s io.systemd.Machine 2>&1; echo "rc=$?"
+userdbctl group --no-pager --no-legend -s io.systemd.Machine 2>&1; echo "rc=$?"
+userdbctl user 200005 --no-pager 2>&1 | grep -v -E 'Last|Disk'
+getent passwd 200005 vu-udb262-6; echo "rc=$?"
+getent group vg-udb262-12 200013; echo "rc=$?"
+getent passwd vu-udb262-70000; echo "rc=$?"
+varlinkctl --json=short call /run/systemd/userdb/io.systemd.Machine io.systemd.UserDatabase.GetUserRecord '{"uid":200005,"service":"io.systemd.Machine"}'; echo "rc=$?"
+varlinkctl --json=short call /run/systemd/userdb/io.systemd.Machine io.systemd.UserDatabase.GetUserRecord '{"uid":200005,"service":"nope"}'; echo "rc=$?"
+varlinkctl --json=short call /run/systemd/userdb/io.systemd.Machine io.systemd.UserDatabase.GetGroupRecord '{"groupName":"vg-udb262-3","service":"io.systemd.Machine"}'; echo "rc=$?"
+varlinkctl --json=short call /run/systemd/userdb/io.systemd.Machine io.systemd.UserDatabase.GetMemberships '{"service":"io.systemd.Machine"}'; echo "rc=$?"
+machinectl terminate udb262; gone udb262
+userdbctl user 200005 2>&1; echo "rc=$?"
+getent passwd 200005; echo "rc=$?"
+""",
+    )
+    assert "vu-udb262-5:x:200005:65534:UID 5 of Container udb262:/:/usr/sbin/nologin" in out
+
+
+def test_register_root_directory_as_262(ours262: Sandbox, real262: Sandbox) -> None:
+    """varlink Register takes an absolute, normalized rootDirectory (no "//", "." or "..", names of 255
+    bytes at most), as 262's JSON path dispatcher; anything else is InvalidParameter."""
+    out = assert_same(
+        ours262,
+        real262,
+        r"""
+V=/run/systemd/machine/io.systemd.Machine
+n=0
+for a in '/a//b' '/a/./b' '/a/../b' '/a/b/' '/' '' 'rel' "/$(printf 'x%.0s' $(seq 256))" "/$(printf 'x%.0s' $(seq 255))"; do
+  n=$((n+1))
+  systemd-run --quiet --unit=pp-l$n /bin/sleep 2990
+  P=$(systemctl show -p MainPID --value pp-l$n)
+  varlinkctl --json=short call $V io.systemd.Machine.Register "{\"name\":\"pp$n\",\"class\":\"vm\",\"leader\":$P,\"rootDirectory\":\"$a\"}" 2>&1 | tr '\n' ' '; echo " rc=${PIPESTATUS[0]} [$a]" | cut -c1-40
+done
+machinectl list --no-legend | sort
+for u in $(systemctl list-units --plain --no-legend "pp-l*" | cut -d" " -f1); do systemctl stop $u; done
+""",
+    )
+    assert out.count('{"parameter":"rootDirectory"}') == 6
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="262 refuses a controlAddress that is not an absolute normalized path and a sshPrivateKeyPath "
+    "with a name over 255 bytes (InvalidParameter); ours takes them (the vsock/ssh/control fields are "
+    "being added to varlink Register by another change)",
+)
+def test_vmspawn_registration_and_ssh_proxy(ours262: Sandbox, real262: Sandbox) -> None:
+    """As systemd-vmspawn registers: varlink Register with class vm, vSockCid, sshAddress,
+    sshPrivateKeyPath and controlAddress; then machinectl list/status/show, List, the state file,
+    GetMachineSSHInfo and what systemd-ssh-proxy (`ssh machine/NAME`) makes of it."""
+    out = assert_same(
+        ours262,
+        real262,
+        r"""
+V=/run/systemd/machine/io.systemd.Machine
+vl() { varlinkctl --json=short call $V "io.systemd.Machine.$1" "$2" 2>&1 | sed -E 's/"(pidfdId|realtime|monotonic)":[0-9]+/"\1":N/g'; echo "rc=${PIPESTATUS[0]}"; }
+systemd-run --quiet --unit=vm262-l /bin/sleep 2990
+P=$(systemctl show -p MainPID --value vm262-l); pid L $P
+sup() { sed -E 's/(Superv\.: |Supervisor=|SUPERVISOR=|"supervisor":\{"pid":)[0-9]+/\1S/'; }
+vl Register "{\"name\":\"vm262\",\"class\":\"vm\",\"leader\":$P,\"vSockCid\":1234,\"sshAddress\":\"vsock/1234\",\"sshPrivateKeyPath\":\"/run/vm262/key\",\"controlAddress\":\"/run/vm262/control\",\"allocateUnit\":true,\"service\":\"systemd-vmspawn\"}"
+vl Register "{\"name\":\"vm262b\",\"class\":\"vm\",\"leader\":$P,\"vSockCid\":1,\"allocateUnit\":true}"
+vl Register "{\"name\":\"vm262b\",\"class\":\"vm\",\"leader\":$P,\"vSockCid\":-5,\"allocateUnit\":true}"
+vl Register "{\"name\":\"vm262b\",\"class\":\"vm\",\"leader\":$P,\"sshAddress\":5}"
+vl Register "{\"name\":\"vm262b\",\"class\":\"vm\",\"leader\":$P,\"sshPrivateKeyPath\":\"relative/key\"}"
+for a in "unix:/run/x" "/run//x" "/run/./x" "@abstract" ""; do vl Register "{\"name\":\"vm262b\",\"class\":\"vm\",\"leader\":$P,\"controlAddress\":\"$a\"}"; done
+vl Register "{\"name\":\"vm262b\",\"class\":\"vm\",\"leader\":$P,\"sshPrivateKeyPath\":\"/$(printf 'x%.0s' $(seq 256))\"}"
+vl List '{"name":"vm262"}' | sup
+machinectl list --no-legend
+machinectl status -n0 vm262 | grep -v -E '^\s+Since' | sup
+machinectl show vm262 | grep -v -E '^(Timestamp|Id|LeaderPIDFDId|SupervisorPIDFDId)' | sort | sup
+grep -v -E '^(REALTIME|MONOTONIC|LEADER_PIDFDID|SUPERVISOR_PIDFDID|ID)=' /run/systemd/machines/vm262 | sort | sup
+busctl call org.freedesktop.machine1 /org/freedesktop/machine1 org.freedesktop.machine1.Manager GetMachineSSHInfo s vm262 2>&1
+busctl call org.freedesktop.machine1 /org/freedesktop/machine1 org.freedesktop.machine1.Manager GetMachineSSHInfo s .host 2>&1
+# systemd-ssh-proxy: what `ssh machine/NAME` resolves through machined's varlink List
+/usr/lib/systemd/systemd-ssh-proxy machine/vm262 22 </dev/null 2>&1 | head -3; echo "rc=${PIPESTATUS[0]}"
+/usr/lib/systemd/systemd-ssh-proxy machine/.host 22 </dev/null 2>&1 | head -3; echo "rc=${PIPESTATUS[0]}"
+/usr/lib/systemd/systemd-ssh-proxy machine/nope262 22 </dev/null 2>&1 | head -3; echo "rc=${PIPESTATUS[0]}"
+/usr/lib/systemd/systemd-ssh-proxy machine/bad_name 22 </dev/null 2>&1 | head -3; echo "rc=${PIPESTATUS[0]}"
+grep -h -A3 'machine/' /etc/ssh/ssh_config.d/*systemd* 2>/dev/null | head -8
+# (machinectl 262 terminates a machine with a control address through that socket: there is none here)
+machinectl terminate vm262; echo "rc=$?"
+vl Terminate '{"name":"vm262"}'; gone vm262
+systemctl is-active vm262-l.service
+vl List '{"name":"vm262"}'
+""",
+    )
+    assert '"vSockCid":1234,"sshAddress":"vsock/1234"' in out and "VSockCID=1234" in out
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="262 keeps the cgroup of a leader below its unit as the machine's subgroup in the system "
+    "instance too (--keep-unit nspawn: payload), and terminates such a machine by SIGTERM to its "
+    "supervisor: ours does so only in the per-user instance",
+)
+def test_subgroup_of_a_unit_as_262(ours262: Sandbox, real262: Sandbox) -> None:
+    out = assert_same(
+        ours262,
+        real262,
+        r"""
+V=/run/systemd/machine/io.systemd.Machine
+m() { sed -E 's/"(pidfdId|realtime|monotonic)":[0-9]+/"\1":N/g; s/"pid":[0-9]+/"pid":P/g; s/^(SUPERVISOR|LEADER)=[0-9]+/\1=P/'; }
+# a leader in a cgroup below its unit, registered over D-Bus: 262 keeps that cgroup as the subgroup
+systemd-run --quiet --unit=sg262 -p Delegate=yes bash -c 'c=/sys/fs/cgroup/system.slice/sg262.service; mkdir $c/inner $c/sup; echo $$ > $c/sup/cgroup.procs; sleep 2000 & echo $! > $c/inner/cgroup.procs; echo $! > /tmp/sg262.pid; wait'
+for _ in $(seq 100); do [ -s /tmp/sg262.pid ] && break; sleep 0.05; done
+P=$(cat /tmp/sg262.pid); pid P $P
+busctl call org.freedesktop.machine1 /org/freedesktop/machine1 org.freedesktop.machine1.Manager RegisterMachine sayssus sg262 0 svc container $P ""
+machinectl show sg262 -p Unit -p Subgroup -p State
+grep -E '^(SCOPE|SUBGROUP)=' /run/systemd/machines/sg262; ls /run/systemd/machines
+varlinkctl --json=short call $V io.systemd.Machine.List '{"name":"sg262"}' | m
+# terminate: SIGTERM to the supervisor (busctl, gone: ESRCH), the unit is left alone
+machinectl terminate sg262; echo "terminate rc=$?"
+systemctl is-active sg262.service
+kill $P; gone sg262
+systemctl stop sg262.service
+# nspawn --keep-unit: the payload is a subgroup of the service, nspawn the supervisor
+systemd-run --quiet --unit=ku262 -p Delegate=yes systemd-nspawn -q --keep-unit -D / --volatile=yes -M ku262 /bin/sleep 2999
+until_listed ku262
+machinectl show ku262 -p Unit -p Subgroup
+varlinkctl --json=short call $V io.systemd.Machine.List '{"name":"ku262"}' | m
+machinectl terminate ku262; echo "terminate rc=$?"; gone ku262
+for _ in $(seq 600); do case $(systemctl show -p ActiveState --value ku262.service) in inactive|failed) break;; esac; sleep 0.05; done
+systemctl show ku262.service -p ActiveState -p Result
+""",
+    )
+    assert "Subgroup=inner" in out and "Subgroup=payload" in out
