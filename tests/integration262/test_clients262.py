@@ -321,6 +321,31 @@ for u in $(systemctl list-units --plain --no-legend "pp-l*" | cut -d" " -f1); do
     assert out.count('{"parameter":"rootDirectory"}') == 6
 
 
+def test_ssh_proxy_resolution(ours262: Sandbox, real262: Sandbox) -> None:
+    """systemd-ssh-proxy 262 (the ProxyCommand of `ssh machine/NAME`) looks NAME up with
+    io.systemd.Machine.List, the user's machined first: what it makes of a container, the host,
+    unknown and bad names."""
+    out = assert_same(
+        ours262,
+        real262,
+        r"""
+systemd-run --quiet --unit=sp262-l /bin/sleep 2990
+P=$(systemctl show -p MainPID --value sp262-l); pid L $P
+varlinkctl call /run/systemd/machine/io.systemd.Machine io.systemd.Machine.Register "{\"name\":\"sp262\",\"class\":\"container\",\"leader\":$P}"; echo "rc=$?"
+proxy() { SYSTEMD_LOG_TARGET=console /usr/lib/systemd/systemd-ssh-proxy "$@" </dev/null 2>&1 | head -3; echo "$1 rc=${PIPESTATUS[0]}"; }
+# root has no user instance: without XDG_RUNTIME_DIR ssh-proxy gives up silently, with one it asks
+# the user's machined first; here that is the system's socket (linked), then the system's
+proxy machine/sp262 22
+mkdir -p /tmp/xdg262/systemd/machine; ln -sf /run/systemd/machine/io.systemd.Machine /tmp/xdg262/systemd/machine/
+export XDG_RUNTIME_DIR=/tmp/xdg262
+for h in machine/sp262 machine/.host machine/nope262 machine/bad_name machine/ machine%sp262 'machine/a b'; do proxy "$h" 22; done
+unset XDG_RUNTIME_DIR
+machinectl terminate sp262; gone sp262
+""",
+    )
+    assert "Don't know how to SSH into '(null)' container sp262." in out
+
+
 @pytest.mark.xfail(
     strict=False,
     reason="262 refuses a controlAddress that is not an absolute normalized path and a sshPrivateKeyPath "
