@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from machined import __version__
+from machined import __version__, personality
 from machined.daemon import IDENTIFIER, STATE_DIR, USERDB_SOCKET, Daemon, StartupError
 
 
@@ -145,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         help="how often --metrics-textfile is rewritten (default: %(default)s)",
     )
     parser.add_argument(
+        "--personality",
+        choices=personality.CHOICES,
+        default=personality.AUTO,
+        help="behave as systemd-machined 252 or 262 (default: %(default)s, as the systemd PID 1 is: 257 and "
+        "later as 262)",
+    )
+    parser.add_argument(
         "--user",
         action="store_true",
         help="serve the calling user only, as systemd 262's 'systemd-machined --user': on the user's bus and "
@@ -172,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_listen=args.metrics_listen,
             metrics_textfile=args.metrics_textfile,
             metrics_interval=args.metrics_interval,
+            personality=args.personality,
             user=user,
         )
         return asyncio.run(daemon.run())

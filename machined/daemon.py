@@ -16,7 +16,7 @@ from dbus_fast import BusType, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
-from machined import notify
+from machined import notify, personality
 from machined.bus import writer_fix
 from machined.bus.client import call_bus_daemon
 from machined.bus.introspection import STANDARD_INTERFACES_XML, load_interface
@@ -93,7 +93,8 @@ class Daemon:
     def __init__(self, bus_address: str | None = None, state_dir: str = STATE_DIR,
                  userdb_socket: str = USERDB_SOCKET, metrics_listen: tuple[str, int] | None = None,
                  metrics_textfile: str | None = None, metrics_interval: float = 15.0,
-                 machine_socket: str | None = None, user: UserScope | None = None) -> None:  # fmt: skip
+                 machine_socket: str | None = None, personality: str = personality.AUTO,
+                 user: UserScope | None = None) -> None:  # fmt: skip
         # The per-user instance (262's --user): the user's bus, sockets, state and images.
         self.user = user
         if user is not None:
@@ -102,6 +103,7 @@ class Daemon:
                 state_dir = user.state_dir
             userdb_socket = ""  # (262's user instance serves no user records)
         self.bus_address = bus_address
+        self.personality = personality
         self.userdb_socket = userdb_socket
         self.userdb: VarlinkServer | None = None
         # None: upstream's sockets (passed by systemd, or bound here) on the system bus only
@@ -145,6 +147,7 @@ class Daemon:
         try:
             self._start_metrics()
             await systemd.connect(self.manager)
+            await self._decide_personality(systemd)
             tree = MachinedTree(self.manager, self.log_control)
             dispatcher = Dispatcher(self.bus, tree, self.machine_id)
             if self.metrics is not None:
@@ -189,6 +192,16 @@ class Daemon:
                 self.metrics.stop()
             if self.bus.connected:
                 self.bus.disconnect()
+
+    async def _decide_personality(self, systemd: Systemd) -> None:
+        """252 or 262, from PID 1's version unless told (before any object is built)."""
+        if self.personality == personality.AUTO:
+            version = await systemd.version()
+            personality.set_personality(personality.from_version(version))
+            log.debug("PID 1 is systemd %s: answering as systemd-machined %s.", version or "(unknown)",
+                      personality.current())  # fmt: skip
+        else:
+            personality.set_personality(self.personality)
 
     async def _start_userdb(self) -> None:
         """Serve container users and groups to the host's user database, as upstream does."""

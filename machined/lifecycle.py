@@ -14,7 +14,7 @@ from machined import errors
 from machined.caller import Authorize
 from machined.errors import BusError
 from machined.machine import Machine
-from machined.manager import MachineManager
+from machined.manager import MachineManager, UnitProperty
 from machined.process import ProcessRef
 from machined.registration import RegistrationRequest, validate_kill
 
@@ -52,34 +52,40 @@ def process_owner(pid: int) -> int | None:
 
 
 async def register(manager: MachineManager, req: RegistrationRequest, allocate_unit: bool, caller_uid: int,
-                   authorize: Authorize, supervisor: ProcessRef | None = None) -> Machine:  # fmt: skip
-    """Register (262's varlink Register): polkit's ``create-machine`` when machined is to create the
-    scope, ``register-machine`` when the leader's unit is taken as it is; a caller other than root
-    may only register a leader it owns (so that nobody terminates a stranger's service). The
-    registering user is kept, and the registering process (*supervisor*, pinned by the front-end)
-    when it is not the leader; it is released with the machine, or here if not kept."""
-    try:
-        machine = await _register(manager, req, allocate_unit, caller_uid, authorize)
-    except BaseException:
-        if supervisor is not None:
-            supervisor.release()
-        raise
-    machine.uid = caller_uid
-    gone = manager.registry.get(machine.name) is not machine  # (its start job failed meanwhile)
-    if supervisor is not None and (supervisor.pid == req.leader or machine.supervisor_ref is not None or gone):
+                   authorize: Authorize, supervisor: ProcessRef | None = None,
+                   unit_properties: list[UnitProperty] | None = None) -> Machine:  # fmt: skip
+    """Register (262's varlink Register, CreateMachine*/RegisterMachine* on D-Bus under 262):
+    polkit's ``create-machine`` when machined is to create the scope, ``register-machine`` when
+    the leader's unit is taken as it is; a caller other than root may only register a leader it
+    owns (so that nobody terminates a stranger's service). The registering user is kept, and the
+    registering process (*supervisor*, pinned by the front-end) when it is not the leader; the
+    processes pinned for the request are released with the machine, or here if not kept."""
+    if supervisor is not None and supervisor.pid == req.leader:
         supervisor.release()
-    elif supervisor is not None:
-        machine.supervisor_ref = supervisor
-    return machine
+        supervisor = None
+    req = req.replace(uid=caller_uid, supervisor=supervisor)
+    try:
+        return await _register(manager, req, allocate_unit, caller_uid, authorize, unit_properties or [])
+    except BaseException:
+        release_unkept(manager, req)
+        raise
+
+
+def release_unkept(manager: MachineManager, req: RegistrationRequest) -> None:
+    """Release the processes pinned for *req* unless a registered machine holds them."""
+    kept = manager.registry.get(req.name)
+    for ref in (req.supervisor, req.leader_ref):
+        if ref is not None and (kept is None or (kept.supervisor_ref is not ref and kept.leader_ref is not ref)):
+            ref.release()
 
 
 async def _register(manager: MachineManager, req: RegistrationRequest, allocate_unit: bool, caller_uid: int,
-                    authorize: Authorize) -> Machine:  # fmt: skip
+                    authorize: Authorize, unit_properties: list[UnitProperty]) -> Machine:  # fmt: skip
     action = "create-machine" if allocate_unit else "register-machine"
     await authorize(action, {"name": req.name, "class": str(req.machine_class)})
     if caller_uid != 0 and process_owner(req.leader) != caller_uid:
         raise BusError(errors.ACCESS_DENIED, "Only privileged users may register machines for other users",
                        errno_code=errno.EPERM)  # fmt: skip
     if allocate_unit:
-        return await manager.create(req, [])
+        return await manager.create(req, unit_properties)
     return await manager.register(req)

@@ -10,6 +10,8 @@ from typing import Any
 from machined.naming import HOST_MACHINE_NAME, machine_object_path
 from machined.process import ProcessRef
 
+VMADDR_CID_ANY = 0xFFFFFFFF
+
 
 class MachineClass(enum.StrEnum):
     """Wire strings of a machine's class; ``UNKNOWN`` is the empty string."""
@@ -64,6 +66,12 @@ class Machine:
     # (pinned, released with the machine) and its user. D-Bus registrations are root's (252).
     supervisor_ref: ProcessRef | None = field(default=None, repr=False, compare=False)
     uid: int = 0
+    # What 262 also keeps of a machine (VMs): vsock CID (VMADDR_CID_ANY: none), SSH endpoint
+    # and key, control socket address.
+    vsock_cid: int = VMADDR_CID_ANY
+    ssh_address: str = ""
+    ssh_private_key_path: str = ""
+    control_address: str = ""
     # The cgroup below the unit the machine lives in (262's per-user instance: a varlink
     # registration of a leader in the user's manager is in a subgroup of user@UID.service).
     subgroup: str = ""

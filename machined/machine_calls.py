@@ -110,3 +110,11 @@ async def copy(access: MachineAccess, machine: Machine, copy_from: bool, src: st
         {"machine": machine.name, "verb": "copy", "src": src, "dest": dest},
     )
     await access.copy(machine, copy_from, src, dest, replace)
+
+
+def ssh_info(machine: Machine) -> tuple[str, str]:
+    """GetSSHInfo (262): the SSH address and private key path the machine was registered with;
+    ENOENT unless both are known."""
+    if not machine.ssh_address or not machine.ssh_private_key_path:
+        raise BusError.from_errno(errno.ENOENT)
+    return machine.ssh_address, machine.ssh_private_key_path

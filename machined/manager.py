@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from machined import caller, errors, journal
+from machined import caller, errors, journal, personality
 from machined.cgroup import (
     cgroup_path_get_unit,
     cgroup_path_get_unit_full,
@@ -251,7 +251,13 @@ class MachineManager:
             leader=req.leader,
             root_directory=req.root_directory,
             netif=list(req.netif),
-            leader_ref=ProcessRef.take(req.leader),
+            leader_ref=req.leader_ref if req.leader_ref is not None else ProcessRef.take(req.leader),
+            supervisor_ref=req.supervisor,
+            uid=req.uid,
+            vsock_cid=req.vsock_cid,
+            ssh_address=req.ssh_address,
+            ssh_private_key_path=req.ssh_private_key_path,
+            control_address=req.control_address,
         )
         self.registry.add(machine)
         self._in_progress.add(id(machine))
@@ -285,7 +291,7 @@ class MachineManager:
             self._write_state(machine)
             self._starting += 1
             try:
-                job = await self.systemd.start_transient_unit(machine.unit, scope_properties(machine, properties))
+                job = await self._start_scope(machine, properties)
             except BaseException as e:
                 self.state.remove(machine)
                 if isinstance(e, BusError) and e.name == errors.errno_error_name(errno.ETIMEDOUT):
@@ -323,6 +329,19 @@ class MachineManager:
         fd = self._leader_watches.pop(id(machine), None)
         if fd is not None:
             asyncio.get_running_loop().remove_reader(fd)
+
+    async def _start_scope(self, machine: Machine, properties: list[UnitProperty]) -> str:
+        """StartTransientUnit for the machine's scope. 262 asks again when systemd refuses a
+        property (UnknownProperty, PropertyReadOnly: its PIDFDs fallback), and that second
+        request carries only machined's own properties, not the caller's."""
+        assert self.systemd is not None
+        try:
+            return await self.systemd.start_transient_unit(machine.unit, scope_properties(machine, properties))
+        except BusError as e:
+            if not (properties and personality.is_262() and e.name in (errors.UNKNOWN_PROPERTY,
+                                                                       errors.PROPERTY_READ_ONLY)):  # fmt: skip
+                raise
+        return await self.systemd.start_transient_unit(machine.unit, scope_properties(machine, []))
 
     def _save(self, machine: Machine) -> None:
         if machine.started:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import os
 
+from machined import personality
 from machined.envfile import parse_env_file
-from machined.machine import Machine, MachineClass, Timestamp
+from machined.machine import VMADDR_CID_ANY, Machine, MachineClass, Timestamp
 from machined.naming import hostname_is_valid
+from machined.process import ProcessRef
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,9 @@ def cescape(text: str) -> str:
 
 
 def serialize(machine: Machine) -> str:
-    """The state file text for *machine*."""
+    """The state file text for *machine*, as the systemd-machined we behave as writes it."""
+    if personality.is_262():
+        return serialize_262(machine)
     lines = [HEADER, f"NAME={machine.name}\n"]
     # "SCOPE" even for non-scope units: the key name is kept for compatibility.
     if machine.unit:
@@ -68,6 +72,53 @@ def serialize(machine: Machine) -> str:
         lines.append(f"REALTIME={machine.timestamp.realtime}\nMONOTONIC={machine.timestamp.monotonic}\n")
     if machine.netif:
         lines.append("NETIF=" + " ".join(str(i) for i in machine.netif) + "\n")
+    return "".join(lines)
+
+
+# What makes systemd 262's env_file_fputs_assignment() double-quote a value: whitespace, what a
+# shell would interpret, control characters; inside the quotes, `"\`$` get a backslash.
+_NEEDS_QUOTES = frozenset(" \t\n\r\"\\`$*?['()<>|&;!")
+_NEEDS_ESCAPE = frozenset('"\\`$')
+
+
+def quote_262(value: str) -> str:
+    if not any(c in _NEEDS_QUOTES or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return value
+    return '"' + "".join("\\" + c if c in _NEEDS_ESCAPE else c for c in value) + '"'
+
+
+def serialize_262(machine: Machine) -> str:
+    """The state file text for *machine* as systemd-machined 262 writes it: the registering
+    user, supervisor, vsock and SSH keys added, values quoted as a shell would need them."""
+    lines = [HEADER, f"NAME={quote_262(machine.name)}\n", f"UID={machine.uid}\n"]
+    for key, value in (("SCOPE", machine.unit), ("SCOPE_JOB", machine.scope_job), ("SERVICE", machine.service),
+                       ("ROOT", machine.root_directory)):  # fmt: skip
+        if value:
+            lines.append(f"{key}={quote_262(value)}\n")
+    if any(machine.id):
+        lines.append(f"ID={machine.id.hex()}\n")
+    if machine.leader:
+        lines.append(f"LEADER={machine.leader}\n")
+        pidfd_id = machine.leader_ref.pidfd_id if machine.leader_ref else machine.leader_pidfd_id
+        if pidfd_id:
+            lines.append(f"LEADER_PIDFDID={pidfd_id}\n")
+    supervisor = machine.supervisor_ref
+    if supervisor is not None and supervisor.pid > 0:
+        lines.append(f"SUPERVISOR={supervisor.pid}\n")
+        if supervisor.pidfd_id:
+            lines.append(f"SUPERVISOR_PIDFDID={supervisor.pidfd_id}\n")
+    if machine.machine_class in (MachineClass.CONTAINER, MachineClass.VM):
+        lines.append(f"CLASS={machine.machine_class}\n")
+    if machine.timestamp.is_set():
+        lines.append(f"REALTIME={machine.timestamp.realtime}\nMONOTONIC={machine.timestamp.monotonic}\n")
+    if machine.netif:
+        lines.append("NETIF=" + quote_262("".join(f" {i}" for i in machine.netif)) + "\n")
+    if machine.vsock_cid:
+        lines.append(f"VSOCK_CID={machine.vsock_cid}\n")
+    for key, value in (("SSH_ADDRESS", machine.ssh_address), ("SSH_PRIVATE_KEY_PATH", machine.ssh_private_key_path),
+                       ("CONTROL_ADDRESS", machine.control_address)):  # fmt: skip
+        if value:
+            lines.append(f"{key}={quote_262(value)}\n")
     return "".join(lines)
 
 
@@ -132,6 +183,16 @@ def parse(name: str, text: str) -> Machine:
         if index > 0:
             netif.append(index)
     machine.netif = netif
+    # Written by 262 (and by us as 262); 252 never writes them.
+    machine.uid = _int(env.get("UID"))
+    supervisor = _int(env.get("SUPERVISOR"))
+    if supervisor > 0:
+        machine.supervisor_ref = ProcessRef(supervisor, pidfd_id=_int(env.get("SUPERVISOR_PIDFDID")))
+    machine.vsock_cid = _int(env.get("VSOCK_CID"), VMADDR_CID_ANY)
+    machine.ssh_address = env.get("SSH_ADDRESS", "")
+    machine.ssh_private_key_path = env.get("SSH_PRIVATE_KEY_PATH", "")
+    machine.control_address = env.get("CONTROL_ADDRESS", "")
+    machine.subgroup = env.get("SUBGROUP", "")
     return machine
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from machined import lifecycle, machine_calls
+from machined import lifecycle, machine_calls, personality
 from machined.access import MachineAccess
+from machined.bus import machine262
 from machined.bus.introspection import load_interface
 from machined.bus.objects import BusObject, Call, FdReply, Handler, MarshalledBody, PropertyGetter
 from machined.bus.polkit import authorize
@@ -116,6 +117,7 @@ def machine_handlers(manager: MachineManager, access: MachineAccess) -> dict[str
         "GetAddresses": get_addresses,
         "GetOSRelease": get_os_release,
         "GetUIDShift": get_uid_shift,
+        "GetSSHInfo": machine262.get_ssh_info,  # (262's interface only)
     }
 
 
@@ -248,6 +250,8 @@ def manager_object(manager: MachineManager, access: MachineAccess,
     }
     for name, target in MACHINE_REDIRECTS.items():
         methods[(i, name)] = _redirect(manager, machine_methods[target])
+    if personality.is_262():
+        methods.update({(i, name): h for name, h in machine262.manager_methods(manager, machine_methods).items()})
     interface = load_interface(i)
     # The rest is the image pool's, loaded on first use: the daemon needs none of it to start.
     image_api = _LazyImages(manager)
@@ -312,6 +316,15 @@ MACHINE_PROPERTIES: dict[tuple[str, str], PropertyGetter] = {
     (_I, "RootDirectory"): lambda m: m.root_directory,
     (_I, "NetworkInterfaces"): lambda m: list(m.netif),
     (_I, "State"): lambda m: str(m.state),
+    # 262's (its interface only)
+    (_I, "Subgroup"): lambda m: m.subgroup,
+    (_I, "LeaderPIDFDId"): machine262.leader_pidfd_id,
+    (_I, "Supervisor"): lambda m: m.supervisor_ref.pid if m.supervisor_ref is not None else 0,
+    (_I, "SupervisorPIDFDId"): lambda m: m.supervisor_ref.pidfd_id if m.supervisor_ref is not None else 0,
+    (_I, "VSockCID"): lambda m: m.vsock_cid,
+    (_I, "SSHAddress"): lambda m: m.ssh_address,
+    (_I, "SSHPrivateKeyPath"): lambda m: m.ssh_private_key_path,
+    (_I, "UID"): lambda m: m.uid,
 }
 MACHINE_HIDDEN_PROPERTIES: dict[tuple[str, str], tuple[str, PropertyGetter]] = {(_I, "Scope"): ("s", lambda m: m.unit)}
 

@@ -15,6 +15,7 @@ from functools import cache
 
 from dbus_fast.signature import SignatureTree, SignatureType, get_signature_tree
 
+from machined import personality
 from machined.data import interface_text
 
 DOCTYPE = (
@@ -103,10 +104,21 @@ def _signature(element: ET.Element, direction: str | None) -> str:
     )
 
 
-@cache
+# Interfaces that systemd-machined 262 serves otherwise than 252: ``dbus-interfaces/262/<name>.xml``.
+# (The Image interface is the same in both.)
+INTERFACES_262 = frozenset({"org.freedesktop.machine1.Manager", "org.freedesktop.machine1.Machine"})
+
+
 def load_interface(name: str) -> Interface:
-    """The interface *name* from ``dbus-interfaces/<name>.xml``."""
-    text = interface_text(f"{name}.xml")
+    """The interface *name* as the current personality serves it: ``dbus-interfaces/<name>.xml``
+    (252), or ``dbus-interfaces/262/<name>.xml`` under 262."""
+    return _load_interface(name, personality.current())
+
+
+@cache
+def _load_interface(name: str, version: str) -> Interface:
+    folder = "262/" if version == personality.V262 and name in INTERFACES_262 else ""
+    text = interface_text(f"{folder}{name}.xml")
     match = re.search(r'^ <interface name="[^"]+">\n.*?^ </interface>\n', text, re.S | re.M)
     if match is None:
         raise ValueError(f"{name}.xml has no interface block")

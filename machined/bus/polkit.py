@@ -25,7 +25,7 @@ from typing import Any
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from machined import errors
+from machined import errors, personality
 from machined.bus.client import call_method
 from machined.caller import PolkitSubject
 from machined.errors import BusError
@@ -41,6 +41,18 @@ CHECKS_QUEUE_MAX = 128
 checks = FairLimiter("polkit", CHECKS_MAX, CHECKS_PER_USER, CHECKS_QUEUE_MAX,
                      "Too many pending authorization requests, try again later.")  # fmt: skip
 _SERVICE_UNKNOWN = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
+
+
+INTERACTIVE_REQUIRED_252 = "Interactive authentication required."
+INTERACTIVE_REQUIRED_262 = (
+    "Access denied as the requested operation requires interactive authentication. "
+    "However, interactive authentication has not been enabled by the calling program."
+)
+
+
+def interactive_required_message() -> str:
+    """What polkit's "only with interactive authentication" answer reads as, 252's or 262's."""
+    return INTERACTIVE_REQUIRED_262 if personality.is_262() else INTERACTIVE_REQUIRED_252
 
 
 async def authorize(call: Any, action: str, details: dict[str, str] | None = None) -> None:
@@ -83,5 +95,5 @@ async def check(bus: MessageBus | None, subject: PolkitSubject, uid: int, action
     if authorized:
         return
     if challenge:
-        raise BusError(errors.INTERACTIVE_AUTHORIZATION_REQUIRED, "Interactive authentication required.")
+        raise BusError(errors.INTERACTIVE_AUTHORIZATION_REQUIRED, interactive_required_message())
     raise BusError(errors.ACCESS_DENIED, "Permission denied")

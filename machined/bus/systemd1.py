@@ -212,6 +212,15 @@ class Systemd:
     async def kill_unit(self, unit: str, signal: int) -> None:
         await self._manager_call("KillUnit", "ssi", [unit, "all", signal])
 
+    async def version(self) -> str:
+        """PID 1's ``Version`` ("252.39-1~deb12u2", "262-1"); "" when it cannot be read."""
+        try:
+            (value,) = await self._call(SYSTEMD_PATH, "org.freedesktop.DBus.Properties", "Get", "ss",
+                                        [SYSTEMD_MANAGER, "Version"])  # fmt: skip
+        except BusError:
+            return ""
+        return str(value.value)
+
     async def unit_is_active(self, unit: str) -> bool:
         """False only when systemd says the unit is inactive, failed, unknown or unloadable."""
         try:

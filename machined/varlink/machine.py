@@ -26,7 +26,7 @@ from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
 from machined.naming import HOST_MACHINE_NAME, hostname_is_valid, path_is_normalized_absolute
 from machined.process import ProcessRef
-from machined.registration import SIGNAL_MAX, validate_registration
+from machined.registration import SIGNAL_MAX, validate_registration, vsock_cid_is_regular
 from machined.varlink.interfaces import IO_SYSTEMD_MACHINE, IO_SYSTEMD_SERVICE
 from machined.varlink.server import Call, Reply, Service, VarlinkError, invalid_parameter
 from machined.worker import LIMITS_EXCEEDED
@@ -210,6 +210,12 @@ class MachineVarlink:
             out["supervisor"] = supervisor
         if machine.timestamp.is_set():
             out["timestamp"] = {"realtime": machine.timestamp.realtime, "monotonic": machine.timestamp.monotonic}
+        if vsock_cid_is_regular(machine.vsock_cid):
+            out["vSockCid"] = machine.vsock_cid
+        for key, value in (("sshAddress", machine.ssh_address), ("sshPrivateKeyPath", machine.ssh_private_key_path),
+                           ("controlAddress", machine.control_address)):  # fmt: skip
+            if value:
+                out[key] = value
         if addresses is not None:
             out["addresses"] = [{**({"ifindex": a.ifindex} if a.ifindex > 0 else {}), "family": a.family,
                                  "address": list(a.address)} for a in addresses]  # fmt: skip
@@ -276,6 +282,7 @@ class MachineVarlink:
             if value is None or not 0 < value <= 0x7FFFFFFF:
                 raise invalid_parameter("ifIndices")
             netif.append(value)
+        cid: int | None = VMADDR_CID_ANY
         if params.get("vSockCid") is not None:
             cid = _int(params["vSockCid"])
             if cid is None or cid in (0, 1, 2, VMADDR_CID_ANY) or not 0 <= cid <= 0xFFFFFFFF:
@@ -283,9 +290,14 @@ class MachineVarlink:
         key_path = params.get("sshPrivateKeyPath")
         if key_path is not None and not key_path.startswith("/"):
             raise invalid_parameter("sshPrivateKeyPath")
+        control_address = params.get("controlAddress")
+        if control_address is not None and not control_address.startswith("/"):
+            raise invalid_parameter("controlAddress")  # (262 takes a socket path only)
         req = validate_registration(name, machine_id, params.get("service") or "", params["class"], leader, root, netif)
         if req.leader == 0:
             req = req.with_leader(call.peer.pid_value)
+        req = req.replace(vsock_cid=cid, ssh_address=params.get("sshAddress") or "",
+                          ssh_private_key_path=key_path or "", control_address=control_address or "")  # fmt: skip
         await lifecycle.register(self.manager, req, params.get("allocateUnit") is True, call.peer.uid_value,
                                  self.authorizer(call), call.peer.process_ref())  # fmt: skip
         return None

@@ -49,6 +49,8 @@ REQUIRED_DATA = [
     "dbus-interfaces/org.freedesktop.machine1.Machine.xml",
     "dbus-interfaces/org.freedesktop.machine1.Image.xml",
     "dbus-interfaces/org.freedesktop.LogControl1.xml",
+    "dbus-interfaces/262/org.freedesktop.machine1.Manager.xml",
+    "dbus-interfaces/262/org.freedesktop.machine1.Machine.xml",
 ]
 # Where the installed package exposes them (importlib.resources), by checkout folder.
 DATA_PACKAGES = {"dbus-interfaces": "machined.data.interfaces", "units": "machined.data.units"}
@@ -68,10 +70,10 @@ pytestmark = [
 def checkout_data_files() -> list[str]:
     """Every data file of the checkout's data folders, as 'folder/name' (not their __init__.py)."""
     return sorted(
-        f"{folder}/{p.name}"
+        f"{folder}/{p.relative_to(REPO / folder)}"
         for folder in DATA_PACKAGES
-        for p in (REPO / folder).iterdir()
-        if p.is_file() and p.name != "__init__.py"
+        for p in (REPO / folder).rglob("*")
+        if p.is_file() and p.name != "__init__.py" and "__pycache__" not in p.parts
     )
 
 
@@ -163,7 +165,7 @@ def test_sdist_and_wheel_carry_the_data_files(installed: Installed) -> None:
     assert set(files) <= in_sdist, "the sdist lacks the repository's data folders"
     with zipfile.ZipFile(installed.wheel) as whl:
         names = set(whl.namelist())
-    wanted = {f"{DATA_PACKAGES[f.split('/')[0]].replace('.', '/')}/{f.split('/')[1]}" for f in files}
+    wanted = {f"{DATA_PACKAGES[f.split('/')[0]].replace('.', '/')}/{f.split('/', 1)[1]}" for f in files}
     assert wanted <= names, f"missing from the wheel: {sorted(wanted - names)}"
     # pyproject.toml lists the packages (mapped ones cannot be found): none may be forgotten.
     modules = {str(p.relative_to(REPO)) for p in (REPO / "machined").rglob("*.py")}
