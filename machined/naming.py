@@ -94,6 +94,14 @@ def machine_scope_name(name: str) -> str:
     return f"machine-{unit_name_escape(name)}.scope"
 
 
+def path_is_valid_absolute(path: str) -> bool:
+    """Absolute and a valid path: shorter than PATH_MAX, no name over 255 bytes (``//``, ``.`` and
+    ``..`` allowed)."""
+    if not path.startswith("/") or len(path.encode()) >= 4096:
+        return False
+    return all(len(part.encode()) <= 255 for part in path.split("/"))
+
+
 def path_is_normalized_absolute(path: str) -> bool:
     """Absolute, without ``.`` or ``..`` components and without ``//`` (trailing ``/`` allowed)."""
     if not path.startswith("/") or "//" in path or len(path.encode()) >= 4096:

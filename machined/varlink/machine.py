@@ -24,7 +24,7 @@ from machined.caller import Authorize
 from machined.errors import BusError
 from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
-from machined.naming import HOST_MACHINE_NAME, hostname_is_valid, path_is_normalized_absolute
+from machined.naming import HOST_MACHINE_NAME, hostname_is_valid, path_is_normalized_absolute, path_is_valid_absolute
 from machined.process import ProcessRef
 from machined.registration import SIGNAL_MAX, validate_registration, vsock_cid_is_regular
 from machined.varlink.interfaces import IO_SYSTEMD_MACHINE, IO_SYSTEMD_SERVICE
@@ -288,11 +288,11 @@ class MachineVarlink:
             if cid is None or cid in (0, 1, 2, VMADDR_CID_ANY) or not 0 <= cid <= 0xFFFFFFFF:
                 raise invalid_parameter("vSockCid")
         key_path = params.get("sshPrivateKeyPath")
-        if key_path is not None and not key_path.startswith("/"):
+        if key_path is not None and not path_is_valid_absolute(key_path):
             raise invalid_parameter("sshPrivateKeyPath")
         control_address = params.get("controlAddress")
-        if control_address is not None and not control_address.startswith("/"):
-            raise invalid_parameter("controlAddress")  # (262 takes a socket path only)
+        if control_address is not None and not path_is_normalized_absolute(control_address):
+            raise invalid_parameter("controlAddress")  # (262 takes a socket path only, normalized)
         req = validate_registration(name, machine_id, params.get("service") or "", params["class"], leader, root, netif)
         if req.leader == 0:
             req = req.with_leader(call.peer.pid_value)

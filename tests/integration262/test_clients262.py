@@ -346,12 +346,6 @@ machinectl terminate sp262; gone sp262
     assert "Don't know how to SSH into '(null)' container sp262." in out
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="262 refuses a controlAddress that is not an absolute normalized path and a sshPrivateKeyPath "
-    "with a name over 255 bytes (InvalidParameter); ours takes them (the vsock/ssh/control fields are "
-    "being added to varlink Register by another change)",
-)
 def test_vmspawn_registration_and_ssh_proxy(ours262: Sandbox, real262: Sandbox) -> None:
     """As systemd-vmspawn registers: varlink Register with class vm, vSockCid, sshAddress,
     sshPrivateKeyPath and controlAddress; then machinectl list/status/show, List, the state file,

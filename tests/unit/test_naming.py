@@ -8,6 +8,8 @@ from machined.naming import (
     hostname_is_valid,
     machine_object_path,
     machine_scope_name,
+    path_is_normalized_absolute,
+    path_is_valid_absolute,
     unit_name_escape,
 )
 
@@ -62,3 +64,27 @@ def test_unit_name_escape() -> None:
 def test_paths_and_scopes() -> None:
     assert machine_object_path(".host") == "/org/freedesktop/machine1/machine/_2ehost"
     assert machine_scope_name("my-vm") == "machine-my\\x2dvm.scope"
+
+
+@pytest.mark.parametrize(
+    ("path", "valid", "normalized"),
+    [
+        ("/run/vm/control", True, True),
+        ("/run/x/", True, True),
+        ("/", True, True),
+        ("/a//b", True, False),
+        ("/a/./b", True, False),
+        ("/a/../b", True, False),
+        ("", False, False),
+        ("relative/x", False, False),
+        ("unix:/run/x", False, False),
+        ("/" + "x" * 255, True, True),
+        ("/" + "x" * 256, False, False),
+        ("/" + "/".join(["x" * 200] * 21), False, False),  # PATH_MAX
+    ],
+)
+def test_path_rules_of_262_json_paths(path: str, valid: bool, normalized: bool) -> None:
+    """262's JSON path fields: sshPrivateKeyPath a valid absolute path, rootDirectory and controlAddress
+    normalized as well."""
+    assert path_is_valid_absolute(path) is valid
+    assert path_is_normalized_absolute(path) is normalized
