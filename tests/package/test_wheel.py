@@ -180,11 +180,15 @@ dist = importlib.metadata.distribution("machined")
 recorded = {{str(f): str(f.locate()) for f in dist.files}}
 packages = {DATA_PACKAGES!r}
 resources = {{}}
+def walk(folder, entry):
+    for child in entry.iterdir():
+        if child.is_dir() and child.name != "__pycache__":
+            walk(folder + "/" + child.name, child)
+        elif child.is_file() and not child.name.startswith("__"):
+            with importlib.resources.as_file(child) as path:
+                resources[folder + "/" + child.name] = str(path)
 for folder, package in packages.items():
-    for entry in importlib.resources.files(package).iterdir():
-        if entry.is_file() and not entry.name.startswith("__"):
-            with importlib.resources.as_file(entry) as path:
-                resources[folder + "/" + entry.name] = str(path)
+    walk(folder, importlib.resources.files(package))
 print(json.dumps({{"machined": machined.__file__, "recorded": recorded, "resources": resources}}))
 """
     found = json.loads(installed.python(probe))
@@ -193,7 +197,7 @@ print(json.dumps({{"machined": machined.__file__, "recorded": recorded, "resourc
     files = checkout_data_files()
     assert set(REQUIRED_DATA) <= set(files)
     for rel in files:
-        folder, name = rel.split("/")
+        folder, name = rel.split("/", 1)  # (name: 262/... for the files of the 262 personality)
         package_dir = DATA_PACKAGES[folder].replace(".", "/")
         recorded = found["recorded"].get(f"{package_dir}/{name}")
         assert recorded, f"{rel} is not in the installed distribution's RECORD"
@@ -265,7 +269,7 @@ def private_bus(installed: Installed) -> Iterator[PrivateBus]:
     located = installed.python(
         "import importlib.metadata as m\n"
         "print(*[f.locate() for f in m.distribution('machined').files "
-        "if str(f).endswith('/org.freedesktop.machine1.conf')])"
+        "if str(f).endswith('/interfaces/org.freedesktop.machine1.conf')])"
     ).split()
     policy = Path(located[0]) if len(located) == 1 else None
     busdir = Path(tempfile.mkdtemp(prefix="bus-", dir=installed.root))
