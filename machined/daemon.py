@@ -228,8 +228,11 @@ class Daemon:
         sockets = listen_fds("varlink")
         if sockets:
             paths: list[str] = []
+        elif self.machine_socket is None and self.user is None:
+            # Not socket-activated, 262 binds both names as sockets of their own (no registry entries).
+            paths = [socket_path, image_link] if self.bus_address is None else []
         elif self.machine_socket is None:
-            paths = [socket_path] if self.bus_address is None or self.user is not None else []
+            paths = [socket_path]
         else:
             paths = [self.machine_socket] if self.machine_socket else []
         if not sockets and not paths:
@@ -253,7 +256,8 @@ class Daemon:
     async def _start_resolve_hook(self) -> None:
         """io.systemd.Resolve.Hook (262): machine names for systemd-resolved, on a socket of its own
         that the daemon always binds itself (as 262), next to io.systemd.Machine's."""
-        if self.machine_varlink is None or self.user is not None or self.machine_socket is not None:
+        if (self.machine_varlink is None or self.user is not None or self.machine_socket is not None
+                or not personality.is_262()):  # fmt: skip
             return
         from machined import __version__
         from machined.varlink import resolve_hook

@@ -212,3 +212,36 @@ def test_started_by_socket_activation_as_262(real262: Sandbox, ours262: Sandbox)
         assert sock in started, started
     assert outputs[1] == outputs[0], outputs
     assert outputs[0].splitlines()[:2] == ["inactive", "active"] and "\nactive\n" in outputs[0], outputs[0]
+
+
+WITHOUT_SOCKET = r"""
+systemctl stop {socket} {service}
+rm -f /run/systemd/machine/*
+busctl call org.freedesktop.machine1 /org/freedesktop/machine1 org.freedesktop.DBus.Peer Ping
+echo "service $(systemctl is-active {service}), socket $(systemctl is-active {socket})"
+ls -l /run/systemd/machine/ | sed -n 's/^\(.\).* \(io\.systemd\.[A-Za-z]*\).*/\1 \2/p'
+for p in /run/systemd/machine/io.systemd.Machine /run/systemd/machine/io.systemd.MachineImage; do
+  varlinkctl --json=short info $p | sed 's/.*"interfaces"/"interfaces"/'
+  varlinkctl --json=short call $p io.systemd.MachineImage.List '{{"name":".host"}}' | sed 's/"creationTimestamp":[0-9]*/N/'
+done
+varlinkctl --json=short call /run/systemd/resolve.hook/io.systemd.Machine io.systemd.Resolve.Hook.QueryFilter '{{}}'
+systemctl stop {service}
+rm -f /run/systemd/machine/*
+systemctl start {socket}
+echo "service $(systemctl is-active {service}), socket $(systemctl is-active {socket})"
+varlinkctl call /run/systemd/machine/io.systemd.Machine io.systemd.service.Ping '{{}}'; echo "ping rc=$?"
+"""
+
+
+def test_binds_its_sockets_itself_without_the_socket_unit_as_262(real262: Sandbox, ours262: Sandbox) -> None:
+    """Started by the bus with the socket unit stopped, the daemon binds both names itself
+    (two sockets, as 262), and the hook's; the socket unit takes over again afterwards."""
+    outputs = []
+    for sb, service, sock in ((real262, "systemd-machined.service", "systemd-machined.socket"),
+                              (ours262, "machined.service", "machined.socket")):  # fmt: skip
+        r = sb.run(["bash", "-c", WITHOUT_SOCKET.format(service=service, socket=sock)], check=False)
+        outputs.append((r.stdout + r.stderr).replace(service, "SERVICE").replace(sock, "SOCKET"))
+    assert outputs[1] == outputs[0], outputs
+    lines = outputs[0].splitlines()
+    assert lines[:3] == ["service active, socket inactive", "s io.systemd.Machine", "s io.systemd.MachineImage"]
+    assert lines[-2:] == ["service inactive, socket active", "ping rc=0"], outputs[0]
