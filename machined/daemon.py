@@ -228,9 +228,11 @@ class Daemon:
         sockets = listen_fds("varlink")
         if sockets:
             paths: list[str] = []
-        elif self.machine_socket is None and self.user is None:
+        elif self.machine_socket is None and self.user is None and personality.is_262():
             # Not socket-activated, 262 binds both names as sockets of their own (no registry entries).
             paths = [socket_path, image_link] if self.bus_address is None else []
+        elif self.machine_socket is None and self.user is None:
+            paths = [socket_path] if self.bus_address is None else []  # (and the link and registry entries)
         elif self.machine_socket is None:
             paths = [socket_path]
         else:
