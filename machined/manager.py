@@ -381,6 +381,9 @@ class MachineManager:
                 raise BusError.from_errno(errno.ESRCH)
             machine.leader_ref.send_signal(signal)
             return
+        if machine.subgroup:
+            # (262's per-user instance asks its manager about a unit of the system's: ENOENT)
+            raise BusError.from_errno(errno.ENOENT)
         assert self.systemd is not None
         await self.systemd.kill_unit(machine.unit, signal)
 

@@ -122,6 +122,11 @@ machinectl --user list
 for m in um1 um2 um3; do machinectl --user show $m -p Name -p Class -p Service -p Unit -p Subgroup -p State -p UID; done
 ls $XDG_RUNTIME_DIR/systemd/machines
 systemctl --user show machine-um2.scope -p Slice,Description,Delegate,CollectMode,ActiveState
+echo "== Kill (SIGWINCH): the leader of a machine in a subgroup, not its unit"
+vl $V io.systemd.Machine.Kill '{"name":"um1","signal":28,"whom":"all"}'
+bc KillMachine ssi um1 all 28
+bc KillMachine ssi um1 leader 28
+vl $V io.systemd.Machine.Kill '{"name":"um2","signal":28}'
 echo "== Terminate"
 vl $V io.systemd.Machine.Terminate '{"name":"um1"}'
 bc TerminateMachine s um1
@@ -159,6 +164,7 @@ vl $V io.systemd.Machine.Register "{\"name\":\"rm1\",\"class\":\"container\",\"l
 vl $V io.systemd.Machine.List '{"name":"rm1"}'
 vl $V io.systemd.Machine.Register '{"name":"rm2","class":"container","leader":1}'
 vl $V io.systemd.Machine.Unregister '{"name":"rm1"}'
+for i in $(seq 50); do varlinkctl call $V io.systemd.Machine.List '{"name":"rm1"}' >/dev/null 2>&1 || break; sleep 0.1; done
 vl $V io.systemd.Machine.List '{"name":"rm1"}'
 asuser systemctl --user stop rootl
 """

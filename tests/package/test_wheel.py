@@ -42,6 +42,8 @@ MANAGER = "org.freedesktop.machine1.Manager"
 # daemon reads at run time: all of it must be in the wheel.
 REQUIRED_DATA = [
     "units/machined.service",
+    "units/machined-user.service",  # the per-user instance (262's systemd-machined --user)
+    "units/machined-user.socket",
     "dbus-interfaces/org.freedesktop.machine1.conf",
     "dbus-interfaces/org.freedesktop.machine1.service",
     "dbus-interfaces/org.freedesktop.machine1.policy",
