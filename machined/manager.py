@@ -604,6 +604,12 @@ class MachineManager:
                 continue
             # Pin the leader again; a PID now used by another process stays unpinned (dead).
             machine.leader_ref = ProcessRef.take(machine.leader, expect_pidfd_id=machine.leader_pidfd_id)
+            supervisor = machine.supervisor_ref
+            if supervisor is not None:  # (262) kept only while the very same process runs
+                ref = ProcessRef.take(supervisor.pid, expect_pidfd_id=supervisor.pidfd_id)
+                machine.supervisor_ref = ref if ref.pidfd is not None and ref.is_alive() else None
+                if machine.supervisor_ref is None:
+                    ref.release()
             self.registry.add(machine)
             loaded.append(machine)
         self.gc_passes += 1

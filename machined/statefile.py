@@ -13,7 +13,7 @@ import os
 
 from machined import personality
 from machined.envfile import parse_env_file
-from machined.machine import VMADDR_CID_ANY, Machine, MachineClass, Timestamp
+from machined.machine import Machine, MachineClass, Timestamp
 from machined.naming import hostname_is_valid
 from machined.process import ProcessRef
 
@@ -188,7 +188,7 @@ def parse(name: str, text: str) -> Machine:
     supervisor = _int(env.get("SUPERVISOR"))
     if supervisor > 0:
         machine.supervisor_ref = ProcessRef(supervisor, pidfd_id=_int(env.get("SUPERVISOR_PIDFDID")))
-    machine.vsock_cid = _int(env.get("VSOCK_CID"), VMADDR_CID_ANY)
+    machine.vsock_cid = _int(env.get("VSOCK_CID"))  # (none written: 0, as 262 reads it back)
     machine.ssh_address = env.get("SSH_ADDRESS", "")
     machine.ssh_private_key_path = env.get("SSH_PRIVATE_KEY_PATH", "")
     machine.control_address = env.get("CONTROL_ADDRESS", "")

@@ -120,7 +120,7 @@ varlinkctl --json=short call $V io.systemd.Machine.Register \
 varlinkctl --json=short call $V io.systemd.Machine.Register "{\"name\":\"v2\",\"class\":\"vm\",\"leader\":$P4,\"controlAddress\":\"unix:/run/c\"}"
 varlinkctl --json=short call $V io.systemd.Machine.List '{"name":"v1"}'
 varlinkctl --json=short call $V io.systemd.Machine.List '{"name":"x1"}'
-for m in .host r1 c1 n1 x1 x2 v1; do show $m; done
+for m in r1 c1 n1 x1 x2 v1; do show $m; done
 systemctl show -P Description machine-c1.scope machine-x2.scope
 """
 
@@ -204,6 +204,8 @@ systemd-run -q --unit=bd-l1 sleep 2990; systemd-run -q --unit=bd-l2 sleep 2991
 sleep 2992 >/dev/null 2>&1 & export R=$!
 export P=$(systemctl show -P MainPID bd-l1) Q=$(systemctl show -P MainPID bd-l2)
 $PY $CALLS
+# b4's leader was the caller, gone now: its scope empties and the machine goes
+for i in $(seq 100); do machinectl show b4 -p Name >/dev/null 2>&1 || break; sleep 0.05; done
 machinectl list --no-legend | sort
 systemctl show -P Description machine-b6.scope
 """
@@ -244,3 +246,38 @@ def test_unprivileged_callers_as_262(real262: Sandbox, ours262: Sandbox) -> None
     register-machine, actions the polkit policy machined ships (252's) does not define."""
     out = _same(real262, ours262, UNPRIVILEGED)
     assert "However, interactive authentication has not been enabled by the calling program." in out, out
+
+
+RESTART = r"""
+B="busctl call org.freedesktop.machine1 $M $I"
+for n in 1 2 3; do systemd-run -q --unit=rs-l$n sleep 298$n; done
+sleep 2984 >/dev/null 2>&1 & C1=$!
+export P1=$(systemctl show -P MainPID rs-l1) P2=$(systemctl show -P MainPID rs-l2) P3=$(systemctl show -P MainPID rs-l3)
+$B RegisterMachine sayssus s1 0 'my svc' container $P1 /
+$B CreateMachine 'sayssusa(sv)' s2 0 '' vm $C1 '' 0
+$PY $CALLS <<'EOF'
+[["/org/freedesktop/machine1","org.freedesktop.machine1.Manager","RegisterMachineEx","sa(sv)",["s3",[
+   ["Class",{"v":["s","vm"]}],["LeaderPIDFD",{"v":["h",{"pidfd":{"pid":"$P2"}}]}],["NetworkInterfaces",{"v":["ai",[5]]}],
+   ["SSHAddress",{"v":["s","a b"]}],["SSHPrivateKeyPath",{"v":["s","/k"]}]]]],
+ ["/org/freedesktop/machine1","org.freedesktop.machine1.Manager","RegisterMachineEx","sa(sv)",["s4",[
+   ["Class",{"v":["s","container"]}],["LeaderPIDFD",{"v":["h",{"pidfd":{"pid":"$P3"}}]}],["VSockCID",{"v":["u",12345]}]]]]
+]
+EOF
+systemctl show machine-s2.scope -p Slice,Description,Delegate,TasksMax,CollectMode,User
+for round in before after; do
+  echo "##### $round restart"
+  for m in s1 s2 s3 s4; do echo "== $m"; machinectl show $m; cat /run/systemd/machines/$m; done
+  busctl call org.freedesktop.machine1 $M $I GetMachineSSHInfo s s3
+  [ $round = before ] || break
+  U=$(systemctl show -P Id dbus-org.freedesktop.machine1.service)
+  systemctl restart $U
+  busctl call org.freedesktop.machine1 $M org.freedesktop.DBus.Peer Ping
+done
+"""
+
+
+def test_state_survives_a_restart_as_262(real262: Sandbox, ours262: Sandbox) -> None:
+    """What 262 reads back from its state files after a restart (an Ex registration without
+    VSockCID writes none and reads back VMADDR_CID_ANY)."""
+    out = _same(real262, ours262, RESTART)
+    assert out.count("== s4") == 2 and "VSOCK_CID=12345" in out, out
