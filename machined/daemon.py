@@ -120,6 +120,9 @@ class Daemon:
             self.manager.registry.remove(host)  # a user's instance has no .host machine
             self.manager.user_scope = True
             self.manager.pool_path = user.pool_path
+            from machined.bus import polkit
+
+            polkit.ask_polkit = False
             from machined.images import pool
 
             pool.use_user_search_path(user.image_search_path, user.pool_path)

@@ -174,3 +174,32 @@ asuser systemctl --user stop rootl
         diff = "".join(difflib.unified_diff(outputs[0].splitlines(True), outputs[1].splitlines(True), "real", "ours"))
         pytest.fail(f"outputs differ:\n{diff}")
     assert '"name":"rm1"' in outputs[0] and '"UID":0' in outputs[0]
+
+
+def test_other_users_are_not_refused_when_they_reach_it(users: tuple[Sandbox, Sandbox]) -> None:
+    """262's user instance asks polkit nothing and refuses nobody: only the modes of the user's
+    runtime directory and socket keep other users out. Opened up, another user is served."""
+    ours, real = users
+    other = "mtother"
+    script = (
+        f"V={RUN}/systemd/machine/io.systemd.Machine\n"
+        f"id {other} >/dev/null 2>&1 || useradd -m -u {UID + 1} {other}\n"
+        f"chmod 0711 {RUN}; chmod 0666 $V\n"
+        + r"""
+vl() { varlinkctl --json=short call "$@" 2>&1; echo "rc=$?"; }
+runuser -u OTHER -- sh -c '
+vl() { varlinkctl --json=short call "$@" 2>&1; echo "rc=$?"; }
+vl --more '$V' io.systemd.Machine.List "{}"
+sleep 100 & P=$!
+vl '$V' io.systemd.Machine.Register "{\"name\":\"o1\",\"class\":\"container\",\"leader\":$P}"
+vl '$V' io.systemd.Machine.Register "{\"name\":\"o2\",\"class\":\"container\",\"leader\":1}"
+vl '$V' io.systemd.Machine.Kill "{\"name\":\"o1\",\"signal\":9}"
+vl '$V' io.systemd.MachineImage.List "{\"name\":\"o1\"}"
+kill $P'
+"""
+        + f"chmod 0700 {RUN}; chmod 0600 $V\n"
+    ).replace("OTHER", other)
+    outputs = [_mask((r := sb.run(["sh", "-c", script], check=False)).stdout + r.stderr) for sb in (real, ours)]
+    if outputs[1] != outputs[0]:
+        diff = "".join(difflib.unified_diff(outputs[0].splitlines(True), outputs[1].splitlines(True), "real", "ours"))
+        pytest.fail(f"outputs differ:\n{diff}")

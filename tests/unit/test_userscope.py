@@ -89,3 +89,15 @@ def test_user_search_path_has_no_host_image(tmp_path: Path, monkeypatch: pytest.
     probe = "from machined.images import pool as p; print(p.POOL_PATH, p.SEARCH_PATH, p.INCLUDE_HOST)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == f"{tmp_path}/state ('{tmp_path}/run', '{tmp_path}/state') False"
+
+
+async def test_user_instance_asks_polkit_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from machined.bus import polkit
+    from machined.caller import PolkitSubject
+    from machined.errors import BusError
+
+    subject = PolkitSubject("unix-process", pidfd=-1, uid=1000)
+    with pytest.raises(BusError):  # a system instance refuses an unidentifiable unprivileged peer
+        await polkit.check(None, subject, 1000, "manage-machines", {}, False)
+    monkeypatch.setattr(polkit, "ask_polkit", False)
+    await polkit.check(None, subject, 1000, "manage-machines", {}, False)  # served, no polkit asked
