@@ -96,6 +96,9 @@ bc GetImage s .host
 busctl --user get-property org.freedesktop.machine1 $MP org.freedesktop.machine1.Manager PoolPath PoolUsage PoolLimit
 machinectl --user list
 machinectl --user list-images
+busctl --user tree org.freedesktop.machine1
+busctl --user introspect org.freedesktop.machine1 $MP
+busctl --user get-property org.freedesktop.machine1 /org/freedesktop/LogControl1 org.freedesktop.LogControl1 LogLevel LogTarget
 test -d $XDG_RUNTIME_DIR/systemd/machines && ls -A $XDG_RUNTIME_DIR/systemd/machines
 """,
     )
