@@ -82,6 +82,9 @@ def test_user_instance_without_machines(users: tuple[Sandbox, Sandbox]) -> None:
 stat -c '%F %a %U' $V
 readlink $XDG_RUNTIME_DIR/systemd/machine/io.systemd.MachineImage $XDG_RUNTIME_DIR/varlink/registry/io.systemd.Machine \
   $XDG_RUNTIME_DIR/varlink/registry/io.systemd.MachineImage
+ls $XDG_RUNTIME_DIR/systemd $XDG_RUNTIME_DIR/varlink/registry
+varlinkctl list-interfaces $V
+varlinkctl list-methods $V io.systemd.Machine io.systemd.MachineImage
 vl --more $V io.systemd.Machine.List '{}'
 vl $V io.systemd.Machine.List '{"name":".host"}'
 vl $V io.systemd.Machine.List '{"pid":{"pid":0}}'
