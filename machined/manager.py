@@ -536,6 +536,10 @@ class MachineManager:
             return False
         if drop_not_started and not machine.started:
             return True
+        if self.user_scope and machine.leader_ref is not None and machine.leader_ref.is_alive():
+            # 262 keeps a machine whose leader runs, whatever its unit: in a user's instance a
+            # machine's unit may be one its manager does not know (user@UID.service)
+            return False
         if machine.subgroup:
             return machine.leader_ref is None or not machine.leader_ref.is_alive()
         assert self.systemd is not None

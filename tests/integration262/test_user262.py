@@ -209,3 +209,29 @@ kill $P'
     if outputs[1] != outputs[0]:
         diff = "".join(difflib.unified_diff(outputs[0].splitlines(True), outputs[1].splitlines(True), "real", "ours"))
         pytest.fail(f"outputs differ:\n{diff}")
+
+
+def test_user_instance_restarts_with_its_machines(users: tuple[Sandbox, Sandbox]) -> None:
+    """State files in the user's runtime directory bring the machines back after a restart. 262
+    writes no SUBGROUP: a machine in a subgroup comes back as its unit's (user@UID.service, which
+    the user's manager does not know), kept as long as its leader runs, and then still kept
+    (nothing tells 262 that it went)."""
+    assert_same_as_user(
+        *users,
+        r"""
+P1=$(lead rs1-l); P2=$(lead rs2-l)
+vl $V io.systemd.Machine.Register "{\"name\":\"rs1\",\"class\":\"container\",\"leader\":$P1}"
+vl $V io.systemd.Machine.Register "{\"name\":\"rs2\",\"class\":\"vm\",\"leader\":$P2,\"allocateUnit\":true}"
+SVC=$(systemctl --user show -P Id dbus-org.freedesktop.machine1.service)
+systemctl --user restart $SVC
+sleep 1
+vlm $V io.systemd.Machine.List '{}'
+machinectl --user list
+ls $XDG_RUNTIME_DIR/systemd/machines
+vl $V io.systemd.Machine.Terminate '{"name":"rs2"}'
+gone rs2
+systemctl --user stop rs1-l rs2-l
+gone rs1
+machinectl --user list
+""",
+    )
