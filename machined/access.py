@@ -35,18 +35,29 @@ class MachineAccess:
 
     # ----- looking inside machines ----------------------------------------------------
 
-    async def addresses(self, machine: Machine) -> list[Address]:
+    def check_addresses(self, machine: Machine) -> None:
+        """What GetAddresses refuses without looking (a VM, a container without a network of its
+        own), raised at once: callers answer it in place."""
         if machine.is_host:
-            return await asyncio.to_thread(read_addresses)
+            return
         if machine.machine_class is not MachineClass.CONTAINER:
             raise BusError(errors.NOT_SUPPORTED, "Requesting IP address data is only supported on container machines.")
         if inside.same_netns(machine.leader):
             raise BusError(errors.NO_PRIVATE_NETWORKING, f"Machine {machine.name} does not use private networking")
+
+    async def addresses(self, machine: Machine) -> list[Address]:
+        self.check_addresses(machine)
+        if machine.is_host:
+            return await asyncio.to_thread(read_addresses)
         return await inside.container_addresses(machine)
 
-    async def os_release(self, machine: Machine) -> dict[str, str]:
+    def check_os_release(self, machine: Machine) -> None:
+        """What GetOSRelease refuses without looking (a VM), raised at once."""
         if machine.machine_class not in (MachineClass.HOST, MachineClass.CONTAINER):
             raise BusError(errors.NOT_SUPPORTED, "Requesting OS release data is only supported on container machines.")
+
+    async def os_release(self, machine: Machine) -> dict[str, str]:
+        self.check_os_release(machine)
         try:
             if machine.is_host:
                 return read_os_release("/")  # a small local file: quicker than a thread hop
@@ -55,6 +66,10 @@ class MachineAccess:
             raise BusError(errors.FAILED, "Machine does not contain OS release information") from None
 
     async def uid_shift(self, machine: Machine) -> int:
+        return self.uid_shift_now(machine)
+
+    def uid_shift_now(self, machine: Machine) -> int:
+        """The UID shift, read from /proc without waiting (or the refusal, raised)."""
         if machine.is_host:
             return 0
         if machine.machine_class is not MachineClass.CONTAINER:

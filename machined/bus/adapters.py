@@ -8,11 +8,13 @@ look the machine up and run the very handler of the Machine object.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from functools import partial
 from typing import Any
 
 from machined import lifecycle, machine_calls, personality
 from machined.access import MachineAccess
+from machined.addresses import Address
 from machined.bus import machine262
 from machined.bus.introspection import load_interface
 from machined.bus.objects import BusObject, Call, FdReply, Handler, MarshalledBody, PropertyGetter
@@ -58,14 +60,18 @@ def machine_handlers(manager: MachineManager, access: MachineAccess) -> dict[str
     async def kill(machine: Machine, call: Call, who: str, signal: int) -> None:
         await lifecycle.kill(manager, machine, who, signal, partial(authorize, call))
 
-    async def get_addresses(machine: Machine, call: Call) -> list[Any]:
-        return [[(a.family, a.address) for a in await access.addresses(machine)]]
+    # Refusals known without looking inside (a VM, no network of its own) are answered in place,
+    # without a coroutine: machinectl list asks for every machine's addresses and OS release.
+    def get_addresses(machine: Machine, call: Call) -> Awaitable[list[Any]]:
+        access.check_addresses(machine)
+        return _addresses(access.addresses(machine))
 
-    async def get_os_release(machine: Machine, call: Call) -> list[Any]:
-        return [await access.os_release(machine)]
+    def get_os_release(machine: Machine, call: Call) -> Awaitable[list[Any]]:
+        access.check_os_release(machine)
+        return _one(access.os_release(machine))
 
-    async def get_uid_shift(machine: Machine, call: Call) -> list[Any]:
-        return [await access.uid_shift(machine)]
+    def get_uid_shift(machine: Machine, call: Call) -> list[Any]:
+        return [access.uid_shift_now(machine)]
 
     async def open_pty(machine: Machine, call: Call) -> FdReply:
         fd, path = await machine_calls.open_pty(access, machine, partial(authorize, call))
@@ -119,6 +125,14 @@ def machine_handlers(manager: MachineManager, access: MachineAccess) -> dict[str
         "GetUIDShift": get_uid_shift,
         "GetSSHInfo": machine262.get_ssh_info,  # (262's interface only)
     }
+
+
+async def _one(value: Awaitable[Any]) -> list[Any]:
+    return [await value]
+
+
+async def _addresses(addresses: Awaitable[list[Address]]) -> list[Any]:
+    return [[(a.family, a.address) for a in await addresses]]
 
 
 def unit_properties(properties: list[list[Any]]) -> list[UnitProperty]:

@@ -250,3 +250,39 @@ async def test_descriptors_of_a_reply_are_closed_once_it_is_written(tmp_path) ->
     else:
         os.close(w)
         raise AssertionError("descriptor left open after the reply was written")
+
+
+async def test_refusals_known_without_looking_inside_are_answered_in_place(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """machinectl list asks for each machine's OS release and addresses: a VM's refusal (and a
+    container's without a network of its own) is answered right away, as 252 words it, without
+    a coroutine or a context of its own."""
+    from machined.bus import objects
+
+    manager = manager_with(tmp_path, ["vm1"])
+    shared = Machine(name="c1", machine_class=MachineClass.CONTAINER, leader=os.getpid(), unit="c1.scope",
+                     started=True, timestamp=Timestamp(5, 6))  # fmt: skip
+    manager.registry.add(shared)
+    dispatcher, bus = dispatcher_for(manager)
+
+    class NoContexts:
+        def copy_context(self) -> None:
+            raise AssertionError("a coroutine was started")
+
+    monkeypatch.setattr(objects, "contextvars", NoContexts())
+    calls = [
+        incoming(MANAGER, MANAGER_IFACE, "GetMachineOSRelease", "s", ["vm1"]),
+        incoming(MANAGER, MANAGER_IFACE, "GetMachineAddresses", "s", ["vm1"]),
+        incoming(MANAGER, MANAGER_IFACE, "GetMachineUIDShift", "s", ["vm1"]),
+        incoming(MANAGER + "/machine/vm1", MACHINE_IFACE, "GetOSRelease"),
+        incoming(MANAGER, MANAGER_IFACE, "GetMachineAddresses", "s", ["c1"]),
+    ]
+    for message in calls:
+        assert dispatcher._on_message(message) is True
+    assert not dispatcher._tasks
+    assert [(m.error_name, m.body) for m in bus.sent] == [
+        ("org.freedesktop.DBus.Error.NotSupported", ["Requesting OS release data is only supported on container machines."]),
+        ("org.freedesktop.DBus.Error.NotSupported", ["Requesting IP address data is only supported on container machines."]),
+        ("org.freedesktop.DBus.Error.NotSupported", ["UID/GID shift may only be determined for container machines."]),
+        ("org.freedesktop.DBus.Error.NotSupported", ["Requesting OS release data is only supported on container machines."]),
+        ("org.freedesktop.machine1.NoPrivateNetworking", ["Machine c1 does not use private networking"]),
+    ]  # fmt: skip
