@@ -126,6 +126,9 @@ class Daemon:
             from machined.images import pool
 
             pool.use_user_search_path(user.image_search_path, user.pool_path)
+            from machined.images import lock
+
+            lock.use_user_lock_dir(user.lock_dir)
         self.log_control = LogControl(IDENTIFIER)
         self.bus: MessageBus | None = None
         self._stop = asyncio.Event()

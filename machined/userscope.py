@@ -11,7 +11,8 @@ Everything is below the user's own directories (``$XDG_RUNTIME_DIR``, ``$XDG_STA
   it, both in ``$XDG_RUNTIME_DIR/varlink/registry``);
 * state files in ``$XDG_RUNTIME_DIR/systemd/machines``;
 * images in ``$XDG_RUNTIME_DIR/machines``, ``$XDG_STATE_HOME/machines`` (the pool) and
-  ``~/.local/lib/machines``; no ``.host`` machine and no ``.host`` image.
+  ``~/.local/lib/machines``, locked in ``$XDG_RUNTIME_DIR/systemd/nspawn/locks``; no ``.host``
+  machine and no ``.host`` image.
 
 No polkit: whoever can reach the instance (its user, and root) is served as its owner.
 """
@@ -50,6 +51,11 @@ class UserScope:
     @property
     def varlink_registry(self) -> str:
         return os.path.join(self.runtime_dir, "varlink", "registry")
+
+    @property
+    def lock_dir(self) -> str:
+        """Where image locks are taken (nspawn's, in the user's runtime directory)."""
+        return os.path.join(self.runtime_dir, "systemd", "nspawn", "locks")
 
     @property
     def pool_path(self) -> str:

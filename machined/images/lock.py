@@ -17,7 +17,10 @@ from collections.abc import Iterator
 
 from machined.images.pool import HOST_IMAGE, NAME_MAX, image_name_is_valid, path_startswith
 
-LOCK_DIR = "/run/systemd/nspawn/locks"
+# A user's instance (262) locks in $XDG_RUNTIME_DIR/systemd/nspawn/locks: set by the daemon
+# through the environment, so that its worker children see it too.
+USER_LOCK_DIR_ENV = "MACHINED_USER_LOCK_DIR"
+LOCK_DIR = os.environ.get(USER_LOCK_DIR_ENV) or "/run/systemd/nspawn/locks"
 _F_OFD_SETLK = 37
 _FLOCK = "hhqqi4x"  # struct flock: l_type, l_whence, l_start, l_len, l_pid
 
@@ -73,6 +76,12 @@ def _lock(fd: int, exclusive: bool) -> None:
 def _locking_enabled() -> bool:
     value = os.environ.get("SYSTEMD_NSPAWN_LOCK", "").strip().lower()
     return value not in ("0", "no", "n", "false", "f", "off")
+
+
+def use_user_lock_dir(path: str) -> None:
+    global LOCK_DIR
+    LOCK_DIR = path
+    os.environ[USER_LOCK_DIR_ENV] = path
 
 
 def _make_lock_dir() -> None:

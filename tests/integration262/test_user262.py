@@ -235,3 +235,29 @@ gone rs1
 machinectl --user list
 """,
     )
+
+
+def test_user_images(users: tuple[Sandbox, Sandbox]) -> None:
+    """Images of the user's directories (the pool ~/.local/state/machines first), no .host."""
+    assert_same_as_user(
+        *users,
+        r"""
+mkdir -p ~/.local/state/machines/img1/etc ~/.local/lib/machines/vend1 $XDG_RUNTIME_DIR/machines
+echo 'ID=test' > ~/.local/state/machines/img1/etc/os-release
+echo x > ~/.local/state/machines/raw1.raw
+machinectl --user list-images | sed 's/  *[A-Z][a-z][a-z] [0-9-]* [0-9:]* [A-Z]*//g'
+vlm $V io.systemd.MachineImage.List '{}' | sed -E 's/"(creationTimestamp|modificationTimestamp)":[0-9]+/"\1":N/g'
+bc GetImage s img1
+bc GetImage s vend1
+machinectl --user clone img1 img2; echo rc=$?
+machinectl --user rename img2 img3; echo rc=$?
+machinectl --user read-only img3; echo rc=$?
+machinectl --user remove img3; echo rc=$?
+machinectl --user read-only img3 no; echo rc=$?
+machinectl --user remove img3; echo rc=$?
+machinectl --user remove vend1; echo rc=$?
+machinectl --user clean; echo rc=$?
+ls -A ~/.local/state/machines ~/.local/lib/machines
+rm -rf ~/.local/state/machines ~/.local/lib/machines
+""",
+    )

@@ -23,6 +23,7 @@ def test_paths_from_the_environment() -> None:
     assert scope.machine_socket == "/run/user/1500/systemd/machine/io.systemd.Machine"
     assert scope.machine_image_link == "/run/user/1500/systemd/machine/io.systemd.MachineImage"
     assert scope.varlink_registry == "/run/user/1500/varlink/registry"
+    assert scope.lock_dir == "/run/user/1500/systemd/nspawn/locks"
     assert scope.pool_path == "/home/u/.local/state/machines"
     assert scope.image_search_path == (
         "/run/user/1500/machines",
