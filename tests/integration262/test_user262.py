@@ -261,3 +261,22 @@ ls -A ~/.local/state/machines ~/.local/lib/machines
 rm -rf ~/.local/state/machines ~/.local/lib/machines
 """,
     )
+
+
+def test_user_create_machine_over_dbus(users: tuple[Sandbox, Sandbox]) -> None:
+    """CreateMachine on the user's bus: a scope of the user's manager, in its machine.slice."""
+    out = assert_same_as_user(
+        *users,
+        r"""
+P=$(lead cm1-l)
+bc CreateMachine sayssusa\(sv\) cm1 0 svc container $P "" 1 Description s "my cm1"
+machinectl --user show cm1 -p Name -p Class -p Service -p Unit -p Subgroup -p State -p UID
+systemctl --user show machine-cm1.scope -p Slice -p Description -p Delegate -p ActiveState
+bc GetMachineByPID u $P
+bc TerminateMachine s cm1
+gone cm1
+systemctl --user is-active machine-cm1.scope
+machinectl --user list
+""",
+    )
+    assert "Unit=machine-cm1.scope" in out and "Slice=machine.slice" in out and "Description=my cm1" in out
