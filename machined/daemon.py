@@ -17,7 +17,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
 from machined import notify, personality
-from machined.bus import writer_fix
+from machined.bus import reader_fix, writer_fix
 from machined.bus.client import call_bus_daemon
 from machined.bus.introspection import STANDARD_INTERFACES_XML, load_interface
 from machined.bus.logcontrol import LogControl
@@ -322,6 +322,7 @@ class Daemon:
 
     async def _connect(self) -> MessageBus:
         writer_fix.apply()
+        reader_fix.apply()
         try:
             if self.bus_address:
                 bus = MessageBus(bus_address=self.bus_address, negotiate_unix_fd=True)
