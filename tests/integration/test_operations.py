@@ -294,8 +294,9 @@ def test_the_fork_server_is_started_when_a_container_registers(ours: Sandbox) ->
     spares, soon after a container registers, before anything looks inside it, so that the first
     look does not wait for an interpreter to start."""
     script = r"""
+systemctl restart machined  # a fresh daemon: the module's earlier tests had containers
 L=$(leader vm1); call CreateMachine vm1 '[]' '' vm $L '' '@a(sv) []' > /dev/null; until_listed vm1
-MAIN=$(systemctl show machined -p MainPID --value)  # started by the call above
+MAIN=$(systemctl show machined -p MainPID --value)
 forkserver() { ps --ppid $MAIN --no-headers -o pid=,comm= | awk '$2 == "machined-fork" {print $1}'; }
 sleep 1; echo "with a VM: [$(forkserver)]"
 systemd-run --quiet --unit=fs-c1 systemd-nspawn -q -D / --volatile=yes --private-network -M fsc1 /bin/sleep 999995
