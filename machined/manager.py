@@ -18,6 +18,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from signal import SIGTERM
 from typing import Any, Protocol
 
 from machined import caller, errors, journal, personality
@@ -61,6 +62,7 @@ class ServiceManager(Protocol):
     async def start_transient_unit(self, name: str, properties: list[UnitProperty]) -> str: ...
     async def stop_unit(self, unit: str) -> str: ...
     async def kill_unit(self, unit: str, signal: int) -> None: ...
+    async def kill_unit_subgroup(self, unit: str, subgroup: str, signal: int) -> None: ...
     async def unit_is_active(self, unit: str) -> bool: ...
     async def job_is_active(self, job: str) -> bool: ...
     async def start_login(self, pty_path: str) -> None: ...
@@ -212,7 +214,10 @@ class MachineManager:
                     errno.ESRCH, f"Failed to determine unit of process {machine.leader} : No such process"
                 )
             subgroup = ""
-            if not self.user_scope:
+            if not self.user_scope and personality.is_262():
+                # 262 keeps where below its unit the leader runs (nspawn --keep-unit: its payload)
+                unit, subgroup = cgroup_path_get_unit_full(path)
+            elif not self.user_scope:
                 unit = cgroup_path_get_unit(path)
             elif caller.over_dbus():
                 unit, subgroup = cgroup_path_get_user_unit_full(path)
@@ -360,8 +365,17 @@ class MachineManager:
         if machine.machine_class not in (MachineClass.CONTAINER, MachineClass.VM):
             raise errors.not_supported()
         if machine.subgroup:
-            # 262 does not stop a cgroup below a unit (the unit holds more than the machine).
-            raise BusError.from_errno(errno.ESRCH)
+            # 262 does not stop a unit that holds more than the machine: it asks the supervisor
+            # (nspawn...) to end it, with SIGTERM (ESRCH once the supervisor is gone).
+            if machine.supervisor_ref is None:
+                raise BusError.from_errno(errno.EOPNOTSUPP)
+            try:
+                machine.supervisor_ref.send_signal(SIGTERM)
+            except OSError as e:
+                raise BusError.from_errno(e.errno or errno.ESRCH) from None
+            machine.stopping = True
+            self._save(machine)
+            return
         if machine.unit:
             assert self.systemd is not None
             job = await self.systemd.stop_unit(machine.unit)
@@ -380,6 +394,15 @@ class MachineManager:
             if machine.leader_ref is None:
                 raise BusError.from_errno(errno.ESRCH)
             machine.leader_ref.send_signal(signal)
+            return
+        if who == KillWho.SUPERVISOR:  # (262)
+            if machine.supervisor_ref is None:
+                raise BusError.from_errno(errno.ESRCH)
+            machine.supervisor_ref.send_signal(signal)
+            return
+        if machine.subgroup and not self.user_scope:
+            assert self.systemd is not None  # 262: only the machine's cgroup below the unit
+            await self.systemd.kill_unit_subgroup(machine.unit, machine.subgroup, signal)
             return
         if machine.subgroup:
             # (262's per-user instance asks its manager about a unit of the system's: ENOENT)

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from machined import errors
+from machined import errors, personality
 from machined.errors import BusError
 from machined.machine import VMADDR_CID_ANY, MachineClass
 from machined.naming import hostname_is_valid
@@ -88,13 +88,14 @@ def validate_registration(
 
 class KillWho:
     LEADER = "leader"
+    SUPERVISOR = "supervisor"  # (262)
     ALL = "all"
 
 
 def validate_kill(who: str, signal: int) -> str:
     """The normalized ``who`` of a Kill call ("" means all), or InvalidArgs."""
     who = who or KillWho.ALL
-    if who not in (KillWho.LEADER, KillWho.ALL):
+    if who not in (KillWho.LEADER, KillWho.ALL) and not (who == KillWho.SUPERVISOR and personality.is_262()):
         raise BusError(errors.INVALID_ARGS, f"Invalid kill parameter '{who}'", parameter="whom")
     if not 1 <= signal <= SIGNAL_MAX:
         raise BusError(errors.INVALID_ARGS, f"Invalid signal {signal}", parameter="signal")

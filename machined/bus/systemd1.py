@@ -212,6 +212,10 @@ class Systemd:
     async def kill_unit(self, unit: str, signal: int) -> None:
         await self._manager_call("KillUnit", "ssi", [unit, "all", signal])
 
+    async def kill_unit_subgroup(self, unit: str, subgroup: str, signal: int) -> None:
+        """Signal the processes of the cgroup *subgroup* below *unit*'s own (systemd 258+)."""
+        await self._manager_call("KillUnitSubgroup", "sssi", [unit, "cgroup", subgroup, signal])
+
     async def version(self) -> str:
         """PID 1's ``Version`` ("252.39-1~deb12u2", "262-1"); "" when it cannot be read."""
         try:
