@@ -11,12 +11,11 @@ operations.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 
 from machined import errors, idmap, inside, pty
-from machined.addresses import Address, read_addresses
+from machined.addresses import Address, from_rows
 from machined.envfile import read_os_release
 from machined.errors import BusError
 from machined.machine import Machine, MachineClass
@@ -48,7 +47,8 @@ class MachineAccess:
     async def addresses(self, machine: Machine) -> list[Address]:
         self.check_addresses(machine)
         if machine.is_host:
-            return await asyncio.to_thread(read_addresses)
+            # in a child (pyroute2 stays out of the daemon), identical calls in flight share it
+            return from_rows(await run_worker("machined.addresses:host_addresses", inside.PROBE_TIMEOUT, shared=True))
         return await inside.container_addresses(machine)
 
     def check_os_release(self, machine: Machine) -> None:

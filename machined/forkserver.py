@@ -182,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(module)
         except ImportError as e:  # a child that needs it imports it itself (slowly)
             print(f"machined-fork: cannot preload {module}: {e}", file=sys.stderr)
+    try:
+        from machined.addresses import warm_up
+
+        warm_up()
+    except Exception as e:  # noqa: BLE001  (a child then loads what it needs itself)
+        print(f"machined-fork: cannot warm up pyroute2: {e}", file=sys.stderr)
     gc.freeze()  # what is imported stays out of collections: children share more pages with us
     return Server(ctl).run()
 

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from machined.addresses import Address
+from machined.addresses import Address, from_rows
 from machined.errors import BusError
 from machined.machine import Machine
 from machined.process import start_time
@@ -77,9 +77,7 @@ async def look(machine: Machine, op: str, timeout: float = PROBE_TIMEOUT, *, sha
 
 async def container_addresses(machine: Machine) -> list[Address]:
     data, _ = await look(machine, "addresses", shared=True)
-    assert isinstance(data, list)
-    # [family, address hex, ifindex] (a helper of an older version: without the ifindex)
-    return [Address(int(row[0]), 0, int(row[2]) if len(row) > 2 else 0, bytes.fromhex(str(row[1]))) for row in data]
+    return from_rows(data)
 
 
 async def container_os_release(machine: Machine) -> dict[str, str]:

@@ -34,7 +34,8 @@ from typing import Any
 # Everything is imported before entering a container: its root need not contain this project.
 from dbus_fast import Message
 
-from machined import netlink, pty, sessions
+from machined import pty, sessions
+from machined.addresses import read_addresses, to_rows
 from machined.envfile import read_os_release
 from machined.errors import BusError, errno_error_name
 from machined.worker import send_fd, serve_requests
@@ -120,8 +121,16 @@ def _os_release() -> dict[str, str]:
         raise OSError(errno.ENOENT, "Machine does not contain OS release information") from None
 
 
+_route: Any = None  # the helper's rtnetlink socket (pyroute2's IPRoute), opened in the container's namespace
+
+
 def _addresses() -> list[list[int | str]]:
-    return [[a.family, a.address.hex(), a.ifindex] for a in netlink.dump_addresses()]
+    global _route
+    if _route is None:
+        from pyroute2 import IPRoute  # preloaded by the fork server (addresses.warm_up)
+
+        _route = IPRoute()
+    return to_rows(read_addresses(_route))
 
 
 def _open_pty(fd_socket: int) -> str:

@@ -324,3 +324,61 @@ def test_the_synchronous_container_bus_client(tmp_path: Path) -> None:
     finally:
         daemon.kill()
         daemon.wait()
+
+
+def _ip_addresses(*prefix: str) -> set[tuple[str, int]]:
+    """What `ip -j -4 address` shows (of the namespace *prefix* runs it in): global and link
+    scope addresses, with their interface index (IPv4 only: IPv6 link-local ones come and go)."""
+    import json
+
+    out = subprocess.run([*prefix, "ip", "-j", "-4", "address"], check=True, capture_output=True, text=True).stdout
+    return {
+        (a["local"], link["ifindex"])
+        for link in json.loads(out)
+        for a in link.get("addr_info", [])
+        if a.get("scope") not in ("host", "nowhere") and not a.get("deprecated")
+    }
+
+
+@needs_root
+async def test_addresses_of_a_container_and_of_the_host_as_ip_shows_them() -> None:
+    """pyroute2 in the container's helper (one socket, opened inside) and, for .host, in a child of
+    the host's namespace; the daemon's process never imports it."""
+    import ipaddress
+    import socket
+
+    from machined import inside
+    from machined.access import MachineAccess
+    from machined.addresses import Address
+    from machined.machine import Machine, MachineClass
+    from machined.process import ProcessRef
+
+    def v4(addresses: list[Address]) -> list[Address]:
+        return [a for a in addresses if a.family == socket.AF_INET]
+
+    setup = (
+        "ip link add v0 type veth peer name v1 && ip addr add 192.0.2.7/24 dev v0 && ip link set v1 up"
+        " && ip link set v0 up && exec sleep 30"
+    )
+    leader = subprocess.Popen(["unshare", "--mount", "--net", "sh", "-c", setup])
+    try:
+        ns = ["nsenter", "-t", str(leader.pid), "-n"]
+        for _ in range(200):
+            if any(a == "192.0.2.7" for a, _ in _ip_addresses(*ns)):
+                break
+            time.sleep(0.02)
+        container = Machine(name="t", machine_class=MachineClass.CONTAINER, leader=leader.pid,
+                            leader_ref=ProcessRef.take(leader.pid))  # fmt: skip
+        for _ in range(2):  # the helper's socket serves more than one look
+            got = await inside.container_addresses(container)
+            assert {(str(ipaddress.ip_address(a.address)), a.ifindex) for a in v4(got)} == _ip_addresses(*ns)
+        assert [str(ipaddress.ip_address(a.address)) for a in got][0] == "192.0.2.7"
+
+        loaded = "pyroute2" in sys.modules  # by another test of this process, maybe
+        host = Machine(name=".host", machine_class=MachineClass.HOST, leader=1)
+        got = await MachineAccess(None).addresses(host)  # type: ignore[arg-type]  # .host needs no manager
+        assert {(str(ipaddress.ip_address(a.address)), a.ifindex) for a in v4(got)} == _ip_addresses()
+        assert ("pyroute2" in sys.modules) == loaded
+    finally:
+        leader.kill()
+        leader.wait()
