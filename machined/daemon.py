@@ -17,13 +17,13 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
 from machined import notify, personality
-from machined.bus import reader_fix, writer_fix
-from machined.bus.client import call_bus_daemon
-from machined.bus.introspection import STANDARD_INTERFACES_XML, load_interface
-from machined.bus.logcontrol import LogControl
-from machined.bus.objects import Dispatcher, new_signal
-from machined.bus.systemd1 import Systemd
-from machined.bus.tree import MANAGER_PATH, MachinedTree
+from machined.clients.bus import call_bus_daemon
+from machined.clients.systemd1 import Systemd
+from machined.dbus import reader_fix, writer_fix
+from machined.dbus.introspection import STANDARD_INTERFACES_XML, load_interface
+from machined.dbus.logcontrol import LogControl
+from machined.dbus.objects import Dispatcher, new_signal
+from machined.dbus.tree import MANAGER_PATH, MachinedTree
 from machined.errors import BusError
 from machined.machine import Machine, MachineClass, Timestamp, host_machine
 from machined.manager import MachineManager
@@ -120,7 +120,7 @@ class Daemon:
             self.manager.registry.remove(host)  # a user's instance has no .host machine
             self.manager.user_scope = True
             self.manager.pool_path = user.pool_path
-            from machined.bus import polkit
+            from machined.clients import polkit
 
             polkit.ask_polkit = False
             from machined.images import pool
@@ -223,7 +223,7 @@ class Daemon:
     async def _start_machine_varlink(self) -> None:
         """io.systemd.Machine over varlink (262): on the socket systemd passed us (socket
         activation, FileDescriptorName=varlink), else on the path we bind ourselves."""
-        from machined.bus import polkit
+        from machined.clients import polkit
         from machined.varlink import machine as machine_varlink
         from machined.varlink.server import listen_fds
 

@@ -5,7 +5,7 @@ D-Bus error name and message machined 252 answers; :func:`varlink_error` derives
 what machined 262 answers over varlink for the same failure: its own error name
 (``io.systemd.Machine.NoSuchMachine``), ``org.varlink.service.InvalidParameter``
 naming the offending field, ``PermissionDenied``, or ``io.systemd.System`` with
-the errno. The front-ends (``machined.bus``, ``machined.varlink``) are the only
+the errno. The front-ends (``machined.dbus``, ``machined.varlink``) are the only
 places that turn errors into replies.
 """
 

@@ -1,6 +1,6 @@
 """The registry's use cases: registration, lifecycle, garbage collection, lookups.
 
-Free of D-Bus: adapters in :mod:`machined.bus` translate calls into these
+Free of D-Bus: adapters in :mod:`machined.dbus` translate calls into these
 methods and the :class:`~machined.errors.BusError` they raise into replies.
 The service manager is reached through a :class:`ServiceManager` port, and
 machine arrivals and departures are announced through a callback.
@@ -84,7 +84,7 @@ def scope_properties(machine: Machine, extra: list[UnitProperty]) -> list[UnitPr
     """The properties of a machine's scope, upstream's first, the caller's last (they win).
 
     Unlike upstream, no ``AddRef``: a reference costs PID 1 a match rule per machine on the
-    bus (see :mod:`machined.bus.systemd1`)."""
+    bus (see :mod:`machined.clients.systemd1`)."""
     kind = "Virtual Machine" if machine.machine_class is MachineClass.VM else "Container"
     return [
         ("Slice", "s", MACHINE_SLICE),

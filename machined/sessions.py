@@ -13,7 +13,7 @@ from typing import Any
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from machined.bus.client import call_method
+from machined.clients.bus import call_method
 from machined.shell import LOGIN_SHELL_SCRIPT, shell_command  # noqa: F401  (where they used to be)
 
 

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 IFACE = "io.systemd.Machine."
 VMADDR_CID_ANY = 0xFFFFFFFF
 
-# (bus, subject, uid, action, details, interactive): machined.bus.polkit.check, or a stand-in.
+# (bus, subject, uid, action, details, interactive): machined.clients.polkit.check, or a stand-in.
 PolkitCheck = Callable[..., Awaitable[None]]
 
 

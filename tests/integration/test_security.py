@@ -105,7 +105,7 @@ FUZZER = r"""
 import asyncio, json, os, random, sys, time
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from machined.bus import writer_fix  # the fuzzer's own big messages need it as much as the daemon
+from machined.dbus import writer_fix  # the fuzzer's own big messages need it as much as the daemon
 writer_fix.apply()
 
 random.seed(int(sys.argv[1]))

@@ -13,11 +13,11 @@ from dbus_fast._private.unmarshaller import Unmarshaller
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from machined.bus.adapters import _list_body
-from machined.bus.introspection import load_interface
-from machined.bus.logcontrol import LogControl
-from machined.bus.objects import BusObject, Call, Dispatcher, FdReply, _method_return
-from machined.bus.tree import MachinedTree
+from machined.dbus.adapters import _list_body
+from machined.dbus.introspection import load_interface
+from machined.dbus.logcontrol import LogControl
+from machined.dbus.objects import BusObject, Call, Dispatcher, FdReply, _method_return
+from machined.dbus.tree import MachinedTree
 from machined.machine import Machine, MachineClass, Timestamp, host_machine
 from machined.manager import MachineManager
 from machined.statefile import StateDir
@@ -191,7 +191,7 @@ async def test_machine_self_is_the_callers_machine_even_with_a_machine_named_sel
     manager.find_by_pid = lambda pid: mine if pid == 4242 else None  # type: ignore[method-assign]
 
     async def credentials(self: Call) -> Any:
-        from machined.bus.objects import Credentials
+        from machined.dbus.objects import Credentials
 
         return Credentials(pid=4242, uid=0)
 
@@ -256,7 +256,7 @@ async def test_refusals_known_without_looking_inside_are_answered_in_place(tmp_p
     """machinectl list asks for each machine's OS release and addresses: a VM's refusal (and a
     container's without a network of its own) is answered right away, as 252 words it, without
     a coroutine or a context of its own."""
-    from machined.bus import objects
+    from machined.dbus import objects
 
     manager = manager_with(tmp_path, ["vm1"])
     shared = Machine(name="c1", machine_class=MachineClass.CONTAINER, leader=os.getpid(), unit="c1.scope",

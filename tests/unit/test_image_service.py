@@ -12,9 +12,9 @@ import pytest
 from dbus_fast import Message
 
 from machined import errors
-from machined.bus import images as bus_images
-from machined.bus.introspection import load_interface
-from machined.bus.objects import BusObject, Call, Dispatcher
+from machined.dbus import images as bus_images
+from machined.dbus.introspection import load_interface
+from machined.dbus.objects import BusObject, Call, Dispatcher
 from machined.errors import BusError
 from machined.images import metadata, pool, service
 from machined.images.pool import Image
@@ -188,5 +188,5 @@ def test_service_module_is_free_of_dbus() -> None:
     for module in ("machined.images.service", "machined.images.operations", "machined.images.metadata",
                    "machined.fs.copy", "machined.fs.btrfs"):  # fmt: skip
         source = Path(__import__(module, fromlist=["x"]).__file__).read_text()  # type: ignore[arg-type]
-        assert "dbus_fast" not in source and "machined.bus" not in source, module
+        assert "dbus_fast" not in source and "machined.dbus" not in source, module
     assert service.UINT64_MAX == pool.UINT64_MAX

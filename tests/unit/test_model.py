@@ -1,6 +1,6 @@
 """The machine record, the registry indexes and the interface definitions."""
 
-from machined.bus.introspection import introspect_xml, load_interface
+from machined.dbus.introspection import introspect_xml, load_interface
 from machined.machine import Machine, MachineClass, MachineState, Timestamp, host_machine
 from machined.registry import Registry
 
@@ -51,7 +51,7 @@ def test_interfaces_have_252_signatures() -> None:
 
 def test_every_introspected_method_has_a_handler(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from machined.access import MachineAccess
-    from machined.bus import adapters
+    from machined.dbus import adapters
     from machined.manager import MachineManager
     from machined.statefile import StateDir
 

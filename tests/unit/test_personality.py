@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from machined import errors, personality, statefile
-from machined.bus import polkit
-from machined.bus.introspection import load_interface
+from machined.clients import polkit
+from machined.dbus.introspection import load_interface
 from machined.errors import BusError
 from machined.machine import Machine, MachineClass
 from machined.process import ProcessRef

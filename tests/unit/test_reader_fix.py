@@ -1,4 +1,4 @@
-"""The bus reader returns after each message (machined.bus.reader_fix): no read that fails with
+"""The bus reader returns after each message (machined.dbus.reader_fix): no read that fails with
 EAGAIN after every call, while messages queued together, descriptors and messages split across
 reads all still arrive, and the last message's bytes are let go of soon after."""
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from dbus_fast import Message, MessageType
 
-from machined.bus import reader_fix
+from machined.dbus import reader_fix
 
 
 class CountingSocket(socket.socket):

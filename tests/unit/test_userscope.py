@@ -93,8 +93,8 @@ def test_user_search_path_has_no_host_image(tmp_path: Path, monkeypatch: pytest.
 
 
 async def test_user_instance_asks_polkit_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from machined.bus import polkit
     from machined.caller import PolkitSubject
+    from machined.clients import polkit
     from machined.errors import BusError
 
     subject = PolkitSubject("unix-process", pidfd=-1, uid=1000)

@@ -15,10 +15,10 @@ from typing import Any
 from machined import lifecycle, machine_calls, personality
 from machined.access import MachineAccess
 from machined.addresses import Address
-from machined.bus import machine262
-from machined.bus.introspection import load_interface
-from machined.bus.objects import BusObject, Call, FdReply, Handler, MarshalledBody, PropertyGetter
-from machined.bus.polkit import authorize
+from machined.clients.polkit import authorize
+from machined.dbus import machine262
+from machined.dbus.introspection import load_interface
+from machined.dbus.objects import BusObject, Call, FdReply, Handler, MarshalledBody, PropertyGetter
 from machined.machine import Machine
 from machined.manager import MachineManager, UnitProperty
 from machined.registration import RegistrationRequest, validate_registration
@@ -283,7 +283,7 @@ def manager_object(manager: MachineManager, access: MachineAccess,
 
 
 class _LazyImages:
-    """The Manager's image methods and pool properties (:mod:`machined.bus.images`), imported
+    """The Manager's image methods and pool properties (:mod:`machined.dbus.images`), imported
     when first called."""
 
     def __init__(self, manager: MachineManager) -> None:
@@ -292,7 +292,7 @@ class _LazyImages:
         self._properties: dict[str, PropertyGetter] | None = None
 
     def _load(self) -> None:
-        from machined.bus import images
+        from machined.dbus import images
 
         self._methods = images.image_manager_methods(self.manager)
         self._properties = images.image_manager_properties(self.manager)

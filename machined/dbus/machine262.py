@@ -12,8 +12,8 @@ import os
 from typing import Any
 
 from machined import lifecycle, machine_calls
-from machined.bus.objects import Call, Handler
-from machined.bus.polkit import authorize
+from machined.clients.polkit import authorize
+from machined.dbus.objects import Call, Handler
 from machined.machine import Machine
 from machined.manager import MachineManager, UnitProperty
 from machined.process import ProcessRef

@@ -31,8 +31,8 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.signature import get_signature_tree
 
 from machined import caller, errors
-from machined.bus.client import call_bus_daemon
-from machined.bus.introspection import Interface, Method, Property, introspect_xml
+from machined.clients.bus import call_bus_daemon
+from machined.dbus.introspection import Interface, Method, Property, introspect_xml
 from machined.errors import BusError
 
 log = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ async def _await(awaitable: Awaitable[Any]) -> Any:
 
 
 def _writer_is_known(bus: Any) -> bool:
-    """Whether dbus-fast's writer has the shape machined.bus.writer_fix knows (its queue, the
+    """Whether dbus-fast's writer has the shape machined.dbus.writer_fix knows (its queue, the
     message being written, the socket), so that a reply may be written past the queue."""
     writer = getattr(bus, "_writer", None)
     names = (
@@ -326,7 +326,7 @@ class Dispatcher:
         self.tree = tree
         self.machine_id = machine_id
         self._lookup_now = getattr(tree, "lookup_now", None)
-        # dbus-fast's writer as machined.bus.writer_fix knows it: replies may bypass its queue.
+        # dbus-fast's writer as machined.dbus.writer_fix knows it: replies may bypass its queue.
         self._direct_writes = _writer_is_known(bus)
         self._tasks: set[asyncio.Task[None]] = set()
         self.credentials = CredentialCache()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from machined import errors
-from machined.bus.introspection import load_interface
-from machined.bus.objects import BusObject, Call
+from machined.dbus.introspection import load_interface
+from machined.dbus.objects import BusObject, Call
 from machined.errors import BusError
 
 IFACE = "org.freedesktop.LogControl1"

@@ -39,7 +39,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from machined import caller, errors, sessions
-from machined.bus.client import call_bus_daemon, call_method
+from machined.clients.bus import call_bus_daemon, call_method
 from machined.errors import BusError
 from machined.limits import FairLimiter, Release
 from machined.naming import bus_label_escape, bus_label_unescape

@@ -9,9 +9,9 @@ machine.
 from __future__ import annotations
 
 from machined.access import MachineAccess
-from machined.bus import adapters
-from machined.bus.logcontrol import LogControl
-from machined.bus.objects import LATER, BusObject, Call, Later
+from machined.dbus import adapters
+from machined.dbus.logcontrol import LogControl
+from machined.dbus.objects import LATER, BusObject, Call, Later
 from machined.machine import Machine
 from machined.manager import MachineManager
 from machined.naming import (
@@ -78,7 +78,7 @@ class MachinedTree:
         if path == SELF_PATH:
             creds = await call.credentials()
             return self._machine_object(self.manager.find_by_pid(creds.pid))
-        from machined.bus import images  # the image pool is loaded on first use
+        from machined.dbus import images  # the image pool is loaded on first use
 
         if path == IMAGE_PATH_PREFIX:
             return BusObject(children=await images.image_children(self.manager))

@@ -12,9 +12,9 @@ import os
 from typing import Any
 
 from machined import personality
-from machined.bus.introspection import load_interface
-from machined.bus.objects import BusObject, Call, Handler, PropertyGetter
-from machined.bus.polkit import authorize
+from machined.clients.polkit import authorize
+from machined.dbus.introspection import load_interface
+from machined.dbus.objects import BusObject, Call, Handler, PropertyGetter
 from machined.errors import BusError
 from machined.images.pool import Image
 from machined.images.service import Authorize, ImageService

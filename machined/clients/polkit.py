@@ -25,8 +25,8 @@ from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
 from machined import errors, personality
-from machined.bus.client import call_method
 from machined.caller import PolkitSubject
+from machined.clients.bus import call_method
 from machined.errors import BusError
 from machined.limits import FairLimiter
 
