@@ -13,6 +13,14 @@ What ``install`` puts in place (paths inside ``--root``, default ``/``):
   (``sockets.target.wants/machined.socket``, as ``systemctl enable``), and
   ``systemd-machined.socket`` masked; the bus policy and polkit actions are then 262's
   (``dbus-interfaces/262/``);
+* where upstream ships a per-user machined (``systemd-machined --user``, systemd 262: its user
+  units in /usr/lib/systemd/user): ours for every user in ``/etc/systemd/user``, as
+  ``systemctl --global enable`` and ``mask`` would leave them: ``machined.service`` (the
+  system unit's command plus ``--user``) with its alias ``dbus-org.freedesktop.machine1.service``
+  (the session bus activates the name through it), ``machined.socket`` enabled
+  (``sockets.target.wants``), upstream's ``systemd-machined.service`` and ``.socket`` masked.
+  Users' service managers that run already keep what they have (their sockets are bound);
+  each one started afterwards (the user's next login) starts ours;
 * ``/etc/dbus-1/system.d/org.freedesktop.machine1.conf``: our bus policy. dbus-daemon
   reads /usr/share/dbus-1/system.d first and /etc/dbus-1/system.d after it (the
   administrator's layer); the last matching rule wins and ours opens with a ``deny`` for
@@ -61,6 +69,10 @@ SOCKET_WANTS = f"{UNIT_DIR}/sockets.target.wants/{SOCKET}"
 UPSTREAM_SOCKET = "systemd-machined.socket"
 # Where upstream's socket unit is when systemd is 257 or later (machined socket-activated).
 UPSTREAM_SOCKET_PATHS = (f"/usr/lib/systemd/system/{UPSTREAM_SOCKET}", f"/lib/systemd/system/{UPSTREAM_SOCKET}")
+USER_UNIT_DIR = "/etc/systemd/user"
+USER_SOCKET_WANTS = f"{USER_UNIT_DIR}/sockets.target.wants/{SOCKET}"
+# Where upstream's per-user units are when it has a per-user machined (systemd 262).
+UPSTREAM_USER_UNIT_DIRS = ("/usr/lib/systemd/user", "/lib/systemd/user")
 BUS_POLICY = "/etc/dbus-1/system.d/org.freedesktop.machine1.conf"
 ACTIVATION_FILE = "org.freedesktop.machine1.service"
 # dbus-daemon's <standard_system_servicedirs/>, first one wins (dbus-daemon(1)).
@@ -135,6 +147,21 @@ def unit_text(exec_start: str) -> str:
     text, n = re.subn(r"(?m)^ExecStart=.*$", lambda _: f"ExecStart={exec_start}", text)
     if n != 1:
         raise InstallError("the shipped machined.service has no single ExecStart= line (broken installation?)")
+    return f"# Installed by 'machined install' (machined {__version__}); 'machined uninstall' removes it.\n" + text
+
+
+def user_unit_text(exec_start: str) -> str:
+    """Our per-user unit as installed: the shipped one running *exec_start* with ``--user``."""
+    text = unit_file("machined-user.service").read_text(encoding="utf-8")
+    text, n = re.subn(r"(?m)^ExecStart=.*$", lambda _: f"ExecStart={exec_start} --user", text)
+    if n != 1:
+        raise InstallError("the shipped machined-user.service has no single ExecStart= line (broken installation?)")
+    return f"# Installed by 'machined install' (machined {__version__}); 'machined uninstall' removes it.\n" + text
+
+
+def user_socket_text() -> str:
+    """Our per-user socket unit as installed."""
+    text = unit_file("machined-user.socket").read_text(encoding="utf-8")
     return f"# Installed by 'machined install' (machined {__version__}); 'machined uninstall' removes it.\n" + text
 
 
@@ -430,6 +457,14 @@ class Installation:
         systemd-machined.socket is installed)."""
         return any(self.p(path).is_file() for path in UPSTREAM_SOCKET_PATHS)
 
+    def per_user(self) -> bool:
+        """Whether upstream has a per-user machined here (its user units; systemd 262)."""
+        return any(
+            self.p(f"{d}/{unit}").is_file()
+            for d in UPSTREAM_USER_UNIT_DIRS
+            for unit in (UPSTREAM_UNIT, UPSTREAM_SOCKET)
+        )
+
     def plan(self, manifest: dict[str, Any] | None) -> tuple[list[Desired], list[str]]:
         """What install puts in place, and notes on what it leaves as it is."""
         exec_start = self.exec_start or default_exec_start()
@@ -449,6 +484,17 @@ class Installation:
                 Desired(f"{UNIT_DIR}/{SOCKET}", "socket unit", content=socket_text().encode()),
                 Desired(SOCKET_WANTS, "the link systemctl enable makes", target=f"{UNIT_DIR}/{SOCKET}"),
                 Desired(f"{UNIT_DIR}/{UPSTREAM_SOCKET}", "masked, as systemctl mask does", target="/dev/null"),
+            ]
+        if self.per_user():
+            desired += [
+                Desired(f"{USER_UNIT_DIR}/{UNIT}", "per-user unit", content=user_unit_text(exec_start).encode()),
+                Desired(
+                    f"{USER_UNIT_DIR}/{ALIAS}", "the alias systemctl enable makes", target=f"{USER_UNIT_DIR}/{UNIT}"
+                ),
+                Desired(f"{USER_UNIT_DIR}/{UPSTREAM_UNIT}", "masked, as systemctl mask does", target="/dev/null"),
+                Desired(f"{USER_UNIT_DIR}/{SOCKET}", "per-user socket unit", content=user_socket_text().encode()),
+                Desired(USER_SOCKET_WANTS, "the link systemctl enable makes", target=f"{USER_UNIT_DIR}/{SOCKET}"),
+                Desired(f"{USER_UNIT_DIR}/{UPSTREAM_SOCKET}", "masked, as systemctl mask does", target="/dev/null"),
             ]
         notes = []
 
@@ -536,6 +582,11 @@ class Installation:
 
         if host is None:
             return
+        if any(path.startswith(f"{USER_UNIT_DIR}/") for path in changed):
+            self.out(
+                f"users' service managers running now keep {UPSTREAM_UNIT} --user until they restart "
+                "(the user's next login); each one started from now on starts machined --user"
+            )
         self._reload(host, changed)
         problems = self._verify(host)
         if problems:
@@ -669,6 +720,11 @@ class Installation:
         socket_active = host.is_active(SOCKET) if host is not None and socket else False
         reverted = self._undo_files(manifest)
         if host is not None:
+            if any(path.startswith(f"{USER_UNIT_DIR}/") for path in reverted):
+                self.out(
+                    "users' service managers running now keep machined --user until they restart "
+                    f"(the user's next login); each one started from now on starts {UPSTREAM_UNIT} --user"
+                )
             # Reload before stopping ours: from here on, activation starts systemd-machined.
             self._reload(host, reverted)
             if socket_active:
