@@ -817,7 +817,8 @@ def main(argv: list[str]) -> int:
         description=(
             "Put machined in place of systemd-machined: unit, bus alias, bus policy (and the "
             "activation file and polkit actions if the ones there differ), systemd-machined "
-            "masked, then switch over live."
+            "masked, then switch over live; where systemd has a per-user machined, the same for "
+            "users (ours in /etc/systemd/user, taking effect as their service managers start)."
             if command == "install"
             else "Undo 'machined install' exactly: restore every file it replaced, remove what it "
             "created, unmask systemd-machined and switch back live."
