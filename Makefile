@@ -33,7 +33,7 @@ $(VENV)/.installed: $(RUNDIR)/debs.stamp pyproject.toml
 	@touch $@
 
 run: deps
-	@$(BIN)/machined-sandbox demo --id-file $(RUNDIR)/sandbox-id
+	@$(BIN)/machined-sandbox demo --id-file $(RUNDIR)/sandbox-id $(if $(SYSTEMD),--systemd $(SYSTEMD))
 
 shell: deps
 	@$(BIN)/machined-sandbox shell $$(cat $(RUNDIR)/sandbox-id 2>/dev/null)

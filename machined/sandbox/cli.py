@@ -100,7 +100,7 @@ def cmd_build_root(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from machined.sandbox.demo import demo
 
-    return demo(args.id_file)
+    return demo(args.id_file, args.systemd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="boot a sandbox with machined and show real clients using it")
     s.add_argument("--id-file", help="write the sandbox id to this file")
+    s.add_argument("--systemd", choices=["262"], help="boot systemd 262 from the cached Debian forky root")
     s.set_defaults(func=cmd_demo)
     return p
 

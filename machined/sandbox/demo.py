@@ -71,17 +71,29 @@ def wait_for_machine(sb: Sandbox, name: str, timeout: float = 20) -> None:
         time.sleep(0.1)
 
 
-def demo(id_file: str | None) -> int:
-    sb = Sandbox("ours").start()
+# With systemd 262: what its clients ask over varlink.
+STEPS_262 = [
+    ("varlinkctl call --more /run/systemd/machine/io.systemd.Machine io.systemd.Machine.List '{}'", ["varlinkctl",
+     "call", "--more", "/run/systemd/machine/io.systemd.Machine", "io.systemd.Machine.List", "{}"]),
+    ("varlinkctl info /run/systemd/machine/io.systemd.Machine", ["varlinkctl", "info",
+     "/run/systemd/machine/io.systemd.Machine"]),
+]  # fmt: skip
+
+
+def demo(id_file: str | None, systemd: str | None = None) -> int:
+    sb = Sandbox("ours", systemd=systemd or "252").start()
     if id_file:
         with open(id_file, "w", encoding="utf-8") as f:
             f.write(sb.id + "\n")
-    print(f"Sandbox {sb.id} booted systemd (PID {sb.init_pid} on the host) with machined in place of systemd-machined.")
+    version = sb.run(["systemctl", "--version"], check=False).stdout.split("\n")[0]
+    print(
+        f"Sandbox {sb.id} booted {version} (PID {sb.init_pid} on the host) with machined in place of systemd-machined."
+    )
     for args in SETUP:
         sb.run(args, check=False)
     sb.run(["bash", "-c", BOOTED], check=False, timeout=120)
     wait_for_machine(sb, "demo-container")
-    for title, args in STEPS:
+    for title, args in STEPS + (STEPS_262 if systemd == "262" else []):
         show(sb, title, args)
     print(
         f"\nThe sandbox keeps running. Enter it with 'make shell' (or: machined-sandbox shell {sb.id}),"
