@@ -60,12 +60,7 @@ def serialize(machine: Machine) -> str:
         lines.append(f"ROOT={cescape(machine.root_directory)}\n")
     if any(machine.id):
         lines.append(f"ID={machine.id.hex()}\n")
-    if machine.leader:
-        lines.append(f"LEADER={machine.leader}\n")
-        # As systemd 258+ writes it; 252's readers ignore keys they do not know.
-        pidfd_id = machine.leader_ref.pidfd_id if machine.leader_ref else machine.leader_pidfd_id
-        if pidfd_id:
-            lines.append(f"LEADER_PIDFDID={pidfd_id}\n")
+    lines += _leader_lines(machine)  # LEADER_PIDFDID= as systemd 258+ writes it; 252's readers ignore it
     if machine.machine_class in (MachineClass.CONTAINER, MachineClass.VM):
         lines.append(f"CLASS={machine.machine_class}\n")
     if machine.timestamp.is_set():
@@ -73,6 +68,16 @@ def serialize(machine: Machine) -> str:
     if machine.netif:
         lines.append("NETIF=" + " ".join(str(i) for i in machine.netif) + "\n")
     return "".join(lines)
+
+
+def _leader_lines(machine: Machine) -> list[str]:
+    if not machine.leader:
+        return []
+    lines = [f"LEADER={machine.leader}\n"]
+    pidfd_id = machine.leader_ref.pidfd_id if machine.leader_ref else machine.leader_pidfd_id
+    if pidfd_id:
+        lines.append(f"LEADER_PIDFDID={pidfd_id}\n")
+    return lines
 
 
 # What makes systemd 262's env_file_fputs_assignment() double-quote a value: whitespace, what a
@@ -97,11 +102,7 @@ def serialize_262(machine: Machine) -> str:
             lines.append(f"{key}={quote_262(value)}\n")
     if any(machine.id):
         lines.append(f"ID={machine.id.hex()}\n")
-    if machine.leader:
-        lines.append(f"LEADER={machine.leader}\n")
-        pidfd_id = machine.leader_ref.pidfd_id if machine.leader_ref else machine.leader_pidfd_id
-        if pidfd_id:
-            lines.append(f"LEADER_PIDFDID={pidfd_id}\n")
+    lines += _leader_lines(machine)
     supervisor = machine.supervisor_ref
     if supervisor is not None and supervisor.pid > 0:
         lines.append(f"SUPERVISOR={supervisor.pid}\n")
