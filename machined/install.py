@@ -584,7 +584,7 @@ class Installation:
             return
         if any(path.startswith(f"{USER_UNIT_DIR}/") for path in changed):
             self.out(
-                f"users' service managers running now keep {UPSTREAM_UNIT} --user until they restart "
+                "users' service managers running now keep systemd-machined --user until they restart "
                 "(the user's next login); each one started from now on starts machined --user"
             )
         self._reload(host, changed)
@@ -723,7 +723,7 @@ class Installation:
             if any(path.startswith(f"{USER_UNIT_DIR}/") for path in reverted):
                 self.out(
                     "users' service managers running now keep machined --user until they restart "
-                    f"(the user's next login); each one started from now on starts {UPSTREAM_UNIT} --user"
+                    "(the user's next login); each one started from now on starts systemd-machined --user"
                 )
             # Reload before stopping ours: from here on, activation starts systemd-machined.
             self._reload(host, reverted)

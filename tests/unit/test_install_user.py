@@ -125,7 +125,7 @@ def test_live_install_says_running_user_managers_keep_theirs_and_touches_none(tm
     lines: list[str] = []
     installation(root, host, lines).install()
     assert any(
-        line.startswith("users' service managers running now keep systemd-machined.service --user") for line in lines
+        line.startswith("users' service managers running now keep systemd-machined --user") for line in lines
     )
     # the system's switch as without user units; nothing asked of users' managers
     assert [c for c in host.calls if c.startswith(("start", "stop"))] == [
