@@ -124,9 +124,7 @@ def test_live_install_says_running_user_managers_keep_theirs_and_touches_none(tm
     host = FakeHost262(root, {inst.UPSTREAM_UNIT, inst.UPSTREAM_SOCKET})
     lines: list[str] = []
     installation(root, host, lines).install()
-    assert any(
-        line.startswith("users' service managers running now keep systemd-machined --user") for line in lines
-    )
+    assert any(line.startswith("users' service managers running now keep systemd-machined --user") for line in lines)
     # the system's switch as without user units; nothing asked of users' managers
     assert [c for c in host.calls if c.startswith(("start", "stop"))] == [
         "stop systemd-machined.socket", "stop systemd-machined.service", "start machined.socket",
