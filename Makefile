@@ -6,8 +6,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 RUNDIR := .run
 
-# Debian packages: the reference daemon and its clients, the bus, polkit, the
-# build dependencies of systemd-python, and the tools the sandbox uses (debootstrap builds
+# Debian packages: the reference daemon and its clients, the bus, polkit, libsystemd (tests
+# compare errno names with its sd-bus), compilers for wheels without a binary build, and the
+# tools the sandbox uses (debootstrap builds
 # the Debian forky root of the systemd-262 sandbox).
 DEBS := systemd systemd-container systemd-userdbd dbus polkitd libnss-mymachines libglib2.0-bin libsystemd-dev pkg-config \
         gcc python3-dev python3-venv util-linux mount procps iproute2 hostname \

@@ -6,8 +6,7 @@ dependencies (PyPI, or pip's cache) into a fresh virtualenv that cannot see the
 checkout; the venv's ``machined`` console script then runs against a private
 dbus-daemon whose system-bus-like policy includes the *installed* bus policy.
 Everything lives in one temporary directory under /var/tmp, removed at the end.
-About 25 s with pip's cache warm; the first run downloads the dependencies and
-compiles systemd-python (libsystemd-dev, pkg-config, gcc: `make deps`).
+About 25 s with pip's cache warm; the first run downloads the dependencies.
 """
 
 from __future__ import annotations
