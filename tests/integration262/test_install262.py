@@ -14,7 +14,6 @@ interpreter.
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 
 from machined.sandbox import Sandbox
 from machined.sandbox.forky import HOST_LIBS
+from tests.integration.test_install import sections
 
 MACHINED = Path(sys.executable).parent / "machined"  # the console script pip installed
 
@@ -95,19 +95,6 @@ echo "=== snapshot"
 diff /tmp/snap.before /tmp/snap.after && echo same
 systemctl stop in-l1
 """
-
-
-def sections(text: str) -> dict[str, str]:
-    result: dict[str, str] = {}
-    name = ""
-    for line in text.splitlines(True):
-        m = re.fullmatch(r"=== (\S+)\n", line)
-        if m:
-            name = m.group(1)
-            result[name] = ""
-        else:
-            result[name] = result.get(name, "") + line
-    return result
 
 
 def test_install_and_uninstall_on_262(real262: Sandbox) -> None:
