@@ -141,22 +141,23 @@ def check_exec_start(exec_start: str) -> None:
         raise InstallError(f"ExecStart= needs an absolute path, not {exec_start!r}")
 
 
+def _installed_service(shipped: str, command: str) -> str:
+    """The shipped service *shipped* as installed: its ExecStart= running *command*."""
+    text = unit_file(shipped).read_text(encoding="utf-8")
+    text, n = re.subn(r"(?m)^ExecStart=.*$", lambda _: f"ExecStart={command}", text)
+    if n != 1:
+        raise InstallError(f"the shipped {shipped} has no single ExecStart= line (broken installation?)")
+    return f"# Installed by 'machined install' (machined {__version__}); 'machined uninstall' removes it.\n" + text
+
+
 def unit_text(exec_start: str) -> str:
     """Our unit as installed: the shipped one with ExecStart= pointed at *exec_start*."""
-    text = unit_file("machined.service").read_text(encoding="utf-8")
-    text, n = re.subn(r"(?m)^ExecStart=.*$", lambda _: f"ExecStart={exec_start}", text)
-    if n != 1:
-        raise InstallError("the shipped machined.service has no single ExecStart= line (broken installation?)")
-    return f"# Installed by 'machined install' (machined {__version__}); 'machined uninstall' removes it.\n" + text
+    return _installed_service("machined.service", exec_start)
 
 
 def user_unit_text(exec_start: str) -> str:
     """Our per-user unit as installed: the shipped one running *exec_start* with ``--user``."""
-    text = unit_file("machined-user.service").read_text(encoding="utf-8")
-    text, n = re.subn(r"(?m)^ExecStart=.*$", lambda _: f"ExecStart={exec_start} --user", text)
-    if n != 1:
-        raise InstallError("the shipped machined-user.service has no single ExecStart= line (broken installation?)")
-    return f"# Installed by 'machined install' (machined {__version__}); 'machined uninstall' removes it.\n" + text
+    return _installed_service("machined-user.service", f"{exec_start} --user")
 
 
 def user_socket_text() -> str:
