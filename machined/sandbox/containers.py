@@ -9,8 +9,17 @@ host's default services. The tests and ``make run`` share it.
 BASH_FUNCTIONS = r"""
 # (the waits end as soon as the condition holds; their limits only matter on a loaded machine)
 # until_listed NAME: wait until machine NAME is registered
+# (systemd-nspawn's payload starts only once its registration is answered: when the leader is
+# still nspawn's child, wait for that too, or a restart of the daemon could catch the call)
 until_listed() {
-  for _ in $(seq 600); do machinectl show "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done
+  local l
+  for _ in $(seq 600); do
+    if l=$(machinectl show "$1" -p Leader --value 2>/dev/null); then
+      for _ in $(seq 600); do [ "$(cat /proc/$l/comm 2>/dev/null)" = systemd-nspawn ] || return 0; sleep 0.05; done
+      return 0
+    fi
+    sleep 0.05
+  done
   echo "never registered: $1"
 }
 # gone NAME: wait until machine NAME is no longer registered
@@ -33,6 +42,17 @@ boot_container() {
     sleep 0.1
   done
   echo "container $1 did not boot"
+}
+# login_prompt NAME: `machinectl login NAME` until the prompt shows (at most 30 s); prints "login:"
+# when it did. Then the container's getty is stopped: systemd restarts it on its pty's number
+# once the session hangs up, and it would share that pty with whatever opens the number next.
+login_prompt() {
+  local out=/tmp/login-$1.out p
+  timeout 30 script -qec "machinectl login $1" /dev/null < /dev/null > $out 2>&1 & p=$!
+  for _ in $(seq 300); do grep -aq 'login:' $out && break; sleep 0.1; done
+  kill $p 2>/dev/null; wait $p 2>/dev/null
+  tr -d '\r' < $out | grep -a -m1 -o 'login:'; rm -f $out
+  systemctl -M $1 stop 'container-getty@*.service' 2>/dev/null
 }
 # stop_container NAME
 stop_container() { machinectl terminate $1 2>/dev/null; gone $1; umount /var/lib/machines/$1 2>/dev/null; }

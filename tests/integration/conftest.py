@@ -15,6 +15,7 @@ import pytest
 
 from machined.sandbox import Sandbox
 from machined.sandbox.core import CGROUP_ENV, LAYOUTS, cgroup_layout
+from tests.integration.differential import sweep_after
 
 pytestmark = pytest.mark.integration
 
@@ -62,6 +63,11 @@ def ours() -> Iterator[Sandbox]:
 def real() -> Iterator[Sandbox]:
     with Sandbox("real", cgroup=CGROUP_LAYOUT) as sb:
         yield sb
+
+
+@pytest.fixture(autouse=True)
+def _sweep_shared_sandboxes(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield from sweep_after(request, ("ours", "real"))
 
 
 @pytest.fixture(scope="session")

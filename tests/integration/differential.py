@@ -9,6 +9,9 @@ Timestamps, IDs, job numbers and unique bus names are masked as well.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+
+import pytest
 
 from machined.sandbox import Sandbox
 from machined.sandbox.containers import BASH_FUNCTIONS
@@ -86,3 +89,35 @@ def run(sb: Sandbox, script: str, timeout: float = 120) -> str:
 def compare(ours: Sandbox, real: Sandbox, script: str, timeout: float = 120) -> tuple[str, str]:
     """(expected from real, got from ours), normalized."""
     return normalize(run(real, script, timeout)), normalize(run(ours, script, timeout))
+
+
+# What a scenario left behind when it failed half-way (a container still booting, a machine its
+# last lines would have terminated): ended after each test, so that one failure in a sandbox
+# shared by a module does not show up again as a difference in every test after it.
+SWEEP = r"""
+for m in $(machinectl list --no-legend 2>/dev/null | awk '{print $1}'); do
+  machinectl terminate "$m" 2>/dev/null
+done
+for m in $(machinectl list --no-legend 2>/dev/null | awk '{print $1}'); do
+  for _ in $(seq 200); do machinectl show "$m" >/dev/null 2>&1 || break; sleep 0.05; done
+done
+for d in /var/lib/machines/*; do mountpoint -q "$d" && umount -l "$d"; done 2>/dev/null
+machinectl list --no-legend 2>/dev/null | awk '{print "left: " $1}'
+"""
+
+
+def sweep(sb: Sandbox) -> str:
+    """End every machine still registered in *sb* (best effort); what is left, one per line."""
+    try:
+        r = sb.run(["bash", "-c", SWEEP], check=False, timeout=60)
+    except Exception as e:  # a sandbox a test broke on purpose, or one already gone
+        return f"sweep failed: {e}"
+    return r.stdout
+
+
+def sweep_after(request: pytest.FixtureRequest, names: tuple[str, ...]) -> Iterator[None]:
+    """The body of an autouse fixture: after the test, sweep the shared sandboxes it used."""
+    used = [request.getfixturevalue(n) for n in names if n in request.fixturenames]
+    yield
+    for sb in used:
+        sweep(sb)

@@ -57,8 +57,8 @@ machinectl shell sh1 /usr/bin/env | grep -E '^(TERM|USER|HOME|SHELL|LOGNAME)=' |
 machinectl shell --setenv=FOO=bar sh1 /bin/sh -c 'echo $FOO; tty'
 machinectl shell nobody@sh1 /usr/bin/id -un
 machinectl shell .host /bin/echo on-the-host
-timeout 30 script -qec "machinectl login sh1" /dev/null < /dev/null | tr -d '\r' | grep -a -m1 -o 'login:'
-busctl call $M $MP $MI OpenMachinePTY s sh1
+login_prompt sh1
+busctl call $M $MP $MI OpenMachinePTY s sh1 | sed 's/[0-9]*"$/N"/'
 busctl call $M $MP $MI OpenMachinePTY s .host | sed 's/[0-9]*"$/N"/'
 call OpenMachineRootDirectory sh1
 call OpenMachineRootDirectory .host

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from machined.sandbox import Sandbox
+from tests.integration.differential import sweep_after
 
 pytestmark = pytest.mark.integration
 
@@ -70,3 +71,8 @@ def ours262() -> Iterator[Sandbox]:
 def real262() -> Iterator[Sandbox]:
     with Sandbox("real", systemd="262") as sb:
         yield sb
+
+
+@pytest.fixture(autouse=True)
+def _sweep_shared_sandboxes(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield from sweep_after(request, ("ours262", "real262"))

@@ -67,7 +67,7 @@ machinectl shell mc262 /usr/bin/env | grep -E '^(TERM|USER|HOME|SHELL|LOGNAME)='
 machinectl shell --setenv=FOO=bar mc262 /bin/sh -c 'echo $FOO; tty'
 machinectl shell nobody@mc262 /usr/bin/id -un
 machinectl shell .host /bin/echo on-the-host
-timeout 10 script -qec "machinectl login mc262" /dev/null < /dev/null | tr -d '\r' | grep -a -m1 -o 'login:'
+login_prompt mc262
 mkdir -p /tmp/bindsrc; echo bound > /tmp/bindsrc/hello
 machinectl bind --mkdir mc262 /tmp/bindsrc /mnt/bound; echo "bind rc=$?"
 machinectl shell mc262 /bin/cat /mnt/bound/hello
