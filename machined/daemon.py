@@ -62,10 +62,13 @@ def read_machine_id(path: str = "/etc/machine-id") -> str:
 
 
 def boot_timestamp() -> Timestamp:
-    """When the system booted, on both clocks (what ``.host`` reports)."""
+    """When the system booted, on both clocks (what ``.host`` reports): boot time 0 carried over
+    to each clock as upstream does, so the monotonic value is what the monotonic clock advanced
+    past the boot-time clock between the two reads (0 or a few µs; 0 after a suspend)."""
+    boot_us = time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1000
+    mono_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     now_us = time.clock_gettime_ns(time.CLOCK_REALTIME) // 1000
-    since_boot_us = time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1000
-    return Timestamp(realtime=now_us - since_boot_us, monotonic=0)
+    return Timestamp(realtime=max(now_us - boot_us, 0), monotonic=max(mono_us - boot_us, 0))
 
 
 def return_free_memory() -> None:

@@ -193,7 +193,7 @@ systemctl is-active {service} || true
 systemctl is-active {socket}
 ls -l /run/systemd/machine/ /run/varlink/registry/ | grep -i machine | sed 's/.* \(io\.systemd\)/\1/'
 varlinkctl --json=short call --more /run/systemd/machine/io.systemd.Machine io.systemd.Machine.List '{{}}' \
-  | sed 's/"id":"[0-9a-f]*",//; s/"pidfdId":[0-9]*,"bootId":"[0-9a-f]*"//; s/"realtime":[0-9]*/"realtime":N/'
+  | sed 's/"id":"[0-9a-f]*",//; s/"pidfdId":[0-9]*,"bootId":"[0-9a-f]*"//; s/"realtime":[0-9]*/"realtime":N/; s/"monotonic":[0-9]*/"monotonic":N/'
 systemctl is-active {service}
 varlinkctl --json=short call /run/systemd/machine/io.systemd.MachineImage io.systemd.MachineImage.List '{{"name":".host"}}' \
   | sed 's/"creationTimestamp":[0-9]*/"creationTimestamp":N/'
