@@ -9,6 +9,7 @@ Timestamps, IDs, job numbers and unique bus names are masked as well.
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -82,8 +83,26 @@ def run(sb: Sandbox, script: str, timeout: float = 120) -> str:
     # The script is saved first and run with stdin from /dev/null, so that clients which read
     # their standard input (machinectl shell) cannot eat the rest of the script.
     runner = 'f=$(mktemp /tmp/scenario.XXXXXX); cat > "$f"; bash "$f" < /dev/null; rc=$?; rm -f "$f"; exit $rc'
-    r = sb.run(["bash", "-c", runner], input=f"SVC={svc}\n" + PRELUDE + script, check=False, timeout=timeout)
+    try:
+        r = sb.run(["bash", "-c", runner], input=f"SVC={svc}\n" + PRELUDE + script, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"scenario ran over {timeout} s in sandbox {sb.id} ({sb.info.impl}); its output so far:\n"
+                    f"{_text(e.stdout)}{_text(e.stderr)}\n{_stuck(sb)}")  # fmt: skip
     return r.stdout + r.stderr
+
+
+def _text(data: str | bytes | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
+
+
+def _stuck(sb: Sandbox) -> str:
+    """What a scenario that ran over its time was waiting for: the sandbox's processes (the
+    oldest scenario's last command among them) and the end of its journal."""
+    look = "ps -eo pid,stat,etimes,wchan:24,args --forest; journalctl -q --no-pager -n 60 -o short-monotonic"
+    try:
+        return sb.run(["sh", "-c", look], check=False, timeout=30).stdout
+    except Exception as e:  # the sandbox itself no longer answers
+        return f"(could not look inside: {e})"
 
 
 def compare(ours: Sandbox, real: Sandbox, script: str, timeout: float = 120) -> tuple[str, str]:
