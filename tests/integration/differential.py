@@ -113,17 +113,13 @@ def compare(ours: Sandbox, real: Sandbox, script: str, timeout: float = 120) -> 
 # What a scenario left behind when it failed half-way (a container still booting, a machine its
 # last lines would have terminated): ended after each test, so that one failure in a sandbox
 # shared by a module does not show up again as a difference in every test after it.
-SWEEP = (
-    BASH_FUNCTIONS
-    + r"""
-for m in $(machinectl list --no-legend 2>/dev/null | awk '{print $1}'); do
-  machinectl terminate "$m" 2>/dev/null
-done
-for m in $(machinectl list --no-legend 2>/dev/null | awk '{print $1}'); do gone "$m" >/dev/null; done
+SWEEP = r"""
+for m in $(machinectl list --no-legend 2>/dev/null | awk '{print $1}'); do machinectl terminate "$m" 2>/dev/null; done
+# at most 5 s for all: a machine that terminate does not end (its leader's own unit) stays
+for _ in $(seq 100); do [ -z "$(machinectl list --no-legend 2>/dev/null)" ] && break; sleep 0.05; done
 for d in /var/lib/machines/*; do mountpoint -q "$d" && umount -l "$d"; done 2>/dev/null
 machinectl list --no-legend 2>/dev/null | awk '{print "left: " $1}'
 """
-)
 
 
 def sweep(sb: Sandbox) -> str:
