@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import uuid
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -109,6 +109,72 @@ def _pidfd_id(pid: int) -> int:
         os.close(fd)
 
 
+PID_T_MAX = 0x7FFFFFFF
+_ID128 = re.compile(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _uint64(value: Any, strict: bool = False) -> int | None:
+    """An unsigned 64-bit field as sd-json takes it (a decimal string too; null is 0 unless *strict*)."""
+    if value is None:
+        return None if strict else 0
+    number = _int(value)
+    return number if number is not None and 0 <= number < 2**64 else None
+
+
+def _id128(value: Any) -> str | None:
+    """A 128-bit id (32 hex digits, or the UUID form) as lower-case hex; None if it is not one."""
+    if not isinstance(value, str) or not _ID128.fullmatch(value):
+        return None
+    return value.replace("-", "").lower()
+
+
+PidParam = tuple[int, int, bool]  # pid, pidfd id, of another boot
+
+
+def _process_id_param(value: Any, field: str, relax: bool = False, strict: bool = False) -> PidParam | None:
+    """A ProcessId (or a plain PID) as 262 reads one: (pid, pidfd id, of another boot), None for
+    "the caller" (*relax*: a zero PID with nothing else). *strict* (Register's leader): the
+    process must exist in this boot and match the pidfd id given. Anything else is
+    InvalidParameter naming *field*."""
+    fd_id = 0
+    boot = ""
+    if isinstance(value, dict):
+        known = {"pid", "pidfdId", "bootId"}
+        if "pid" not in value or any(key not in known for key in value):
+            raise invalid_parameter(field)
+        pid = _uint64(value["pid"], strict=True)
+        if pid is None:
+            raise invalid_parameter(field)
+        if "pidfdId" in value:
+            fd_id_value = _uint64(value["pidfdId"], strict=strict)
+            if fd_id_value is None:
+                raise invalid_parameter(field)
+            fd_id = fd_id_value
+        if "bootId" in value:
+            boot_id = _id128(value["bootId"])
+            if boot_id is None:
+                raise invalid_parameter(field)
+            boot = "" if boot_id == "0" * 32 else boot_id
+    else:
+        number = _uint64(value, strict=True)
+        if number is None:
+            raise invalid_parameter(field)
+        pid = number
+    if relax and pid == 0 and fd_id == 0 and not boot:
+        return None
+    if not 0 < pid <= PID_T_MAX:
+        raise invalid_parameter(field)
+    remote = bool(boot) and bool(_boot_id()) and boot != _boot_id()
+    if strict:
+        if remote:
+            raise invalid_parameter(field)
+        actual = _pidfd_id(pid)
+        if actual == 0 or (fd_id and actual != fd_id):
+            raise invalid_parameter(field)
+        fd_id = actual
+    return pid, fd_id, remote
+
+
 class MachineVarlink:
     """The handlers of io.systemd.Machine, bound to one manager."""
 
@@ -125,19 +191,15 @@ class MachineVarlink:
 
     # ----- lookups -----------------------------------------------------------------------------
 
-    def _pid_param(self, call: Call, value: Any) -> int:
-        """The PID a ``pid`` (ProcessId) parameter names: 0 means the caller."""
-        pid = _int(value.get("pid")) if isinstance(value, dict) else _int(value)
-        if pid is None or pid < 0:
-            raise invalid_parameter("pid")
-        if pid == 0:
+    def _pid_param(self, call: Call, value: Any) -> int | None:
+        """The PID a lookup's ``pid`` (ProcessId) names, as 262 reads it (relaxed, not verified):
+        0 alone means the caller; a pidfd id that does not match is not held against it; a
+        process of another boot (``bootId``) is none here (None)."""
+        ref = _process_id_param(value, "pid", relax=True)
+        if ref is None:
             return call.peer.pid_value
-        if not os.path.exists(f"/proc/{pid}"):
-            raise invalid_parameter("pid")  # 262 cannot pin it: the field is refused
-        expected = _int(value.get("pidfdId")) if isinstance(value, dict) else None
-        if expected and _pidfd_id(pid) != expected:
-            raise VarlinkError(errors.VL_NO_SUCH_MACHINE)
-        return pid
+        pid, _, remote = ref
+        return None if remote else pid
 
     def lookup(self, call: Call) -> Machine | None:
         """The machine named by ``name`` and/or ``pid``; None if neither is given. Both given must agree."""
@@ -151,7 +213,8 @@ class MachineVarlink:
             if by_name is None:
                 raise VarlinkError(errors.VL_NO_SUCH_MACHINE)
         if pid_value is not None:
-            by_pid = self.manager.find_by_pid(self._pid_param(call, pid_value))
+            pid = self._pid_param(call, pid_value)
+            by_pid = self.manager.find_by_pid(pid) if pid is not None else None
             if by_pid is None:
                 raise VarlinkError(errors.VL_NO_SUCH_MACHINE)
         if by_name is not None and by_pid is not None and by_name is not by_pid:
@@ -241,64 +304,89 @@ class MachineVarlink:
 
     # ----- Register ----------------------------------------------------------------------------
 
-    def _leader_param(self, params: dict[str, Any]) -> int:
-        leader = 0
-        for key in ("leader", "leaderProcessId"):
-            value = params.get(key)
-            if value is None:
-                continue
-            pid = _int(value.get("pid")) if isinstance(value, dict) else _int(value)
-            if pid is None or pid <= 0 or pid == 1 or not os.path.exists(f"/proc/{pid}"):
+    @staticmethod
+    def _register_fields(params: dict[str, Any]) -> dict[str, Any]:
+        """Register's fields checked one by one in the order the caller sent them, as sd-json
+        dispatches an object (the first bad one is named). Null is refused where 262's dispatch
+        table gives the field a JSON type; ``leader`` and ``leaderProcessId`` must name the same
+        live process of this boot (pidfd id checked); the supervisor fields are taken and unused."""
+        out: dict[str, Any] = {"leader": 0, "id": b"", "netif": [], "cid": VMADDR_CID_ANY}
+
+        def string(key: str, value: Any) -> str:
+            if not isinstance(value, str):
                 raise invalid_parameter(key)
-            if isinstance(value, dict):
-                expected = _int(value.get("pidfdId"))
-                if expected and _pidfd_id(pid) != expected:
+            return value
+
+        for key, value in params.items():
+            if key == "name":
+                if not hostname_is_valid(string(key, value)):
                     raise invalid_parameter(key)
-            if leader and leader != pid:
-                raise invalid_parameter(key)
-            leader = pid
-        return leader
+                out["name"] = value
+            elif key == "id":
+                machine_id = _id128(value)
+                if machine_id is None:
+                    raise invalid_parameter(key)
+                out["id"] = bytes.fromhex(machine_id)
+            elif key in ("service", "sshAddress"):
+                out[key] = string(key, value)
+            elif key == "class":
+                if value not in (MachineClass.CONTAINER, MachineClass.VM):
+                    raise invalid_parameter(key)  # unknown, or "host": only the system itself is that
+                out[key] = value
+            elif key in ("leader", "leaderProcessId"):
+                if value is None:
+                    if key == "leaderProcessId":
+                        raise invalid_parameter(key)
+                    out["leader"] = 0  # (a null PID forgets one given before, as sd-json does)
+                    continue
+                if key == "leaderProcessId" and not isinstance(value, dict):
+                    raise invalid_parameter(key)
+                ref = _process_id_param(value, key, strict=True)
+                assert ref is not None
+                pid, fd_id, _ = ref
+                if pid == 1:
+                    raise invalid_parameter(key)
+                if out["leader"] and (out["leader"], out.get("leader_fd_id")) != (pid, fd_id):
+                    raise invalid_parameter(key)  # leader and leaderProcessId name different processes
+                out["leader"], out["leader_fd_id"] = pid, fd_id
+            elif key in ("rootDirectory", "controlAddress"):
+                if not path_is_normalized_absolute(string(key, value)):
+                    raise invalid_parameter(key)  # (262: no "//", "." or "..", names of 255 bytes at most)
+                out[key] = value
+            elif key == "sshPrivateKeyPath":
+                if not path_is_valid_absolute(string(key, value)):
+                    raise invalid_parameter(key)
+                out[key] = value
+            elif key == "ifIndices":
+                if not isinstance(value, list):
+                    raise invalid_parameter(key)
+                for index in value:  # unsigned JSON numbers only, 1..INT_MAX
+                    if isinstance(index, bool) or not isinstance(index, int) or not 0 < index <= 0x7FFFFFFF:
+                        raise invalid_parameter(key)
+                out["netif"] = list(value)
+            elif key == "vSockCid":
+                cid = _uint64(value, strict=True)
+                if cid is None or cid in (0, 1, 2, VMADDR_CID_ANY) or cid > 0xFFFFFFFF:
+                    raise invalid_parameter(key)
+                out["cid"] = cid
+            elif key in ("allocateUnit", "allowInteractiveAuthentication"):
+                if not isinstance(value, bool):
+                    raise invalid_parameter(key)
+                out[key] = value
+            # supervisor, supervisorProcessId: accepted whatever they hold, not used (as 262)
+        return out
 
     async def register(self, call: Call) -> None:
         params = call.parameters
-        name = params["name"]
-        if not hostname_is_valid(name):
-            raise invalid_parameter("name")
-        machine_id = b""
-        if params.get("id") is not None:
-            try:
-                machine_id = uuid.UUID(params["id"]).bytes
-            except ValueError:
-                raise invalid_parameter("id") from None
-        if params["class"] not in (MachineClass.CONTAINER, MachineClass.VM):
-            raise invalid_parameter("class")  # unknown, or "host": only the system itself is that
-        leader = self._leader_param(params)
-        root = params.get("rootDirectory") or ""
-        if params.get("rootDirectory") is not None and not path_is_normalized_absolute(root):
-            raise invalid_parameter("rootDirectory")  # (262: no "//", "." or "..", names of 255 bytes at most)
-        netif = []
-        for index in params.get("ifIndices") or []:
-            value = _int(index)
-            if value is None or not 0 < value <= 0x7FFFFFFF:
-                raise invalid_parameter("ifIndices")
-            netif.append(value)
-        cid: int | None = VMADDR_CID_ANY
-        if params.get("vSockCid") is not None:
-            cid = _int(params["vSockCid"])
-            if cid is None or cid in (0, 1, 2, VMADDR_CID_ANY) or not 0 <= cid <= 0xFFFFFFFF:
-                raise invalid_parameter("vSockCid")
-        key_path = params.get("sshPrivateKeyPath")
-        if key_path is not None and not path_is_valid_absolute(key_path):
-            raise invalid_parameter("sshPrivateKeyPath")
-        control_address = params.get("controlAddress")
-        if control_address is not None and not path_is_normalized_absolute(control_address):
-            raise invalid_parameter("controlAddress")  # (262 takes a socket path only, normalized)
-        req = validate_registration(name, machine_id, params.get("service") or "", params["class"], leader, root, netif)
+        fields = self._register_fields(params)
+        req = validate_registration(fields["name"], fields["id"], fields.get("service", ""), fields["class"],
+                                    fields["leader"], fields.get("rootDirectory", ""), fields["netif"])  # fmt: skip
         if req.leader == 0:
             req = req.with_leader(call.peer.pid_value)
-        req = req.replace(vsock_cid=cid, ssh_address=params.get("sshAddress") or "",
-                          ssh_private_key_path=key_path or "", control_address=control_address or "")  # fmt: skip
-        await lifecycle.register(self.manager, req, params.get("allocateUnit") is True, call.peer.uid_value,
+        req = req.replace(vsock_cid=fields["cid"], ssh_address=fields.get("sshAddress", ""),
+                          ssh_private_key_path=fields.get("sshPrivateKeyPath", ""),
+                          control_address=fields.get("controlAddress", ""))  # fmt: skip
+        await lifecycle.register(self.manager, req, fields.get("allocateUnit") is True, call.peer.uid_value,
                                  self.authorizer(call), call.peer.process_ref())  # fmt: skip
         return None
 

@@ -196,7 +196,8 @@ async def test_list_with_more_streams_every_machine(served, child) -> None:  # t
         ({"name": ".host", "acquireMetadata": "maybe"},
          {"error": "org.varlink.service.InvalidParameter", "parameters": {"parameter": "acquireMetadata"}}),
         ({"pid": 5}, {"error": "org.varlink.service.InvalidParameter", "parameters": {"parameter": "pid"}}),
-        ({"pid": {"pid": 1 << 30}}, {"error": "org.varlink.service.InvalidParameter", "parameters": {"parameter": "pid"}}),
+        ({"pid": {"pid": 1 << 30}}, {"error": "io.systemd.Machine.NoSuchMachine"}),  # no such process (262)
+        ({"pid": {"pid": 1 << 31}}, {"error": "org.varlink.service.InvalidParameter", "parameters": {"parameter": "pid"}}),
     ],
 )  # fmt: skip
 async def test_list_errors(served, parameters: dict, error: dict) -> None:  # type: ignore[no-untyped-def]
