@@ -273,13 +273,14 @@ class MachineVarlink:
             out["supervisor"] = supervisor
         if machine.timestamp.is_set():
             out["timestamp"] = {"realtime": machine.timestamp.realtime, "monotonic": machine.timestamp.monotonic}
-        if vsock_cid_is_regular(machine.vsock_cid):
-            out["vSockCid"] = machine.vsock_cid
+        cid = machine.vsock_cid
+        if vsock_cid_is_regular(cid) or (machine.is_host and cid not in (0, VMADDR_CID_ANY)):
+            out["vSockCid"] = cid  # (.host: the loopback CID when vsock works, as 262)
         for key, value in (("sshAddress", machine.ssh_address), ("sshPrivateKeyPath", machine.ssh_private_key_path),
                            ("controlAddress", machine.control_address)):  # fmt: skip
             if value:
                 out[key] = value
-        if addresses is not None:
+        if addresses:  # none at all: no key (262 builds the array only from what it found)
             out["addresses"] = [{**({"ifindex": a.ifindex} if a.ifindex > 0 else {}), "family": a.family,
                                  "address": list(a.address)} for a in addresses]  # fmt: skip
         if os_release:
