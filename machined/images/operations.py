@@ -11,6 +11,7 @@ is decided there too; ``*_in_child`` are their worker targets.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 from typing import Any
@@ -48,6 +49,8 @@ def remove(img: Image) -> None:
         elif img.type == "directory":
             attrs.chattr(img.path, 0, attrs.FS_IMMUTABLE_FL, ignore_errors=True)
             rm_rf(img.path)
+        elif img.type == "mstack":
+            rm_rf(img.path)
         elif img.type == "raw" or (img.type == "block" and not pool.path_startswith(img.path, "/dev")):
             os.unlink(img.path)
         elif img.type != "block":
@@ -57,8 +60,10 @@ def remove(img: Image) -> None:
                 os.unlink(path)
 
 
-def rename(img: Image, new_name: str) -> None:
-    """Rename an image in its directory, companions included (EEXIST if the name is taken anywhere)."""
+def rename(img: Image, new_name: str) -> Image:
+    """Rename an image in its directory, companions included (EEXIST if the name is taken anywhere).
+    Returns the image as renamed (a version of a versioned image stays in its ``.v`` directory,
+    where it may no longer be found by its new name)."""
     _refuse_vendor_and_host(img)
     with image_path_lock(img.path, exclusive=True), image_name_lock(new_name):
         if pool.find(new_name) is not None:
@@ -76,6 +81,7 @@ def rename(img: Image, new_name: str) -> None:
         for old, suffix in _companions(img):
             with contextlib.suppress(OSError):
                 rename_noreplace(old, os.path.join(os.path.dirname(old), new_name + suffix))
+    return dataclasses.replace(img, name=new_name, path=new_path)
 
 
 def clone(img: Image, new_name: str, read_only: bool) -> None:
@@ -141,12 +147,13 @@ def set_pool_limit(limit: int) -> None:
         raise _named(e, "Failed to adjust quota limit") from None
 
 
-def clean_pool(mode: str) -> list[list[Any]]:
+def clean_pool(mode: str, v262: bool = False) -> list[list[Any]]:
     """Remove every image of the pool (``all``) or the hidden ones (``hidden``); busy ones are kept.
 
     Returns [name, exclusive usage] of each removed image; vendor and host images stay.
-    (A worker target as it is.)
+    (A worker target as it is: *v262* says which personality's discovery to use there.)
     """
+    _personality(v262)
     removed: list[list[Any]] = []
     for img in pool.discover().values():
         if img.is_vendor or img.is_host or (mode == "hidden" and not img.is_hidden):
@@ -164,12 +171,22 @@ def clean_pool(mode: str) -> list[list[Any]]:
 # --- worker targets: the image arrives as its fields ---------------------------------
 
 
-def remove_in_child(image: dict[str, Any]) -> None:
+# (*v262*: a worker child is a fresh interpreter, told which personality's discovery to use)
+
+
+def remove_in_child(image: dict[str, Any], v262: bool = False) -> None:
+    _personality(v262)
     remove(Image(**image))
 
 
-def clone_in_child(image: dict[str, Any], new_name: str, read_only: bool) -> None:
+def clone_in_child(image: dict[str, Any], new_name: str, read_only: bool, v262: bool = False) -> None:
+    _personality(v262)
     clone(Image(**image), new_name, read_only)
+
+
+def _personality(v262: bool) -> None:
+    if v262:
+        personality.set_personality(personality.V262)
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -4,7 +4,10 @@ Discovery walks systemd's search path for machine images (first hit of a name
 wins), recognises directories, btrfs subvolumes, ``NAME.raw`` files and block
 devices, always adds the ``.host`` image, and reports each image's attributes
 (read-only, creation/modification time, usage and limit) as systemd-machined
-252 computes them. The rule for image names lives here, once. Everything here
+252 computes them. Under 262 it also knows what 262's discovery adds: ``NAME.mstack``
+directories (type ``mstack``), versioned ``NAME.v``/``NAME.raw.v``/``NAME.mstack.v``
+directories (the version :mod:`machined.images.vpick` picks, called NAME), and it reports
+paths with symlinks resolved. The rule for image names lives here, once. Everything here
 is synchronous and may block: callers keep it off the event loop.
 """
 
@@ -20,6 +23,7 @@ from typing import Any
 from machined import personality
 from machined.fs import attrs, btrfs, libc
 from machined.fs.fds import opened
+from machined.images import mstack, vpick
 from machined.naming import image_object_path
 
 UINT64_MAX = 2**64 - 1
@@ -86,7 +90,7 @@ class Image:
 
     name: str
     path: str
-    type: str  # directory, subvolume, raw, block
+    type: str  # directory, subvolume, raw, block, mstack (262)
     read_only: bool
     crtime: int = 0
     mtime: int = 0
@@ -141,6 +145,8 @@ class Image:
 
 def discover() -> dict[str, Image]:
     """Every image of the search path by name, ``.host`` included."""
+    if personality.is_262():
+        return _discover_262()
     found: dict[str, Image] = {}
     for directory in _search_dirs():
         for entry in os.scandir(directory):
@@ -164,6 +170,8 @@ def find(name: str) -> Image | None:
     (None for a name that is no image name, as upstream's ``image_find()``)."""
     if not image_name_is_valid(name):
         return None
+    if personality.is_262():
+        return _find_262(name)
     for directory in _search_dirs():
         located = _locate(directory, name)
         if located is None:
@@ -246,6 +254,11 @@ def _make_directory(name: str, path: str, st: os.stat_result, read_only: bool) -
         return Image(name, path, "directory", read_only or immutable, crtime=attrs.crtime(fd))
 
 
+def _make_mstack(name: str, path: str, read_only: bool) -> Image:
+    """A stack of layers (262): read-only if it has no writable part or makes no sense."""
+    return Image(name, path, "mstack", read_only or mstack.is_read_only(path), crtime=attrs.crtime(path))
+
+
 def _make_raw(name: str, path: str, st: os.stat_result, read_only: bool) -> Image:
     created = attrs.crtime(path)
     used = st.st_blocks * 512
@@ -266,6 +279,120 @@ def _make_block(name: str, path: str, st: os.stat_result, read_only: bool) -> Im
     if size not in (0, UINT64_MAX):
         image.usage = image.usage_exclusive = image.limit = image.limit_exclusive = size
     return image
+
+
+# --- discovery as 262 does it ------------------------------------------------
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None  # vanished, or a dangling symlink: no image
+
+
+def _versioned(directory: str, filename: str, name: str, suffix: str) -> tuple[str, os.stat_result] | None:
+    """The version of versioned image *name* (``NAME{suffix}.v``) to use: its resolved path and stat."""
+    types = vpick.RAW if suffix.endswith(".raw") else vpick.DIRECTORY
+    try:
+        picked = vpick.pick(os.path.join(directory, filename), name, suffix, types)
+    except OSError:
+        return None
+    return None if picked is None else (os.path.realpath(picked[0]), picked[1])
+
+
+def _entry_262(directory: str, filename: str) -> tuple[str, str, os.stat_result] | None:
+    """(name, resolved path, stat) of the image a search directory's entry stands for, or None."""
+    path = os.path.join(directory, filename)
+    st = _stat(path)
+    if st is None:
+        return None
+    if stat.S_ISREG(st.st_mode):
+        name = filename[: -len(".raw")] if filename.endswith(".raw") else ""
+    elif stat.S_ISDIR(st.st_mode) and filename.endswith(".v"):
+        stem = filename[: -len(".v")]
+        suffix = next((s for s in (".raw", ".mstack") if stem.endswith(s)), "")
+        name = stem[: len(stem) - len(suffix)]
+        if not image_name_is_valid(name):
+            return None
+        picked = _versioned(directory, filename, name, suffix)
+        return None if picked is None else (name, *picked)
+    elif stat.S_ISDIR(st.st_mode):
+        name = filename[: -len(".mstack")] if filename.endswith(".mstack") else filename
+    elif stat.S_ISBLK(st.st_mode):
+        name = filename
+    else:
+        return None
+    if not image_name_is_valid(name):
+        return None
+    return name, os.path.realpath(path), st
+
+
+def _discover_262() -> dict[str, Image]:
+    found: dict[str, Image] = {}
+    for directory in _search_dirs():
+        for entry in os.scandir(directory):
+            located = _entry_262(directory, entry.name)
+            if located is None or located[0] in found:
+                continue
+            name, path, st = located
+            image = _make_262(name, path, st)
+            if image is not None:
+                found[name] = image
+    if HOST_IMAGE not in found and INCLUDE_HOST:
+        found[HOST_IMAGE] = host_image()
+    return found
+
+
+def _find_262(name: str) -> Image | None:
+    """Image *name* as 262 looks it up: in each directory of the search path ``NAME``, ``NAME.raw``,
+    ``NAME.mstack``, then the versioned ``NAME.v``, ``NAME.raw.v``, ``NAME.mstack.v``."""
+    candidates = [name + fmt + v for v in ("", ".v") for fmt in ("", ".raw", ".mstack")]
+    for directory in _search_dirs():
+        for filename in candidates:
+            st = _stat(os.path.join(directory, filename))
+            if st is None:
+                continue
+            if filename.endswith(".raw"):
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+            elif filename.endswith(".mstack"):
+                if not stat.S_ISDIR(st.st_mode):
+                    continue
+            elif filename.endswith(".v"):
+                if not stat.S_ISDIR(st.st_mode) or filename == name:
+                    continue  # (a name that itself ends in .v makes systemd-machined 262 abort)
+                picked = _versioned(directory, filename, name, filename[len(name) : -len(".v")])
+                if picked is None:
+                    continue
+                path, st = picked
+                image = _make_262(name, path, st)
+                if image is not None:
+                    return image
+                continue
+            elif not (stat.S_ISDIR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                continue
+            image = _make_262(name, os.path.realpath(os.path.join(directory, filename)), st)
+            if image is not None:
+                return image
+    return host_image() if name == HOST_IMAGE and INCLUDE_HOST else None
+
+
+def _make_262(name: str, path: str, st: os.stat_result) -> Image | None:
+    """The image at the resolved *path*: its type follows from what it is and how it ends."""
+    read_only = path_startswith(path, "/usr") or libc.on_read_only_fs(path)
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            if path.endswith(".mstack"):
+                return _make_mstack(name, path, read_only)
+            return _make_directory(name, path, st, read_only)
+        if stat.S_ISREG(st.st_mode) and path.endswith(".raw"):
+            return _make_raw(name, path, st, read_only)
+        if stat.S_ISBLK(st.st_mode):
+            return _make_block(name, path, st, read_only)
+    except FileNotFoundError:
+        return None
+    return None
 
 
 def _update_quota(image: Image, fd: int) -> None:

@@ -20,7 +20,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from machined import errors
+from machined import errors, personality
 from machined.errors import BusError
 from machined.images import metadata, pool
 from machined.images import operations as ops
@@ -93,19 +93,20 @@ class ImageService:
     async def remove(self, img: Image, authorize: Authorize) -> None:
         self._check_operation_slot()
         await authorize("manage-images", {"image": img.name, "verb": "remove"})
-        await self.operations.run(_OPS + "remove_in_child", image=img.fields())
+        await self.operations.run(_OPS + "remove_in_child", image=img.fields(), v262=personality.is_262())
 
-    async def rename(self, img: Image, new_name: str, authorize: Authorize) -> None:
+    async def rename(self, img: Image, new_name: str, authorize: Authorize) -> Image:
+        """Rename *img*; the image as renamed (what a following change applies to)."""
         check_name(new_name)
         await authorize("manage-images", {"image": img.name, "verb": "rename", "new_name": new_name})
-        await asyncio.to_thread(ops.rename, img, new_name)
+        return await asyncio.to_thread(ops.rename, img, new_name)
 
     async def clone(self, img: Image, new_name: str, read_only: bool, authorize: Authorize) -> None:
         self._check_operation_slot()
         check_name(new_name)
         await authorize("manage-images", {"image": img.name, "verb": "clone", "new_name": new_name})
         await self.operations.run(_OPS + "clone_in_child", image=img.fields(), new_name=new_name,
-                                  read_only=read_only)  # fmt: skip
+                                  read_only=read_only, v262=personality.is_262())  # fmt: skip
 
     async def mark_read_only(self, img: Image, read_only: bool, authorize: Authorize) -> None:
         details = {"image": img.name, "verb": "mark_read_only", "read_only": "1" if read_only else "0"}
@@ -128,7 +129,7 @@ class ImageService:
         if mode not in CLEAN_MODES:
             raise BusError(errors.INVALID_ARGS, f"Unknown mode '{mode}'.")
         await authorize("manage-machines", {"verb": "clean_pool", "mode": mode})
-        removed = await self.operations.run(_OPS + "clean_pool", mode=mode)
+        removed = await self.operations.run(_OPS + "clean_pool", mode=mode, v262=personality.is_262())
         return [(name, size) for name, size in removed]
 
     # ----- reading -----------------------------------------------------------------------
@@ -137,6 +138,8 @@ class ImageService:
         """Hostname, machine ID (hex), machine-info and os-release of an image: trees in a thread,
         disk images in a child with a deadline, counted as an operation."""
         try:
+            if img.type == "mstack":  # 262 reads nothing from a stack of layers
+                raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
             if img.is_tree:
                 return await asyncio.to_thread(metadata.read_metadata, img)
             read: dict[str, Any] = await self.operations.run(_READ_METADATA, timeout=METADATA_TIMEOUT, shared=True,

@@ -133,8 +133,7 @@ class ImageVarlink:
         await authorize("manage-images", {"image": img.name, "verb": "update"})
         try:
             if new_name is not None:
-                await self.service.rename(img, new_name, _allowed)
-                img = await self._image(new_name)
+                img = await self.service.rename(img, new_name, _allowed)
             first: BusError | None = None  # the flag and the limit are both tried; the first failure is told
             if params.get("readOnly") is not None:
                 try:
