@@ -244,16 +244,16 @@ class ResolveHook:
         keys = parse_question(call.parameters.get("question"))
         answer: list[dict[str, Any]] = []
         seen: set[tuple[int, str, bytes]] = set()
-        addresses: list[Address] | None = None  # (looked up once per call, as 262 does)
+        addresses: dict[str, list[Address]] = {}  # each machine's own, looked up once per call
         found = nxdomain = False
         for rr_class, rr_type, name in keys:
             if self.manager.registry.get(name) is not None:
                 found = True
                 family = _FAMILY_OF_TYPE.get(rr_type) if rr_class == DNS_CLASS_IN else None
                 if family is not None:
-                    if addresses is None:
-                        addresses = await self._addresses(name)
-                    for address in addresses:
+                    if name not in addresses:
+                        addresses[name] = await self._addresses(name)
+                    for address in addresses[name]:
                         if address.family == family and (rr_type, name, address.address) not in seen:
                             seen.add((rr_type, name, address.address))
                             answer.append(_address_answer(name, rr_type, address.address))
