@@ -11,6 +11,7 @@ import ctypes
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 from machined import __version__, personality
 from machined.daemon import IDENTIFIER, STATE_DIR, USERDB_SOCKET, Daemon, StartupError
@@ -95,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         from machined.install import main as install_main  # the daemon itself never loads it
 
         return install_main(words)
+    if words and words[0] == "events":
+        return events_main(words[1:])
     parser = argparse.ArgumentParser(
         prog="machined",
         description="Virtual machine and container registration service (org.freedesktop.machine1).",
         epilog="'machined install' puts machined in place of systemd-machined on this host; "
-        "'machined uninstall' goes back (see 'machined install --help').",
+        "'machined uninstall' goes back (see 'machined install --help'). "
+        "'machined events' watches machines come, change state and go (see 'machined events --help').",
     )
     parser.add_argument("--bus-address", help="connect to this D-Bus address instead of the system bus")
     parser.add_argument(
@@ -188,6 +192,109 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+
+
+# ----- machined events: a client of io.machined.Machine ------------------------------------------
+
+
+def ours_socket(user: bool) -> str:
+    """Where io.machined.Machine is served: the system's, or (--user) the calling user's instance's."""
+    from machined.varlink import ours
+
+    if not user:
+        return ours.SOCKET
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    return ours.user_socket(runtime_dir)
+
+
+class VarlinkClientError(Exception):
+    def __init__(self, name: str, parameters: dict[str, object]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.parameters = parameters
+
+
+def varlink_stream(path: str, method: str, parameters: dict[str, object]) -> Iterator[dict[str, object]]:
+    """Call *method* with ``more`` on the socket *path*; yield each reply's parameters; raise
+    :class:`VarlinkClientError` for an error reply, OSError if the socket cannot be reached."""
+    import json
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+        sock.sendall(json.dumps({"method": method, "parameters": parameters, "more": True}).encode() + b"\0")
+        buffer = b""
+        while True:
+            end = buffer.find(b"\0")
+            if end < 0:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionResetError("the service closed the connection")
+                buffer += data
+                continue
+            message = json.loads(buffer[:end])
+            buffer = buffer[end + 1 :]
+            if "error" in message:
+                raise VarlinkClientError(str(message["error"]), message.get("parameters") or {})
+            yield message.get("parameters") or {}
+            if not message.get("continues"):
+                return
+    finally:
+        sock.close()
+
+
+def _event_line(event: dict[str, object]) -> str:
+    import datetime
+
+    stamp = event.get("timestamp")
+    realtime = stamp.get("realtime", 0) if isinstance(stamp, dict) else 0
+    when = datetime.datetime.fromtimestamp(int(realtime) / 1e6, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    leader = event.get("leader")
+    changed = event.get("changed")
+    text = (f"{event.get('sequence')!s:>6} {when} {event.get('type')!s:<8} {event.get('name')!s:<24} "
+            f"{event.get('class')!s:<9} {event.get('state')!s:<7} {leader if leader else '-'!s:>7} "
+            f"{event.get('unit') or '-'}")  # fmt: skip
+    if isinstance(changed, list) and changed:
+        text += " changed=" + ",".join(str(c) for c in changed)
+    return text
+
+
+def events_main(argv: list[str]) -> int:
+    """``machined events``: every machine, then one line per change, until interrupted."""
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="machined events",
+        description="Watch machines: first every current machine ('existing'), then one line per event "
+        "('new', 'state': opening, running, closing, 'changed': leader or unit, 'removed'), each with its "
+        "sequence number and time, as io.machined.Machine.Watch reports them.",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per line (the Watch replies)")
+    parser.add_argument("--user", action="store_true", help="watch the calling user's instance (machined --user)")
+    args = parser.parse_args(argv)
+    path = ours_socket(args.user)
+    try:
+        if not args.json:
+            print(f"{'SEQ':>6} {'TIME':<27} {'TYPE':<8} {'NAME':<24} {'CLASS':<9} {'STATE':<7} {'LEADER':>7} UNIT",
+                  flush=True)  # fmt: skip
+        for event in varlink_stream(path, "io.machined.Machine.Watch", {}):
+            print(json.dumps(event) if args.json else _event_line(event), flush=True)
+    except VarlinkClientError as e:
+        if e.name == "io.machined.Machine.Overflow":
+            print(f"machined events: this watcher did not keep up; events from {e.parameters.get('lostSequence')} "
+                  "on were not sent to it. Watch again.", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"machined events: {e.name} {json.dumps(e.parameters)}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except OSError as e:
+        print(f"machined events: cannot watch through {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from dbus_fast import BusType, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
-from machined import notify, personality
+from machined import events, notify, personality
 from machined.clients.bus import call_bus_daemon
 from machined.clients.systemd1 import Systemd
 from machined.dbus import reader_fix, writer_fix
@@ -25,6 +25,7 @@ from machined.dbus.logcontrol import LogControl
 from machined.dbus.objects import Dispatcher, new_signal
 from machined.dbus.tree import MANAGER_PATH, MachinedTree
 from machined.errors import BusError
+from machined.events import Event
 from machined.machine import Machine, MachineClass, Timestamp, host_machine
 from machined.manager import MachineManager
 from machined.statefile import StateDir
@@ -35,6 +36,7 @@ from machined.worker import prestart
 
 if TYPE_CHECKING:
     from machined.metrics import Metrics
+    from machined.varlink.ours import OursService
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,12 @@ class Daemon:
         machine_id = read_machine_id()
         self.machine_id = machine_id
         host = host_machine(bytes.fromhex(machine_id) if len(machine_id) == 32 else b"", boot_timestamp())
-        self.manager = MachineManager(host, StateDir(state_dir), announce=self._announce)
+        self.manager = MachineManager(host, StateDir(state_dir))
+        # The core's events, to each subscriber: the D-Bus signals (and what goes with them, the
+        # metrics), and the watchers of our own varlink interface (machined.varlink.ours).
+        self.manager.events.subscribe(self._on_event)
+        self.ours: VarlinkServer | None = None  # io.machined.Machine
+        self._ours_service: OursService | None = None
         if user is not None:
             self.manager.registry.remove(host)  # a user's instance has no .host machine
             self.manager.user_scope = True
@@ -170,6 +177,7 @@ class Daemon:
             await self._start_userdb()
             await self._start_machine_varlink()
             await self._start_resolve_hook()
+            await self._start_ours()
             dispatcher.ready.set()
             notify.ready(f"Serving {BUS_NAME}.")
             return_free_memory()
@@ -188,6 +196,7 @@ class Daemon:
                 await self.machine_varlink.stop()
             if self.resolve_hook is not None:
                 await self.resolve_hook.stop()
+            await self._stop_ours()
             if disconnected.done():
                 disconnected.exception()  # how it went away (EOFError...) is no news: no traceback
                 log.warning("Lost the connection to the bus; exiting.")
@@ -283,6 +292,34 @@ class Daemon:
             return
         self._hook_changed = hook.changed
 
+    async def _start_ours(self) -> None:
+        """io.machined.Machine, this project's own interface (events, run), on a socket of its
+        own: /run/machined/io.machined.Machine, or $XDG_RUNTIME_DIR/machined/… for --user.
+        Only where upstream's io.systemd.Machine is served by us on its standard path (not on a
+        private bus, not with --machine-socket): tests and side-by-side runs get none."""
+        if self.machine_socket is not None or (self.bus_address is not None and self.user is None):
+            return
+        from machined.clients import polkit
+        from machined.varlink import ours
+
+        path = ours.user_socket(self.user.runtime_dir) if self.user is not None else ours.SOCKET
+        service = ours.OursService(self.manager, polkit=polkit.check, bus=self.bus)
+        self.ours = VarlinkServer(service.service, [path], mode=0o600 if self.user is not None else 0o666)
+        try:
+            await self.ours.start()
+        except OSError as e:
+            log.warning("Not serving io.machined.Machine on %s: %s", path, e)
+            self.ours = None
+            service.close()
+            return
+        self._ours_service = service
+
+    async def _stop_ours(self) -> None:
+        if self._ours_service is not None:
+            self._ours_service.close()
+        if self.ours is not None:
+            await self.ours.stop()
+
     def _start_metrics(self) -> None:
         """Export metrics if asked to; prometheus_client is imported only then."""
         if self.metrics_listen is None and not self.metrics_textfile:
@@ -301,6 +338,14 @@ class Daemon:
         except OSError as e:
             self.metrics.stop()
             raise StartupError(f"Cannot export metrics: {e}") from e
+
+    def _on_event(self, event: Event, machine: Machine) -> None:
+        """A machine came or went: MachineNew / MachineRemoved on the Manager object; other
+        events (state changes) have no D-Bus signal (upstream's Manager sends none)."""
+        if event.kind == events.NEW:
+            self._announce("MachineNew", machine)
+        elif event.kind == events.REMOVED:
+            self._announce("MachineRemoved", machine)
 
     def _announce(self, signal_name: str, machine: Machine) -> None:
         """MachineNew / MachineRemoved on the Manager object."""

@@ -3,7 +3,8 @@
 Free of D-Bus: adapters in :mod:`machined.dbus` translate calls into these
 methods and the :class:`~machined.errors.BusError` they raise into replies.
 The service manager is reached through a :class:`ServiceManager` port, and
-machine arrivals and departures are announced through a callback.
+machine arrivals, state changes and departures are emitted once, as
+:mod:`machined.events`, to whoever subscribed (D-Bus signals, varlink watchers, metrics).
 
 Lifecycle as in systemd-machined 252: events from systemd only queue machines
 for garbage collection; one GC pass asks systemd whether a machine's unit (or
@@ -29,6 +30,7 @@ from machined.cgroup import (
     pid_cgroup,
 )
 from machined.errors import BusError
+from machined.events import NEW, REMOVED, Event, Events, Subscriber
 from machined.machine import Machine, MachineClass, Timestamp
 from machined.naming import machine_scope_name
 from machined.process import ProcessRef
@@ -73,6 +75,16 @@ class ServiceManager(Protocol):
 Announce = Callable[[str, Machine], None]  # ("MachineNew" | "MachineRemoved", machine)
 
 
+def _announcer(announce: Announce) -> Subscriber:
+    """An :data:`Announce` callback as an event subscriber (MachineNew, MachineRemoved only)."""
+
+    def on_event(event: Event, machine: Machine) -> None:
+        if event.kind in (NEW, REMOVED):
+            announce("MachineNew" if event.kind == NEW else "MachineRemoved", machine)
+
+    return on_event
+
+
 def now() -> Timestamp:
     return Timestamp(
         realtime=time.clock_gettime_ns(time.CLOCK_REALTIME) // 1000,
@@ -112,7 +124,10 @@ class MachineManager:
         self.host = host
         self.state = state
         self.systemd = systemd
-        self.announce: Announce = announce or (lambda signal, machine: None)
+        # Every change of the registry, emitted once to its subscribers.
+        self.events = Events()
+        if announce is not None:
+            self.events.subscribe(_announcer(announce))
         self.pool_path = pool_path
         # Long-running children (copies, image removal and cloning): at most 64 at once.
         self.operations = Operations()
@@ -314,7 +329,7 @@ class MachineManager:
             machine.timestamp = now()
         machine.started = True
         self._save(machine)
-        self.announce("MachineNew", machine)
+        self.events.machine_new(machine)
 
     def _watch_leader(self, machine: Machine) -> None:
         """A machine in a subgroup of a unit (262's per-user instance) goes with its leader:
@@ -375,6 +390,7 @@ class MachineManager:
                 raise BusError.from_errno(e.errno or errno.ESRCH) from None
             machine.stopping = True
             self._save(machine)
+            self.events.update(machine)
             return
         if machine.unit:
             assert self.systemd is not None
@@ -383,6 +399,7 @@ class MachineManager:
                 machine.scope_job = job
         machine.stopping = True
         self._save(machine)
+        self.events.update(machine)
 
     async def kill(self, machine: Machine, who: str, signal: int) -> None:
         if machine.machine_class not in (MachineClass.CONTAINER, MachineClass.VM):
@@ -417,6 +434,7 @@ class MachineManager:
         if machine.started:
             journal.machine_stopped(machine)
             machine.stopping = True
+            self.events.update(machine)  # every machine passes "closing" on its way out
         self.state.remove(machine)
         self.registry.remove(machine)
         self._unwatch_leader(machine)
@@ -426,7 +444,7 @@ class MachineManager:
         if waiter is not None and not waiter.done():
             waiter.set_result("canceled")
         if machine.started:
-            self.announce("MachineRemoved", machine)
+            self.events.machine_removed(machine)
             machine.started = False
         if machine.leader_ref is not None:
             machine.leader_ref.release()
@@ -457,6 +475,7 @@ class MachineManager:
         machine.scope_job = ""
         waiter = self._create_waiters.get(id(machine))
         self._save(machine)
+        self.events.update(machine)
         if waiter is not None and not waiter.done():
             waiter.set_result(result)
         self.queue_gc(machine)
