@@ -32,6 +32,7 @@ from dbus_fast.signature import get_signature_tree
 
 from machined import caller, errors
 from machined.clients.bus import call_bus_daemon
+from machined.dbus.fair import FairQueue, estimated_size
 from machined.dbus.introspection import Interface, Method, Property, introspect_xml
 from machined.errors import BusError
 
@@ -217,6 +218,12 @@ _EMPTY = get_signature_tree("")
 _STRING = get_signature_tree("s")
 _VARIANT = get_signature_tree("v")
 _DICT = get_signature_tree("a{sv}")
+LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
+# Calls answered as they arrive in one turn of the event loop while none wait (the common case:
+# no queue, no extra turn); after that, or while any wait, calls go to their sender's queue.
+INLINE_PER_TURN = 8
+TURN_CALLS = 64  # calls served from the queues in one turn of the event loop at most...
+TURN_SECONDS = 0.001  # ... and for about this long, before the loop (and the bus reader) runs again
 
 
 def _return(msg: Message, signature: SignatureTree = _EMPTY, body: list[Any] | None = None,
@@ -334,6 +341,12 @@ class Dispatcher:
         self.ready = asyncio.Event()
         # Told of every call answered: (interface, member, error name or None, seconds).
         self.observe: Callable[[str | None, str | None, str | None, float], None] | None = None
+        # Calls waiting to be served, per sender (machined.dbus.fair).
+        self.queue: FairQueue[tuple[Message, float]] = FairQueue()
+        self._inline = INLINE_PER_TURN
+        self._turn: asyncio.Handle | None = None
+        self._warned: OrderedDict[str, None] = OrderedDict()
+        self._privileged_uids = (0, os.geteuid())
 
     def install(self) -> None:
         self.bus.add_message_handler(self._on_message)
@@ -342,6 +355,58 @@ class Dispatcher:
         if message.message_type is not METHOD_CALL:
             return False
         started = time.perf_counter()
+        queue = self.queue
+        if not queue and self._inline:
+            self._inline -= 1
+            if not self._inline:
+                self._next_turn()
+            self._serve(message, started)
+            return True
+        sender = message.sender or ""
+        creds = self.credentials.get(sender)
+        root = creds is not None and creds.uid in self._privileged_uids
+        no_reply = bool(message.flags.value & _NO_REPLY_EXPECTED)
+        if queue.push(sender, (message, started), estimated_size(message.body), root, no_reply):
+            self._next_turn()
+        else:
+            self._over_bound(message, started)
+        return True
+
+    def _next_turn(self) -> None:
+        if self._turn is None:
+            self._turn = asyncio.get_running_loop().call_soon(self._serve_turn)
+
+    def _serve_turn(self) -> None:
+        """Serve waiting calls, one per sender in turn, until the turn's share is used."""
+        self._turn = None
+        self._inline = INLINE_PER_TURN
+        queue = self.queue
+        if not queue:
+            return
+        until = time.perf_counter() + TURN_SECONDS
+        for _ in range(TURN_CALLS):
+            message, started = queue.pop()
+            self._serve(message, started)
+            if not queue or time.perf_counter() > until:
+                break
+        if queue:
+            self._next_turn()
+
+    def _over_bound(self, message: Message, started: float) -> None:
+        """A call from a sender with too many waiting: an error if it expects a reply, else dropped."""
+        sender = message.sender or ""
+        if sender not in self._warned:
+            log.warning("%s has %d calls waiting: more are refused (or dropped if they expect no reply)",
+                        sender, self.queue.waiting(sender))  # fmt: skip
+            self._warned[sender] = None
+            if len(self._warned) > 1024:
+                self._warned.popitem(last=False)
+        try:
+            raise BusError(LIMITS_EXCEEDED, "Too many calls from this connection are waiting to be served.")
+        except BusError as e:
+            self._answer(message, _error(message, e), started)
+
+    def _serve(self, message: Message, started: float) -> None:
         call = Call(self.bus, message, self.credentials)
         if self.ready.is_set():
             try:
@@ -350,7 +415,7 @@ class Dispatcher:
                 outcome = _error(message, e)
             if type(outcome) is not _Later:
                 self._answer(message, outcome, started)
-                return True
+                return
         else:
             outcome = _Later(self._dispatch_when_ready(call))
         # A call that waits runs in a context of its own, where it is the current requester;
@@ -363,16 +428,15 @@ class Dispatcher:
             waiting_on = context.run(coro.send, None)
         except StopIteration as done:
             self._answer(message, _finish(message, finish, done.value), started)
-            return True
+            return
         except Exception as e:
             self._answer(message, _error(message, e), started)
-            return True
+            return
         task = asyncio.get_running_loop().create_task(
             self._answer_later(coro, waiting_on, finish, message, started), context=context
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return True
 
     async def _answer_later(self, coro: Coroutine[Any, Any, Any], waiting_on: Any, finish: Finish | None,
                             message: Message, started: float) -> None:  # fmt: skip
