@@ -132,14 +132,39 @@ def _dissected_metadata(path: str) -> dict[str, Any]:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if proc.returncode != 0:
-        raise BusError.from_errno(errno.EIO, f"Failed to read image metadata: {proc.stderr.strip()}")
+        code = _dissect_errno(proc.stderr)
+        raise BusError.from_errno(code, f"Failed to read image metadata: {os.strerror(code)}")
     data = json.loads(proc.stdout)
+    if not data.get("osRelease"):  # 262 wants the image to pass os-release validation
+        raise BusError.from_errno(errno.ENOMEDIUM, f"Failed to read image metadata: {os.strerror(errno.ENOMEDIUM)}")
     return {
         "hostname": data.get("hostname") or "",
         "machine_id": data.get("machineId") or "",
         "machine_info": _pairs(data.get("machineInfo")),
         "os_release": _pairs(data.get("osRelease")),
     }
+
+
+# What systemd-dissect says when it cannot dissect an image, and the errno behind each message
+# (the errno 262's machined answers with, as it dissects the image itself).
+_DISSECT_ERRORS = (
+    ("Couldn't identify a suitable partition table or file system", errno.ENOPKG),
+    ("does not pass os-release/extension-release validation", errno.ENOMEDIUM),
+    ("No suitable root partition found", errno.ENXIO),
+    ("No root partition discovered", errno.ENXIO),
+    ("No root/usr partition for specified root/usr hash found", errno.EADDRNOTAVAIL),
+    ("Multiple suitable root partitions found", errno.ENOTUNIQ),
+    ("partition scanning turned off", errno.EPROTONOSUPPORT),
+    ("Image is not a block device", errno.ENOTBLK),
+)
+
+
+def _dissect_errno(stderr: str) -> int:
+    """The errno behind systemd-dissect's failure (EIO if its message is not known)."""
+    for message, code in _DISSECT_ERRORS:
+        if message in stderr:
+            return code
+    return errno.EIO
 
 
 def _pairs(assignments: list[str] | None) -> dict[str, str]:
