@@ -62,12 +62,13 @@ def copy_tree_at(src_dir: int, src_name: str, dst_dir: int, dst_name: str, optio
     copier.entry(src_dir, src_name, dst_dir, dst_name, dst_name)
 
 
-def copy_directory_into(sfd: int, dfd: int, options: CopyOptions) -> None:
+def copy_directory_into(sfd: int, dfd: int, options: CopyOptions, top_attributes: bool = True) -> None:
     """Copy what directory *sfd* holds into the existing, empty directory *dfd*, then give *dfd*
-    the attributes of *sfd* (upstream's ``COPY_MERGE_EMPTY``)."""
+    the attributes of *sfd* (upstream's ``COPY_MERGE_EMPTY``), unless not *top_attributes*."""
     copier = _TreeCopier(dfd, options, libc.mount_id(sfd, "") if options.same_mount else None)
     copier.children(sfd, dfd, "")
-    copier.attributes_fd(sfd, dfd, os.fstat(sfd))
+    if top_attributes:
+        copier.attributes_fd(sfd, dfd, os.fstat(sfd))
 
 
 class _TreeCopier:
@@ -244,7 +245,8 @@ def clone_tree(src: str, dst: str, read_only: bool) -> None:
             plain = True
         try:
             with opened(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC) as dfd:
-                copy_directory_into(sfd, dfd, IMAGE_CLONE)
+                # the new top directory stays as made (root's, 0755, its own times): real 252 and 262
+                copy_directory_into(sfd, dfd, IMAGE_CLONE, top_attributes=False)
             if read_only and plain:
                 attrs.chattr(dst, attrs.FS_IMMUTABLE_FL, attrs.FS_IMMUTABLE_FL, ignore_errors=True)
             elif read_only:
