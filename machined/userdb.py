@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from machined import idmap
+from machined import idmap, personality
 from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
 from machined.varlink.server import Call, Service, VarlinkError
@@ -134,10 +134,18 @@ class UserDatabase:
 
 
 def userdb_service(manager: MachineManager) -> Service:
-    """io.systemd.UserDatabase as machined 252 serves it on /run/systemd/userdb/io.systemd.Machine
-    (no interface description there: parameters are checked by the lookups alone)."""
+    """io.systemd.UserDatabase as machined serves it on /run/systemd/userdb/io.systemd.Machine
+    (parameters are checked by the lookups alone). 252 answers nothing else there; 262 also
+    org.varlink.service (GetInfo, and 262's description of the interface)."""
     db = UserDatabase(manager)
-    service = Service(introspection=False)
+    if personality.is_262():
+        from machined import __version__
+        from machined.varlink.interfaces import IO_SYSTEMD_USER_DATABASE, PRODUCT, URL, VENDOR
+
+        service = Service(vendor=VENDOR, product=PRODUCT, version=__version__, url=URL)
+        service.add_interface(IO_SYSTEMD_USER_DATABASE)
+    else:
+        service = Service(introspection=False)
 
     async def user(call: Call) -> dict[str, Any]:
         return db.get_record(call.parameters, "uid")

@@ -15,6 +15,8 @@ in ``org.varlink.service.InvalidParameter``. An ``int`` may come as a string (va
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +83,33 @@ class Interface:
         return None
 
     def describe(self) -> str:
-        return describe(self)
+        """The description GetInterfaceDescription answers: 262's own text, ``#`` comments
+        included, where machined ships it (see :func:`stored_description`), else rendered."""
+        return stored_description(self.name) or describe(self)
+
+
+@functools.cache
+def stored_description(name: str) -> str | None:
+    """The description of interface *name* as systemd 262 answers GetInterfaceDescription,
+    byte for byte (``dbus-interfaces/262/NAME.varlink``, taken from the running daemons), or
+    None if machined ships none. The declarations in :mod:`machined.varlink.interfaces` are
+    what calls are checked against; a unit test keeps both the same, comments aside."""
+    from machined.data import interface_file
+
+    try:
+        return interface_file(f"262/{name}.varlink").read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def without_comments(text: str) -> str:
+    """A description without its comment lines (the ``more`` markers kept): what :func:`describe`
+    renders from the declarations."""
+    kept = [line for line in text.splitlines(True) if not _COMMENT.fullmatch(line.rstrip("\n"))]
+    return "".join(kept)
+
+
+_COMMENT = re.compile(r"\t*#(?! \[(Supports|Requires) 'more' flag\]).*")
 
 
 def opt(name: str, type_: FieldType, array: bool = False) -> Field:

@@ -1,6 +1,7 @@
 """The varlink interfaces machined serves, as systemd-machined 262 describes them: the same
 symbols, fields, types and order as its ``org.varlink.service.GetInterfaceDescription``
-(checked against a live 262 in tests/integration262), without upstream's comments.
+(checked against a live 262 in tests/integration262). GetInterfaceDescription answers
+262's own text, comments included (:func:`machined.varlink.idl.stored_description`).
 
 Register takes the fields newer clients send (``supervisor``, ``supervisorProcessId``,
 ``controlAddress``): 262's nspawn and vmspawn register only over varlink, and a field we did
@@ -10,6 +11,16 @@ not declare would fail their registration with InvalidParameter.
 from __future__ import annotations
 
 from machined.varlink.idl import Enum, Error, Field, Interface, Method, Struct, TypeDef, opt, req
+
+# What org.varlink.service.GetInfo says about the daemon on each of its sockets (262's names
+# systemd; these are ours, see README "What machined says about itself").
+VENDOR = "machined"
+PRODUCT = "machined"
+URL = "https://pypi.org/project/machined/"
+
+# io.systemd.UserDatabase (/run/systemd/userdb/io.systemd.Machine): described (262's text,
+# idl.stored_description) but not declared, so calls are checked by the lookups alone.
+IO_SYSTEMD_USER_DATABASE = Interface("io.systemd.UserDatabase")
 
 ORG_VARLINK_SERVICE = Interface(
     "org.varlink.service",

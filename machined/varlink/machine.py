@@ -27,7 +27,7 @@ from machined.manager import MachineManager
 from machined.naming import HOST_MACHINE_NAME, hostname_is_valid, path_is_normalized_absolute, path_is_valid_absolute
 from machined.process import ProcessRef
 from machined.registration import SIGNAL_MAX, validate_registration, vsock_cid_is_regular
-from machined.varlink.interfaces import IO_SYSTEMD_MACHINE, IO_SYSTEMD_SERVICE
+from machined.varlink.interfaces import IO_SYSTEMD_MACHINE, IO_SYSTEMD_SERVICE, PRODUCT, URL, VENDOR
 from machined.varlink.server import Call, Reply, Service, VarlinkError, invalid_parameter
 from machined.worker import LIMITS_EXCEEDED
 
@@ -613,7 +613,7 @@ def machine_service(manager: MachineManager, access: MachineAccess | None = None
                     bus: Any = None, version: str = "") -> Service:  # fmt: skip
     """The service on /run/systemd/machine/io.systemd.Machine (and …/io.systemd.MachineImage)."""
     handlers = MachineVarlink(manager, access, polkit, bus)
-    service = Service(vendor="machined", product="machined", version=version)
+    service = Service(vendor=VENDOR, product=PRODUCT, version=version, url=URL)
     service.add_interface(IO_SYSTEMD_MACHINE)
     service.add_interface(IO_SYSTEMD_SERVICE)
     service.bind(IFACE + "List", handlers.list, sentinel=errors.VL_NO_SUCH_MACHINE)

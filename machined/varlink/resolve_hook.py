@@ -33,6 +33,7 @@ from machined.errors import BusError
 from machined.machine import MachineClass
 from machined.manager import MachineManager
 from machined.varlink.idl import Interface, Method, Struct, TypeDef, opt, req
+from machined.varlink.interfaces import PRODUCT, URL, VENDOR
 from machined.varlink.server import Call, Reply, Service, invalid_parameter
 
 IFACE = "io.systemd.Resolve.Hook."
@@ -219,14 +220,14 @@ class ResolveHook:
     async def query_filter(self, call: Call) -> dict[str, Any] | None:
         if not call.more:
             return {"filterDomains": self.domains()}
+        # Until the client hangs up: the server then cancels this call, which lets go of
+        # everything it holds at once (what the client sends meanwhile waits, as in sd-varlink).
         connection = call.connection
         while True:
             event, generation = self._changed, self._generation
             await connection.send_reply(Reply({"filterDomains": self.domains()}), continues=True)
-            if generation != self._generation:
-                continue
-            if not await _wait_or_hangup(connection.sock, event):
-                raise ConnectionResetError  # (the client is gone: the connection ends)
+            if generation == self._generation:
+                await event.wait()
 
     async def _addresses(self, name: str) -> list[Address]:
         machine = self.manager.registry.get(name)
@@ -264,46 +265,10 @@ class ResolveHook:
         return {"rcode": DNS_RCODE_SUCCESS, "answer": answer}
 
 
-async def _set(event: asyncio.Event) -> None:
-    await event.wait()
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-async def _wait_or_hangup(sock: socket.socket, event: asyncio.Event) -> bool:
-    """Wait until *event* is set (True) or the peer hangs up (False). What the peer sends
-    meanwhile waits until the subscription ends (sd-varlink serves one call at a time too)."""
-    loop = asyncio.get_running_loop()
-    while not event.is_set():
-        readable: asyncio.Future[None] = loop.create_future()
-        fd = sock.fileno()
-        loop.add_reader(fd, _resolve, readable)
-        waiter: asyncio.Future[None] = asyncio.ensure_future(_set(event))
-        try:
-            await asyncio.wait({waiter, readable}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            loop.remove_reader(fd)
-            waiter.cancel()
-        if readable.done() and not event.is_set():
-            try:
-                data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return False
-            if not data:
-                return False
-            await event.wait()  # a further call: served once this one is over
-    return True
-
-
 def resolve_hook_service(manager: MachineManager, version: str = "") -> tuple[Service, ResolveHook]:
     """The service on /run/systemd/resolve.hook/io.systemd.Machine, and its handlers."""
     hook = ResolveHook(manager)
-    service = Service(vendor="machined", product="machined", version=version)
+    service = Service(vendor=VENDOR, product=PRODUCT, version=version, url=URL)
     service.add_interface(IO_SYSTEMD_RESOLVE_HOOK)
     service.bind(IFACE + "QueryFilter", hook.query_filter)
     service.bind(IFACE + "ResolveRecord", hook.resolve_record)
