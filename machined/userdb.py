@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from machined import idmap, personality
+from machined import errors, idmap, personality
 from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
 from machined.varlink.server import Call, Service, VarlinkError
@@ -95,6 +95,8 @@ class UserDatabase:
         """The record a GetUserRecord (kind "uid") or GetGroupRecord ("gid") call asks for."""
         id_key, name_key = ("uid", "userName") if kind == "uid" else ("gid", "groupName")
         prefix = "vu-" if kind == "uid" else "vg-"
+        if isinstance(params.get(id_key), float):  # (not an integer, or past 64 bits: sd-json's dispatch refuses it)
+            raise VarlinkError(errors.VL_INVALID_PARAMETER, {"parameter": id_key})
         if params.get("service") != SERVICE:
             raise UserDbError(BAD_SERVICE)
         wanted_id = params.get(id_key)

@@ -26,9 +26,14 @@ import errno
 import json
 import logging
 import os
+import re
+import select
 import socket
 import struct
+import sys
+from collections import deque
 from collections.abc import Awaitable, Callable
+from itertools import accumulate
 from typing import Any
 
 from machined import caller, errors
@@ -39,12 +44,199 @@ from machined.varlink import idl
 
 log = logging.getLogger(__name__)
 
-BUFFER_MAX = 16 * 1024 * 1024
+BUFFER_MAX = 16 * 1024 * 1024  # (sd-varlink's: a message that does not fit closes the connection)
 READ_SIZE = 64 * 1024
 SO_PEERPIDFD = 77
-CONNECTIONS_MAX = 4096
-CONNECTIONS_PER_UID_MAX = 1024  # (sd-varlink's limits: one user cannot take every connection)
+CONNECTIONS_MAX = 4096  # (sd-varlink's default)
+CONNECTIONS_PER_UID_MAX = 128  # (what systemd-machined 262 keeps per user; the rest are closed at once)
+UID_PINNED_MAX = 4 * BUFFER_MAX  # (tighter than sd-varlink: what one user's unread messages may pin, root aside)
+DEPTH_MAX = 2048  # (sd-json's nesting limit: deeper closes the connection)
+MESSAGES_PER_TURN = 2  # (messages of one user begun per event-loop iteration, oneway ones included)
+HANGUP_POLL = 0.5  # (seconds: how often a call whose peer's input is not read looks for its hang-up)
+# Methods that systemd-machined 262 answers with io.systemd.System EUCLEAN when called with
+# "upgrade" (after checking their parameters); every other method ignores the flag.
+UPGRADE_REFUSED = frozenset({"io.systemd.Machine.List", "io.systemd.MachineImage.List"})
 _UCRED = struct.Struct("3i")
+
+
+# ----- messages as sd-json reads them ------------------------------------------------------
+
+
+class _Repeated(dict[str, Any]):
+    """A JSON object in which a key occurs more than once (the last value kept, as a dict);
+    *pairs* are all of them in order."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        self.pairs = pairs
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    return value if len(value) == len(pairs) else _Repeated(pairs)
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _integer(text: str) -> int | float:
+    # sd-json keeps what fits 64 bits as an integer, the rest as a real (so: not an integer)
+    value = int(text) if len(text) <= 20 else float(text)
+    return value if -(1 << 63) <= value < (1 << 64) else float(text)
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant, parse_int=_integer)
+_ESCAPE = re.compile(  # (an escape: \u0000, a surrogate pair, a lone surrogate, any other)
+    r"\\(?:(u0000)|u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|(u[dD][89a-fA-F][0-9a-fA-F]{2})|.)",
+    re.DOTALL,
+)
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[{]}"))
+
+
+def _depth(raw: bytes) -> int:
+    """How deep *raw*'s arrays and objects nest (at least; exactly when it is valid JSON)."""
+    if raw.count(b"[") + raw.count(b"{") <= DEPTH_MAX:
+        return 0
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS).translate(_BRACKETS)
+    return max(accumulate(memoryview(brackets).cast("b")), default=0)
+
+
+def decode(raw: bytes) -> Any:
+    """One message as sd-json parses it, or ValueError where sd-json refuses it: invalid
+    UTF-8 (a byte order mark too), lone surrogates, \\u0000, NaN and Infinity, control
+    characters in strings, nesting deeper than 2048. Integers that do not fit 64 bits are
+    reals, as in sd-json; repeated keys are kept (as :class:`_Repeated`) for the caller."""
+    text = raw.decode("utf-8")  # (strict: UnicodeDecodeError is a ValueError)
+    if "\\u" in text:
+        for match in _ESCAPE.finditer(text):
+            if match.group(1) or match.group(2):
+                raise ValueError("\\u0000 or a lone surrogate")
+    depth = _depth(raw)
+    if depth > DEPTH_MAX:
+        raise ValueError("nested too deeply")
+    if depth == 0:
+        try:
+            return _DECODER.decode(text)
+        except RecursionError:
+            pass
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + DEPTH_MAX + 100)
+    try:
+        return _DECODER.decode(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def parse_call(message: Any) -> tuple[str, dict[str, Any], bool, bool, bool] | None:
+    """(method, parameters, more, oneway, upgrade) of a call, as sd-varlink reads one; None
+    for what makes it close the connection: not an object, a key other than ``method``,
+    ``parameters``, ``more``, ``oneway`` and ``upgrade``, ``method`` or ``parameters`` twice
+    or of the wrong type, a flag that is not a boolean or that comes after a flag set true."""
+    if not isinstance(message, dict):
+        return None
+    method: str | None = None
+    parameters: dict[str, Any] | None = None
+    seen_parameters = False
+    more = oneway = upgrade = False
+    pairs = message.pairs if isinstance(message, _Repeated) else message.items()
+    for key, value in pairs:
+        if key == "method":
+            if method is not None or not isinstance(value, str):
+                return None
+            method = value
+        elif key == "parameters":
+            if seen_parameters or not (value is None or isinstance(value, dict)):
+                return None
+            seen_parameters = True
+            parameters = value
+        elif key in ("more", "oneway", "upgrade"):
+            if more or oneway or upgrade or not isinstance(value, bool):
+                return None
+            if key == "more":
+                more = value
+            elif key == "oneway":
+                oneway = value
+            else:
+                upgrade = value
+        else:
+            return None
+    if method is None:
+        return None
+    return method, parameters if parameters is not None else {}, more, oneway, upgrade
+
+
+def repeated_field(parameters: dict[str, Any]) -> str | None:
+    """The parameter that InvalidParameter names for a key given twice: the key itself at
+    the top, or the parameter inside which an object repeats one (sd-json's dispatch)."""
+    if isinstance(parameters, _Repeated):
+        seen: set[str] = set()
+        for key, _ in parameters.pairs:
+            if key in seen:
+                return key
+            seen.add(key)
+    for key, value in parameters.items():
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, _Repeated):
+                return key
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+    return None
+
+
+class _Turns:
+    """Fair shares of the event loop: at most MESSAGES_PER_TURN messages of one user are
+    begun per loop iteration, however many connections it has; every message yields once."""
+
+    def __init__(self) -> None:
+        self.used: dict[int, int] = {}
+        self.waiting: dict[int, deque[asyncio.Future[None]]] = {}
+        self.scheduled = False
+
+    async def take(self, uid: int) -> None:
+        await asyncio.sleep(0)
+        while self.used.get(uid, 0) >= MESSAGES_PER_TURN:
+            future = asyncio.get_running_loop().create_future()
+            self.waiting.setdefault(uid, deque()).append(future)
+            self._schedule()
+            try:
+                await future
+            finally:
+                if not future.done():
+                    future.cancel()
+        self.used[uid] = self.used.get(uid, 0) + 1
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self.scheduled = False
+        self.used.clear()
+        for uid in list(self.waiting):
+            waiting = self.waiting[uid]
+            woken = 0
+            while waiting and woken < MESSAGES_PER_TURN:
+                future = waiting.popleft()
+                if not future.done():
+                    future.set_result(None)
+                    woken += 1
+            if not waiting:
+                del self.waiting[uid]
+        if self.waiting:
+            self._schedule()
 
 
 class VarlinkError(Exception):
@@ -229,64 +421,145 @@ class Connection:
         self.sock = sock
         self.peer = Peer(sock)
         self.loop = asyncio.get_running_loop()
+        self.buffer = bytearray()
+        self._scanned = 0  # (no NUL in buffer[:_scanned])
+        self._charged = 0  # (what this connection's buffer counts in its UID's pinned bytes)
+        self._eof = False
+        self._watched = -1  # (the fd watched for a hang-up while a call runs)
 
     async def serve(self) -> None:
-        buffer = bytearray()
         try:
             while True:
-                end = buffer.find(0)
-                while end < 0:
-                    if len(buffer) > BUFFER_MAX:
-                        return
-                    data = await self.loop.sock_recv(self.sock, READ_SIZE)
-                    if not data:
-                        return
-                    start = len(buffer)
-                    buffer += data
-                    end = buffer.find(0, start)
-                message = bytes(buffer[:end])
-                del buffer[: end + 1]
+                message = await self._next_message()
+                if message is None:
+                    return
+                await self.server.turns.take(self.peer.uid_value)
                 if not await self._dispatch(message):
                     return
         except (ConnectionError, OSError):
             return
         finally:
+            self._unwatch()
+            self.buffer = bytearray()
+            self._charge()
             self.peer.close()
             self.sock.close()
+
+    # ----- reading -------------------------------------------------------------------------
+
+    def _charge(self) -> bool:
+        """Count the buffer in its UID's pinned bytes; False once the UID is over its share."""
+        size = len(self.buffer)
+        if size != self._charged:
+            self.server.pin(self.peer.uid_value, size - self._charged)
+            self._charged = size
+        return not self.server.over_pinned(self.peer.uid_value)
+
+    async def _next_message(self) -> bytes | None:
+        """The next NUL-terminated message; None to close (the peer's end, an overflow)."""
+        end = self.buffer.find(0, self._scanned)
+        while end < 0:
+            self._scanned = len(self.buffer)
+            if self._eof or len(self.buffer) > BUFFER_MAX or not self._charge():
+                return None
+            data = await self.loop.sock_recv(self.sock, READ_SIZE)
+            if not data:
+                return None
+            self.buffer += data
+            end = self.buffer.find(0, self._scanned)
+        message = bytes(self.buffer[:end])
+        del self.buffer[: end + 1]
+        self._scanned = 0
+        self._charge()
+        return message
+
+    def _watch(self, hangup: asyncio.Future[None]) -> None:
+        """While a call runs: read what the peer sends on into the buffer, and resolve
+        *hangup* when the peer is gone (its socket hung up), so that the call ends at once."""
+        if self._eof:
+            return
+        self._watched = self.sock.fileno()
+        self.loop.add_reader(self._watched, self._readable, hangup)
+
+    def _unwatch(self) -> None:
+        if self._watched >= 0:
+            self.loop.remove_reader(self._watched)
+            self._watched = -1
+
+    def _readable(self, hangup: asyncio.Future[None]) -> None:
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.buffer += data
+            if len(self.buffer) <= BUFFER_MAX and self._charge():
+                return
+            # Full: read no more until the call is over, but still notice a hang-up.
+            self._unwatch()
+            self.loop.call_later(HANGUP_POLL, self._poll_hangup, hangup)
+            return
+        self._eof = True
+        self._unwatch()
+        if _hung_up(self.sock) and not hangup.done():
+            hangup.set_result(None)
+        # (only its sending side shut: the call goes on, and its answer is sent)
+
+    def _poll_hangup(self, hangup: asyncio.Future[None]) -> None:
+        if hangup.done() or self.sock.fileno() < 0:
+            return
+        if _hung_up(self.sock):
+            hangup.set_result(None)
+        else:
+            self.loop.call_later(HANGUP_POLL, self._poll_hangup, hangup)
+
+    async def _run(self, handler: Handler, call: Call) -> dict[str, Any] | Reply | None:
+        """Run *handler*; if the peer hangs up meanwhile, cancel it (its subscriptions,
+        descriptors and waits are let go of at once) and end the connection."""
+        task: asyncio.Future[dict[str, Any] | Reply | None] = asyncio.ensure_future(handler(call))
+        hangup: asyncio.Future[None] = self.loop.create_future()
+        self._watch(hangup)
+        try:
+            await asyncio.wait((task, hangup), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            self._unwatch()
+            if not hangup.done():
+                hangup.cancel()
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 (whatever it ends with: the peer is gone)
+                pass
+            raise ConnectionResetError("the peer hung up during a call")
+        result: dict[str, Any] | Reply | None = task.result()
+        return result
+
+    # ----- calls ---------------------------------------------------------------------------
 
     async def _dispatch(self, raw: bytes) -> bool:
         """Serve one message; False to close the connection (a protocol violation)."""
         try:
-            message = json.loads(raw)
+            message = decode(raw)
         except ValueError:
             return False
-        if not isinstance(message, dict):
+        parsed = parse_call(message)
+        if parsed is None:
             return False
-        method: str | None = None
-        parameters: Any = None
-        more = oneway = False
-        seen_flag = False
-        for key, value in message.items():
-            if key == "method" and isinstance(value, str):
-                method = value
-            elif key == "parameters" and (value is None or isinstance(value, dict)):
-                parameters = value
-            elif key in ("more", "oneway") and isinstance(value, bool):
-                if seen_flag:
-                    return False
-                seen_flag = True
-                more, oneway = (value, False) if key == "more" else (False, value)
-            else:
-                return False
-        if method is None:
-            return False
-        call = Call(self, method, parameters or {}, more, oneway)
+        method, parameters, more, oneway, upgrade = parsed
+        call = Call(self, method, parameters, more, oneway)
         spec = self.server.service.methods.get(method)
         if spec is None:
             if not oneway:
                 await self.send_error(errors.VL_METHOD_NOT_FOUND, {"method": method})
             return True
         declared = self.server.service.declaration(method)
+        bad: str | None = None
         if declared is not None:
             try:
                 idl.validate_call(declared[0], declared[1], call.parameters, more)
@@ -295,12 +568,19 @@ class Connection:
                     await self.send_error(errors.VL_EXPECTED_MORE, {})
                 return True
             except idl.Invalid as e:
-                if not oneway:
-                    await self.send_error(errors.VL_INVALID_PARAMETER, {"parameter": e.field or method})
-                return True
+                bad = e.field or method
+        if bad is None:
+            bad = repeated_field(parameters)
+        if bad is not None:
+            if not oneway:
+                await self.send_error(errors.VL_INVALID_PARAMETER, {"parameter": bad})
+            return True
+        if upgrade and method in UPGRADE_REFUSED:
+            await self.send_error(*errors.system_error(errno.EUCLEAN))
+            return True
         token = caller.current.set(self.peer)
         try:
-            result = await spec.handler(call)
+            result = await self._run(spec.handler, call)
         except VarlinkError as e:
             if not oneway:
                 await call._fail(e.name, e.parameters)
@@ -309,6 +589,8 @@ class Connection:
             if not oneway:
                 await call._fail(*errors.varlink_error(e))
             return True
+        except ConnectionResetError:  # (the peer hung up, or the handler ended the connection)
+            raise
         except OSError as e:
             if not oneway:
                 await call._fail(*errors.system_error(e.errno or errno.EIO))
@@ -329,6 +611,8 @@ class Connection:
         await call._finish(result, spec.sentinel if more else None)
         return True
 
+    # ----- writing -------------------------------------------------------------------------
+
     async def send_reply(self, reply: Reply, continues: bool = False) -> None:
         message: dict[str, Any] = {}
         if reply.parameters:
@@ -347,7 +631,11 @@ class Connection:
         await self._send(message, [])
 
     async def _send(self, message: dict[str, Any], fds: list[int]) -> None:
-        data = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\0"
+        try:
+            data = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode() + b"\0"
+        except (ValueError, RecursionError) as e:  # (not JSON as sd-json writes it: nothing is sent)
+            log.warning("varlink reply not sent, closing the connection: %s", e)
+            raise ConnectionResetError("unencodable reply") from None
         if fds:
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
             while True:
@@ -374,6 +662,16 @@ class Connection:
             self.loop.remove_writer(self.sock.fileno())
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer closed its end altogether (POLLHUP), not just its sending side."""
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), 0)
+        return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         try:
@@ -397,6 +695,19 @@ class VarlinkServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting: list[asyncio.Task[None]] = []
         self._per_uid: dict[int, int] = {}
+        self._pinned: dict[int, int] = {}
+        self.turns = _Turns()
+
+    def pin(self, uid: int, size: int) -> None:
+        """Count *size* more (or fewer) bytes of unread input for *uid*."""
+        left = self._pinned.get(uid, 0) + size
+        if left > 0:
+            self._pinned[uid] = left
+        else:
+            self._pinned.pop(uid, None)
+
+    def over_pinned(self, uid: int) -> bool:
+        return uid != 0 and self._pinned.get(uid, 0) > UID_PINNED_MAX
 
     @property
     def path(self) -> str:
@@ -434,6 +745,7 @@ class VarlinkServer:
                     await asyncio.sleep(0.1)  # out of descriptors: let others finish first
                     continue
                 raise
+            await asyncio.sleep(0)  # (a flood of connections takes its turn as messages do)
             if len(self._tasks) >= CONNECTIONS_MAX:
                 sock.close()
                 continue
