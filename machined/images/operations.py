@@ -198,8 +198,15 @@ def _named(e: OSError, what: str) -> BusError:
 
 
 def _companions(img: Image) -> list[tuple[str, str]]:
-    """(path, suffix) of the settings and root-hash files that travel with an image."""
-    return [(p, ".nspawn") for p in img.settings_paths()] + [(img.sibling(f"{img.name}.roothash"), ".roothash")]
+    """(path, suffix) of the settings and root-hash files that travel with an image (262: also
+    the usr hash, verity data, their signatures and an OCI image's config beside it)."""
+    found = [(p, ".nspawn") for p in img.settings_paths()]
+    suffixes = pool.AUXILIARY_SUFFIXES_262 if personality.is_262() else (".roothash",)
+    for suffix in suffixes:
+        path = img.sibling(img.name + suffix)
+        if all(path != known for known, _ in found):
+            found.append((path, suffix))
+    return found
 
 
 def _renamed_path(img: Image, new_name: str) -> str:

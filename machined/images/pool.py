@@ -41,6 +41,9 @@ SEARCH_PATH: tuple[str, ...] = (
 )
 
 NSPAWN_SETTINGS_DIRS = ("/etc/systemd/nspawn", "/run/systemd/nspawn")
+NSPAWN_VENDOR_SETTINGS_DIR = "/usr/lib/systemd/nspawn"  # 262's system instance looks here too
+# Files beside an image that follow it (rename, clone, remove): 252 knows one, 262 these.
+AUXILIARY_SUFFIXES_262 = (".nspawn", ".oci-config", ".roothash", ".roothash.p7s", ".usrhash", ".usrhash.p7s", ".verity")
 
 # The per-user instance's search path (pool second), no ``.host`` image: set by the daemon
 # through the environment, so that its worker children (a fresh interpreter) see it too.
@@ -133,7 +136,10 @@ class Image:
     def settings_paths(self) -> list[str]:
         """The ``NAME.nspawn`` files that belong to the image (they follow it around)."""
         fn = f"{self.name}.nspawn"
-        return [os.path.join(d, fn) for d in NSPAWN_SETTINGS_DIRS] + [self.sibling(fn)]
+        dirs = list(NSPAWN_SETTINGS_DIRS)
+        if personality.is_262() and INCLUDE_HOST:
+            dirs.append(NSPAWN_VENDOR_SETTINGS_DIR)
+        return [os.path.join(d, fn) for d in dirs] + [self.sibling(fn)]
 
     def sibling(self, filename: str) -> str:
         """*filename* in the directory holding the image (``NAME.roothash``...)."""

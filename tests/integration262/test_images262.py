@@ -167,6 +167,14 @@ chown -R 2147418112:2147418112 fo fu.v/fu_1 fl.mstack/layer@1
 machinectl clone fo foc; echo "rc=$?"; machinectl clone fu fuc; echo "rc=$?"; machinectl clone fl flc; echo "rc=$?"
 find foc fuc -printf '%P %u %g %m\n' | sort
 machinectl remove fo fu fl foc fuc; echo "rc=$?"; lsa
+echo "== files that follow an image"
+mkdir -p d/etc /usr/lib/systemd/nspawn /etc/systemd/nspawn /run/systemd/nspawn; truncate -s 1M r.raw
+for x in nspawn oci-config roothash roothash.p7s usrhash usrhash.p7s verity raw.sig; do echo $x > d.$x; echo $x > r.$x; done
+for dd in /usr/lib/systemd/nspawn /etc/systemd/nspawn /run/systemd/nspawn; do echo x > $dd/d.nspawn; done
+machinectl rename d e; machinectl rename r s; lsa; ls /usr/lib/systemd/nspawn /etc/systemd/nspawn /run/systemd/nspawn
+machinectl clone e f; machinectl clone s t; stat -c '%n %a' f.* t.*; ls /usr/lib/systemd/nspawn /etc/systemd/nspawn
+machinectl remove e f s t; lsa; ls /usr/lib/systemd/nspawn /etc/systemd/nspawn /run/systemd/nspawn
+rm -rf /usr/lib/systemd/nspawn /etc/systemd/nspawn/* d.* r.*
 echo "== remove and clean"
 machinectl remove oci1; echo "rc=$?"; lsi; lsa
 mk

@@ -17,7 +17,8 @@ from tests.unit.test_images import make_raw, search  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
-def v262() -> Iterator[None]:
+def v262(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(pool, "NSPAWN_VENDOR_SETTINGS_DIR", str(tmp_path / "vendor-nspawn"))
     before = personality.current()
     personality.set_personality(personality.V262)
     yield
@@ -140,3 +141,25 @@ def test_operations_on_stacks_and_versions(search: tuple[Path, Path, Path], v262
     _mk(pool_dir, "a.mstack/rw", ".h.mstack/rw")
     assert [n for n, _ in operations.clean_pool("hidden", v262=True)] == [".h"]
     assert sorted(n for n, _ in operations.clean_pool("all", v262=True)) == ["a", "fooc"]
+
+
+def test_files_that_follow_an_image(search: tuple[Path, Path, Path], v262: None, tmp_path: Path) -> None:  # noqa: F811
+    _, pool_dir, _ = search
+    vendor = tmp_path / "vendor-nspawn"
+    vendor.mkdir()
+    (vendor / "d.nspawn").write_text("v")
+    (pool_dir / "d").mkdir()
+    aux = (".nspawn", ".oci-config", ".roothash", ".roothash.p7s", ".usrhash", ".usrhash.p7s", ".verity")
+    for suffix in (*aux, ".raw.sig"):
+        (pool_dir / f"d{suffix}").write_text(suffix)
+    operations.rename(pool.find("d"), "e")  # type: ignore[arg-type]
+    assert sorted(os.listdir(pool_dir)) == sorted(["d.raw.sig", "e", *(f"e{x}" for x in aux)])
+    assert os.listdir(vendor) == ["e.nspawn"]
+    operations.clone(pool.find("e"), "f", False)  # type: ignore[arg-type]
+    assert os.stat(pool_dir / "f.oci-config").st_mode & 0o777 == 0o664 and sorted(os.listdir(vendor)) == [
+        "e.nspawn",
+        "f.nspawn",
+    ]
+    operations.remove(pool.find("e"))  # type: ignore[arg-type]
+    operations.remove(pool.find("f"))  # type: ignore[arg-type]
+    assert os.listdir(pool_dir) == ["d.raw.sig"] and os.listdir(vendor) == []
