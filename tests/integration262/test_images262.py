@@ -185,3 +185,32 @@ vi CleanPool '{"mode":"all"}' --more | sort
 lsi; lsa
 """,
     )
+
+
+def test_nspawn_on_a_version_and_on_a_stack(ours262: Sandbox, real262: Sandbox) -> None:
+    """systemd-nspawn 262 -M NAME finds a versioned image and a stack as machined lists them and
+    registers the container; while it runs, nspawn's lock keeps the image from being removed or
+    renamed."""
+    assert_same(
+        ours262,
+        real262,
+        COMMON
+        + r"""
+mkdir -p foo.v/foo_1 foo.v/foo_2 oci1.mstack/layer@1 oci1.mstack/rw
+mount --bind -o ro / foo.v/foo_2; mount --bind -o ro / oci1.mstack/layer@1
+systemd-run --quiet --unit=nsv262 systemd-nspawn -q -M foo --volatile=yes /bin/sleep 999
+systemd-run --quiet --unit=nsm262 systemd-nspawn -q -M oci1 /bin/sleep 999
+until_listed foo; until_listed oci1
+machinectl list --no-legend | awk '{print $1, $2, $3}'
+machinectl show foo -p Name -p Class -p Service -p RootDirectory -p State
+machinectl show oci1 -p Name -p Class -p Service -p RootDirectory -p State
+varlinkctl --json=short call /run/systemd/machine/io.systemd.Machine io.systemd.Machine.List '{"name":"oci1"}' \
+  | jq -c '{name,class,service,rootDirectory,unit}'
+machinectl remove foo; echo "rc=$?"; machinectl remove oci1; echo "rc=$?"
+machinectl rename foo bar; echo "rc=$?"; machinectl read-only foo; echo "rc=$?"
+vi Remove '{"name":"oci1"}'
+machinectl terminate foo oci1; gone foo; gone oci1
+systemctl stop nsv262 nsm262 2>/dev/null; systemctl reset-failed nsv262 nsm262 2>/dev/null
+umount foo.v/foo_2 oci1.mstack/layer@1; lsi; lsa
+""",
+    )
