@@ -109,7 +109,8 @@ class ImageVarlink:
     async def list(self, call: Call) -> dict[str, Any] | None:
         metadata = call.parameters.get("acquireMetadata") or "no"
         if metadata != "no":  # what is inside images is not for everybody (262), asked before anything else
-            await self.authorizer(call)("inspect-images", {})
+            name = call.parameters.get("name")  # (262 names the image asked for, or "n/a")
+            await self.authorizer(call)("inspect-images", {"name": name if isinstance(name, str) else "n/a"})
         name = call.parameters.get("name")
         if name is not None:
             return await self.describe(await self._image(name), metadata)

@@ -293,7 +293,8 @@ class MachineVarlink:
     async def list(self, call: Call) -> dict[str, Any] | None:
         metadata = call.parameters.get("acquireMetadata") or "no"
         if metadata != "no":  # what is inside machines is not for everybody (262), asked before anything else
-            await self.authorizer(call)("inspect-machines", {})
+            name = call.parameters.get("name")  # (262 names the machine asked for by name, or "n/a")
+            await self.authorizer(call)("inspect-machines", {"name": name if isinstance(name, str) else "n/a"})
         machine = self.lookup(call)
         if machine is not None:
             return await self.describe(machine, metadata)

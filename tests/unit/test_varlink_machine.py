@@ -279,8 +279,11 @@ async def test_introspection_and_protocol(served) -> None:  # type: ignore[no-un
     ]
     description = (await client.one("org.varlink.service.GetInterfaceDescription",
                                     {"interface": "io.systemd.Machine"}))["parameters"]["description"]  # fmt: skip
-    assert description.startswith("interface io.systemd.Machine\n\ntype MachineClass(\n\tcontainer,\n")
-    assert "\n# [Supports 'more' flag]\nmethod List(\n\tname: ?string,\n\tpid: ?ProcessId," in description
+    assert description.startswith("interface io.systemd.Machine\n\n# The class of a machine\ntype MachineClass(\n")
+    assert (
+        "\n# [Supports 'more' flag]\nmethod List(\n\t# If non-null the name of a machine.\n\tname: ?string,"
+        in description
+    )
     assert "\nerror NoSuchMachine()\n" in description
     assert await client.one("org.varlink.service.GetInterfaceDescription", {"interface": "x.y"}) == {
         "error": "org.varlink.service.InterfaceNotFound", "parameters": {"interface": "x.y"}}  # fmt: skip
