@@ -30,7 +30,7 @@ def test_discovery_of_mstack_and_versioned_images(ours262: Sandbox, real262: San
     """Which images 262 lists and finds, under which name, at which path, of which type and
     read-only state: stacks of every shape (layers, rw, root, bind mounts, .raw and .v layers,
     broken ones), versions with and without tries left and architecture suffixes, symlinks."""
-    assert_same(
+    out = assert_same(
         ours262,
         real262,
         COMMON
@@ -88,6 +88,11 @@ vi List '{"name":"q2"}'
 rm -rf /usr/lib/machines/ven.v /usr/lib/machines/vm.mstack
 """,
     )
+    assert '["oci1","mstack",false,"T",false,N,"/org/freedesktop/machine1/image/oci1"]' in out
+    assert (
+        '"name":"foo","path":"/var/lib/machines/foo.v/foo_2"' in out
+        and "Path: /var/lib/machines/baz.v/baz_1.5+3" in out
+    )
 
 
 def test_operations_on_mstack_and_versioned_images(ours262: Sandbox, real262: Sandbox) -> None:
@@ -95,7 +100,7 @@ def test_operations_on_mstack_and_versioned_images(ours262: Sandbox, real262: Sa
     there), on versions (they act on the picked version, in its .v directory) and on foreign-owned
     trees, through machinectl, the Manager's and the image objects' D-Bus methods and varlink's
     Update, Clone, Remove and CleanPool: results, errors and the pool's files after each."""
-    assert_same(
+    out = assert_same(
         ours262,
         real262,
         COMMON
@@ -185,13 +190,14 @@ vi CleanPool '{"mode":"all"}' --more | sort
 lsi; lsa
 """,
     )
+    assert "Could not clone image: Operation not supported" in out and "foo.v/foor d" in out
 
 
 def test_nspawn_on_a_version_and_on_a_stack(ours262: Sandbox, real262: Sandbox) -> None:
     """systemd-nspawn 262 -M NAME finds a versioned image and a stack as machined lists them and
     registers the container; while it runs, nspawn's lock keeps the image from being removed or
-    renamed."""
-    assert_same(
+    renamed. ``machinectl start`` boots both."""
+    out = assert_same(
         ours262,
         real262,
         COMMON
@@ -212,5 +218,26 @@ vi Remove '{"name":"oci1"}'
 machinectl terminate foo oci1; gone foo; gone oci1
 systemctl stop nsv262 nsm262 2>/dev/null; systemctl reset-failed nsv262 nsm262 2>/dev/null
 umount foo.v/foo_2 oci1.mstack/layer@1; lsi; lsa
+# machinectl start (systemd-nspawn@.service) boots a versioned image and a stack (its upper layer
+# holds the sandbox's container target, its lower one is the sandbox's root)
+for n in msv oms; do
+mkdir -p /tmp/ov-$n/upper/etc/systemd/system /tmp/ov-$n/work /etc/systemd/nspawn
+printf '[Unit]\nDescription=Sandbox container target\nWants=dbus.socket systemd-logind.service\nAfter=dbus.socket\n' > /tmp/ov-$n/upper/etc/systemd/system/sandbox-container.target
+printf '[Exec]\nBoot=yes\nPrivateUsers=no\nParameters=systemd.unit=sandbox-container.target\n[Network]\nVirtualEthernet=no\nPrivate=no\n' > /etc/systemd/nspawn/$n.nspawn
+done
+mkdir -p msv.v/msv_1 msv.v/msv_2 oms.mstack/layer@1 oms.mstack/layer@2
+mount -t overlay overlay -o lowerdir=/,upperdir=/tmp/ov-msv/upper,workdir=/tmp/ov-msv/work msv.v/msv_2
+mount --bind -o ro / oms.mstack/layer@1; cp -a /tmp/ov-oms/upper/. oms.mstack/layer@2/
+for n in msv oms; do
+machinectl start $n; echo "start rc=$?"
+until_listed $n
+for _ in $(seq 300); do case "$(systemctl -M $n is-system-running 2>/dev/null)" in running|degraded) break;; esac; sleep 0.1; done
+machinectl show $n -p Name -p Class -p Service -p Unit -p RootDirectory -p State
+machinectl shell $n /bin/echo inside; echo "rc=$?"
+machinectl stop $n; echo "stop rc=$?"; gone $n
+done
+umount msv.v/msv_2 oms.mstack/layer@1; rm -f /etc/systemd/nspawn/msv.nspawn /etc/systemd/nspawn/oms.nspawn; rm -rf /tmp/ov-msv /tmp/ov-oms
+lsi; lsa
 """,
     )
+    assert out.count("inside\nrc=0") == 2 and "RootDirectory=/var/lib/machines/msv.v/msv_2" in out
