@@ -52,7 +52,6 @@ CONNECTIONS_PER_UID_MAX = 128  # (what systemd-machined 262 keeps per user; the 
 UID_PINNED_MAX = 4 * BUFFER_MAX  # (tighter than sd-varlink: what one user's unread messages may pin, root aside)
 DEPTH_MAX = 2048  # (sd-json's nesting limit: deeper closes the connection)
 MESSAGES_PER_TURN = 2  # (messages of one user begun per event-loop iteration, oneway ones included)
-HANGUP_POLL = 0.5  # (seconds: how often a call whose peer's input is not read looks for its hang-up)
 # Methods that systemd-machined 262 answers with io.systemd.System EUCLEAN when called with
 # "upgrade" (after checking their parameters); every other method ignores the flag.
 UPGRADE_REFUSED = frozenset({"io.systemd.Machine.List", "io.systemd.MachineImage.List"})
@@ -424,8 +423,6 @@ class Connection:
         self.buffer = bytearray()
         self._scanned = 0  # (no NUL in buffer[:_scanned])
         self._charged = 0  # (what this connection's buffer counts in its UID's pinned bytes)
-        self._eof = False
-        self._watched = -1  # (the fd watched for a hang-up while a call runs)
 
     async def serve(self) -> None:
         try:
@@ -439,7 +436,6 @@ class Connection:
         except (ConnectionError, OSError):
             return
         finally:
-            self._unwatch()
             self.buffer = bytearray()
             self._charge()
             self.peer.close()
@@ -460,7 +456,7 @@ class Connection:
         end = self.buffer.find(0, self._scanned)
         while end < 0:
             self._scanned = len(self.buffer)
-            if self._eof or len(self.buffer) > BUFFER_MAX or not self._charge():
+            if len(self.buffer) > BUFFER_MAX or not self._charge():
                 return None
             data = await self.loop.sock_recv(self.sock, READ_SIZE)
             if not data:
@@ -473,61 +469,20 @@ class Connection:
         self._charge()
         return message
 
-    def _watch(self, hangup: asyncio.Future[None]) -> None:
-        """While a call runs: read what the peer sends on into the buffer, and resolve
-        *hangup* when the peer is gone (its socket hung up), so that the call ends at once."""
-        if self._eof:
-            return
-        self._watched = self.sock.fileno()
-        self.loop.add_reader(self._watched, self._readable, hangup)
-
-    def _unwatch(self) -> None:
-        if self._watched >= 0:
-            self.loop.remove_reader(self._watched)
-            self._watched = -1
-
-    def _readable(self, hangup: asyncio.Future[None]) -> None:
-        try:
-            data = self.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if data:
-            self.buffer += data
-            if len(self.buffer) <= BUFFER_MAX and self._charge():
-                return
-            # Full: read no more until the call is over, but still notice a hang-up.
-            self._unwatch()
-            self.loop.call_later(HANGUP_POLL, self._poll_hangup, hangup)
-            return
-        self._eof = True
-        self._unwatch()
-        if _hung_up(self.sock) and not hangup.done():
-            hangup.set_result(None)
-        # (only its sending side shut: the call goes on, and its answer is sent)
-
-    def _poll_hangup(self, hangup: asyncio.Future[None]) -> None:
-        if hangup.done() or self.sock.fileno() < 0:
-            return
-        if _hung_up(self.sock):
-            hangup.set_result(None)
-        else:
-            self.loop.call_later(HANGUP_POLL, self._poll_hangup, hangup)
-
     async def _run(self, handler: Handler, call: Call) -> dict[str, Any] | Reply | None:
         """Run *handler*; if the peer hangs up meanwhile, cancel it (its subscriptions,
         descriptors and waits are let go of at once) and end the connection."""
         task: asyncio.Future[dict[str, Any] | Reply | None] = asyncio.ensure_future(handler(call))
         hangup: asyncio.Future[None] = self.loop.create_future()
-        self._watch(hangup)
+        fd = self.sock.fileno()
+        self.server.hangups.watch(fd, hangup)
         try:
             await asyncio.wait((task, hangup), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             task.cancel()
             raise
         finally:
-            self._unwatch()
+            self.server.hangups.unwatch(fd)
             if not hangup.done():
                 hangup.cancel()
         if not task.done():
@@ -662,14 +617,52 @@ class Connection:
             self.loop.remove_writer(self.sock.fileno())
 
 
-def _hung_up(sock: socket.socket) -> bool:
-    """Whether the peer closed its end altogether (POLLHUP), not just its sending side."""
-    try:
-        poller = select.poll()
-        poller.register(sock.fileno(), 0)
-        return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
-    except (OSError, ValueError):
-        return True
+class _Hangups:
+    """Peers that hang up while one of their calls runs: one epoll instance for all of a
+    server's connections, each watched for EPOLLHUP only while a call of it runs (what it
+    sends meanwhile is not read, as in sd-varlink; a peer that only shuts its sending side
+    still gets its answer)."""
+
+    def __init__(self) -> None:
+        self.epoll: select.epoll | None = None
+        self.waiting: dict[int, asyncio.Future[None]] = {}
+
+    def watch(self, fd: int, hangup: asyncio.Future[None]) -> None:
+        if self.epoll is None:
+            self.epoll = (
+                select.epoll(flags=select.EPOLL_CLOEXEC) if hasattr(select, "EPOLL_CLOEXEC") else select.epoll()
+            )
+            asyncio.get_running_loop().add_reader(self.epoll.fileno(), self._ready)
+        try:
+            self.epoll.register(fd, select.EPOLLRDHUP)
+        except OSError:
+            return
+        self.waiting[fd] = hangup
+
+    def unwatch(self, fd: int) -> None:
+        if self.waiting.pop(fd, None) is not None and self.epoll is not None:
+            try:
+                self.epoll.unregister(fd)
+            except OSError:
+                pass
+
+    def _ready(self) -> None:
+        assert self.epoll is not None
+        for fd, events in self.epoll.poll(0):
+            hangup = self.waiting.get(fd)
+            if hangup is not None and events & (select.EPOLLHUP | select.EPOLLERR) and not hangup.done():
+                hangup.set_result(None)
+            self.unwatch(fd)
+
+    def close(self) -> None:
+        if self.epoll is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self.epoll.fileno())
+            except RuntimeError:
+                pass
+            self.epoll.close()
+            self.epoll = None
+        self.waiting.clear()
 
 
 def _close_all(fds: list[int]) -> None:
@@ -697,6 +690,7 @@ class VarlinkServer:
         self._per_uid: dict[int, int] = {}
         self._pinned: dict[int, int] = {}
         self.turns = _Turns()
+        self.hangups = _Hangups()
 
     def pin(self, uid: int, size: int) -> None:
         """Count *size* more (or fewer) bytes of unread input for *uid*."""
@@ -788,6 +782,7 @@ class VarlinkServer:
                 pass
         self._listeners.clear()
         self._bound.clear()
+        self.hangups.close()
 
 
 SD_LISTEN_FDS_START = 3
