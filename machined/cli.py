@@ -10,6 +10,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
 
@@ -98,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         return install_main(words)
     if words and words[0] == "events":
         return events_main(words[1:])
+    if words and words[0] == "run":
+        return run_main(words[1:])
     parser = argparse.ArgumentParser(
         prog="machined",
         description="Virtual machine and container registration service (org.freedesktop.machine1).",
         epilog="'machined install' puts machined in place of systemd-machined on this host; "
         "'machined uninstall' goes back (see 'machined install --help'). "
-        "'machined events' watches machines come, change state and go (see 'machined events --help').",
+        "'machined events' watches machines come, change state and go; 'machined run' runs a command in a "
+        "machine without a terminal (see their --help).",
     )
     parser.add_argument("--bus-address", help="connect to this D-Bus address instead of the system bus")
     parser.add_argument(
@@ -214,15 +218,61 @@ class VarlinkClientError(Exception):
         self.parameters = parameters
 
 
-def varlink_stream(path: str, method: str, parameters: dict[str, object]) -> Iterator[dict[str, object]]:
+def connect_ours(path: str, user: bool) -> socket.socket:
+    """A connection to io.machined.Machine at *path*. Its socket exists while machined runs; if it
+    is not there yet, machined is started as any client of upstream's starts it (its varlink socket,
+    262's socket activation; else a D-Bus call, bus activation), then waited for (5 s at most)."""
+    import time
+
+    for attempt in range(2):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if attempt:
+                raise
+        _activate(user)
+        deadline = time.monotonic() + 5.0
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
+def _activate(user: bool) -> None:
+    import subprocess
+
+    if user:
+        runtime_dir = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+        upstream = os.path.join(runtime_dir, "systemd", "machine", "io.systemd.Machine")
+    else:
+        upstream = "/run/systemd/machine/io.systemd.Machine"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(5.0)
+            s.connect(upstream)
+            s.sendall(b'{"method":"org.varlink.service.GetInfo"}\0')
+            s.recv(65536)
+            return
+    except OSError:
+        pass
+    bus = ["busctl", "--user"] if user else ["busctl"]
+    try:
+        subprocess.run([*bus, "call", "org.freedesktop.machine1", "/org/freedesktop/machine1",
+                        "org.freedesktop.DBus.Peer", "Ping"], capture_output=True, timeout=10, check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
+def varlink_stream(path: str, method: str, parameters: dict[str, object], user: bool = False
+                   ) -> Iterator[dict[str, object]]:  # fmt: skip
     """Call *method* with ``more`` on the socket *path*; yield each reply's parameters; raise
     :class:`VarlinkClientError` for an error reply, OSError if the socket cannot be reached."""
     import json
-    import socket
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = connect_ours(path, user)
     try:
-        sock.connect(path)
         sock.sendall(json.dumps({"method": method, "parameters": parameters, "more": True}).encode() + b"\0")
         buffer = b""
         while True:
@@ -278,7 +328,7 @@ def events_main(argv: list[str]) -> int:
         if not args.json:
             print(f"{'SEQ':>6} {'TIME':<27} {'TYPE':<8} {'NAME':<24} {'CLASS':<9} {'STATE':<7} {'LEADER':>7} UNIT",
                   flush=True)  # fmt: skip
-        for event in varlink_stream(path, "io.machined.Machine.Watch", {}):
+        for event in varlink_stream(path, "io.machined.Machine.Watch", {}, args.user):
             print(json.dumps(event) if args.json else _event_line(event), flush=True)
     except VarlinkClientError as e:
         if e.name == "io.machined.Machine.Overflow":
@@ -295,6 +345,134 @@ def events_main(argv: list[str]) -> int:
         print(f"machined events: cannot watch through {path}: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0
+
+
+# ----- machined run ----------------------------------------------------------------------------------
+
+RUN_FAILED = 125  # the command could not be started (126 and 127: as shells, it could not be executed)
+
+_RUN_ERRORS = {
+    "io.machined.Machine.NoSuchMachine": "No machine '{name}' known.",
+    "io.machined.Machine.NotSupported": "'{name}' is a virtual machine: machined run enters containers and .host only "
+    "(a VM has no namespaces to enter; use its SSH or agent).",
+    "io.machined.Machine.NoSuchUser": "No user '{user}' in machine '{name}'.",
+    "io.systemd.InteractiveAuthenticationRequired": "Access denied: polkit's org.freedesktop.machine1.shell asks for "
+    "interactive authentication, which machined run does not do (run it as root).",
+    "org.varlink.service.PermissionDenied": "Access denied (polkit's org.freedesktop.machine1.shell).",
+    "org.varlink.service.InvalidParameter": "Invalid {parameter}.",
+}
+
+
+def varlink_call_with_fds(path: str, method: str, parameters: dict[str, object], user: bool = False
+                          ) -> tuple[dict[str, object], list[int]]:  # fmt: skip
+    """One call on *path*: its reply's parameters and the descriptors that came with it."""
+    import array
+    import json
+
+    sock = connect_ours(path, user)
+    fds: list[int] = []
+    try:
+        sock.sendall(json.dumps({"method": method, "parameters": parameters}).encode() + b"\0")
+        buffer = b""
+        while b"\0" not in buffer:
+            data, ancdata, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC)
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+                    fds.extend(got)
+            if not data:
+                raise ConnectionResetError("the service closed the connection")
+            buffer += data
+        message = json.loads(buffer[: buffer.index(b"\0")])
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        sock.close()
+    if "error" in message:
+        for fd in fds:
+            os.close(fd)
+        raise VarlinkClientError(str(message["error"]), message.get("parameters") or {})
+    return message.get("parameters") or {}, fds
+
+
+def run_main(argv: list[str]) -> int:
+    """``machined run NAME [options] [--] CMD [ARGS...]``: CMD's exit status (128+N if killed by signal N)."""
+    import array
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="machined run",
+        description="Run CMD in machine NAME (a container or .host) without a terminal: in all of its namespaces "
+        "and its root, in its cgroup, with this command's stdin, stdout and stderr (passed as descriptors). "
+        "Exits with CMD's exit status (128+N if a signal N killed it; 125 if it could not be started, 126 if it "
+        "could not be executed, 127 if it was not found).",
+    )
+    parser.add_argument("--uid", metavar="USER", default="", help="run as USER of the machine (default: root)")
+    parser.add_argument("--setenv", metavar="NAME=VALUE", action="append", default=[], help="set a variable")
+    parser.add_argument("--chdir", metavar="DIR", default="", help="working directory (default: USER's home)")
+    parser.add_argument("--detach", action="store_true", help="return once CMD started; CMD is left running")
+    parser.add_argument("--user", action="store_true", help="a machine of the calling user's instance")
+    parser.add_argument("name", metavar="NAME")
+    parser.add_argument("command", metavar="CMD", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("CMD is required")
+    path = ours_socket(args.user)
+    parameters: dict[str, object] = {"name": args.name, "command": command}
+    if args.uid:
+        parameters["user"] = args.uid
+    if args.setenv:
+        parameters["environment"] = args.setenv
+    if args.chdir:
+        parameters["directory"] = args.chdir
+    if args.detach:
+        parameters["detach"] = True
+    try:
+        reply, fds = varlink_call_with_fds(path, "io.machined.Machine.Run", parameters, args.user)
+    except VarlinkClientError as e:
+        text = _RUN_ERRORS.get(e.name, e.name + (" " + json.dumps(e.parameters) if e.parameters else ""))
+        print("machined run: " + text.format(name=args.name, user=args.uid, parameter=e.parameters.get("parameter")),
+              file=sys.stderr)  # fmt: skip
+        return RUN_FAILED
+    except OSError as e:
+        print(f"machined run: cannot reach {path}: {e.strerror or e}", file=sys.stderr)
+        return RUN_FAILED
+    index = reply.get("controlFileDescriptor")
+    if not isinstance(index, int) or not 0 <= index < len(fds):
+        print("machined run: the service sent no control socket", file=sys.stderr)
+        return RUN_FAILED
+    control = socket.socket(fileno=os.dup(fds[index]))
+    for fd in fds:
+        os.close(fd)
+    try:
+        control.sendmsg([b"stdio"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+        if args.detach:
+            return 0
+        data = control.recv(65536)
+    except KeyboardInterrupt:
+        return 130
+    except OSError as e:
+        print(f"machined run: lost the command: {e.strerror or e}", file=sys.stderr)
+        return RUN_FAILED
+    finally:
+        control.close()
+    try:
+        outcome = json.loads(data) if data else {}
+    except ValueError:
+        outcome = {}
+    if "signal" in outcome:
+        return 128 + int(outcome["signal"])
+    if "exit" in outcome and "error" not in outcome:
+        return int(outcome["exit"]) & 0xFF
+    if "error" in outcome:
+        print(f"machined run: {outcome['error']}", file=sys.stderr)
+        return int(outcome.get("exit", RUN_FAILED))
+    print("machined run: the command ended without a status (its machine ended it?)", file=sys.stderr)
+    return 128 + 9
 
 
 if __name__ == "__main__":

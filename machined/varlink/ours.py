@@ -26,11 +26,12 @@ import socket
 from collections import deque
 from typing import Any
 
+from machined.errors import BusError
 from machined.events import Event
-from machined.machine import Machine
+from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
 from machined.varlink.idl import Enum, Error, Interface, Method, Struct, opt, req
-from machined.varlink.server import Call, Reply, Service
+from machined.varlink.server import Call, Reply, Service, VarlinkError, invalid_parameter
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,21 @@ INTERFACE = Interface(
     NAME,
     [
         Method("Watch", (), _EVENT_FIELDS, more="requires"),
+        Method(
+            "Run",
+            (
+                req("name", "string"), req("command", "string", array=True), opt("user", "string"),
+                opt("environment", "string", array=True), opt("directory", "string"), opt("detach", "bool"),
+                opt("allowInteractiveAuthentication", "bool"),
+            ),
+            (req("controlFileDescriptor", "int"), req("runnerProcessId", "int")),
+        ),
         Error("NoSuchMachine"),
+        Error("NotSupported"),
+        Error("NoSuchUser"),
         Error("Overflow", (req("lostSequence", "int"),)),
     ],
-)
+)  # fmt: skip
 
 
 def user_socket(runtime_dir: str) -> str:
@@ -141,6 +153,7 @@ class OursService:
         self.service = Service(vendor="machined", product="machined", version=_version())
         self.service.add_interface(INTERFACE)
         self.service.bind(IFACE + "Watch", self.watch)
+        self.service.bind(IFACE + "Run", self.run)
 
     def close(self) -> None:
         self._unsubscribe()
@@ -194,6 +207,46 @@ class OursService:
             if watcher.abort is not None:
                 watcher.abort.cancel()
             loop.remove_reader(fd)
+
+    # ----- Run ----------------------------------------------------------------------------
+
+    async def run(self, call: Call) -> Reply:
+        """Start a command in a machine; the caller gets the control socket (see :mod:`machined.run`).
+        Authorized as D-Bus's OpenMachineShell: polkit's ``shell`` (``host-shell`` for ``.host``)
+        with the details machine, user, program."""
+        from machined import run
+        from machined.envfile import env_is_valid
+        from machined.varlink.machine import varlink_authorizer
+
+        params = call.parameters
+        name, command = params["name"], params["command"]
+        user = params.get("user") or ""
+        environment = params.get("environment") or []
+        directory = params.get("directory") or ""
+        if not command or not command[0] or any("\0" in a for a in command):
+            raise invalid_parameter("command")
+        if user and (len(user) > 256 or any(c in user for c in ":/\n\0")):
+            raise invalid_parameter("user")
+        if not env_is_valid(environment):
+            raise invalid_parameter("environment")
+        if directory and (not directory.startswith("/") or "\0" in directory):
+            raise invalid_parameter("directory")
+        machine = self.manager.registry.get(name)
+        if machine is None or not (machine.is_host or self.manager.events.known(machine)):
+            raise VarlinkError(IFACE + "NoSuchMachine")
+        if machine.machine_class is MachineClass.VM:
+            raise VarlinkError(IFACE + "NotSupported")
+        authorize = varlink_authorizer(self.polkit, self.bus, call, rename=False)
+        await authorize("host-shell" if machine.is_host else "shell",
+                        {"machine": machine.name, "user": user or "root", "program": command[0]})  # fmt: skip
+        try:
+            pid, control = await run.start(machine, command, user, environment, directory,
+                                           params.get("detach") is True, call.peer.pid_value)  # fmt: skip
+        except BusError as e:
+            if e.name.startswith(IFACE):
+                raise VarlinkError(e.name) from None
+            raise
+        return Reply({"controlFileDescriptor": 0, "runnerProcessId": pid}, [control])
 
 
 def _end(sock: socket.socket) -> OSError:
