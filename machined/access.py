@@ -15,7 +15,7 @@ import errno
 import os
 
 from machined import errors, idmap, inside, pty
-from machined.addresses import Address, from_rows
+from machined.addresses import Address
 from machined.envfile import read_os_release
 from machined.errors import BusError
 from machined.machine import Machine, MachineClass
@@ -47,8 +47,7 @@ class MachineAccess:
     async def addresses(self, machine: Machine) -> list[Address]:
         self.check_addresses(machine)
         if machine.is_host:
-            # in a child (pyroute2 stays out of the daemon), identical calls in flight share it
-            return from_rows(await run_worker("machined.addresses:host_addresses", inside.PROBE_TIMEOUT, shared=True))
+            return await inside.host_addresses()
         return await inside.container_addresses(machine)
 
     def check_os_release(self, machine: Machine) -> None:

@@ -26,13 +26,12 @@ from machined.dbus.objects import Dispatcher, new_signal
 from machined.dbus.tree import MANAGER_PATH, MachinedTree
 from machined.errors import BusError
 from machined.events import Event
-from machined.machine import Machine, MachineClass, Timestamp, host_machine
+from machined.machine import Machine, Timestamp, host_machine
 from machined.manager import MachineManager
 from machined.statefile import StateDir
 from machined.userdb import userdb_service
 from machined.userscope import UserScope
 from machined.varlink import VarlinkServer
-from machined.worker import prestart
 
 if TYPE_CHECKING:
     from machined.metrics import Metrics
@@ -353,9 +352,6 @@ class Daemon:
             self._count_announcements(signal_name, machine)
         if self._hook_changed is not None:
             self._hook_changed()
-        if signal_name == "MachineNew" and machine.machine_class is MachineClass.CONTAINER:
-            # Looks inside containers go through the fork server: have it ready for the first one.
-            prestart()
         if self.bus is None or not self.bus.connected:
             return
         self.bus.send(

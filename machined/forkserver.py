@@ -1,6 +1,7 @@
 """The fork server: one single-threaded process that forks a child per operation.
 
-The daemon starts it at its first operation (``python -m machined.forkserver FD``,
+The daemon starts it at an operation that needs a child, and lets it go once it has been
+without children for a few seconds (``python -m machined.forkserver FD``,
 FD one end of a SOCK_SEQPACKET socketpair; see :mod:`machined.worker`). It imports
 what the operations need once, says ``ready``, and then waits. It holds no event
 loop, no bus connection and no thread, so forking it is safe.
@@ -19,7 +20,6 @@ is gone), it kills its children and exits.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import importlib
 import json
@@ -28,6 +28,8 @@ import select
 import signal
 import socket
 import sys
+
+from machined.fs.libc import PR_SET_PDEATHSIG, prctl
 
 # What the children run, imported once here (before any child enters a container, whose
 # root need not contain this project). The worker protocol comes first.
@@ -39,12 +41,9 @@ PRELOAD = (
     "machined.images.metadata",
 )
 
-PR_SET_PDEATHSIG = 1
 NAME = b"machined-fork"
 SPARE_NAME = b"machined-spare"  # waiting for a job
 CHILD_NAME = b"machined-job"  # running one
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Server:
@@ -132,7 +131,7 @@ class Server:
         self.worker._close_all(self.children)
         os.dup2(self.devnull, 2)
         os.close(self.devnull)
-        _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
         return os.getppid() == self.pid
 
     def _rehearse(self) -> None:
@@ -182,12 +181,6 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(module)
         except ImportError as e:  # a child that needs it imports it itself (slowly)
             print(f"machined-fork: cannot preload {module}: {e}", file=sys.stderr)
-    try:
-        from machined.addresses import warm_up
-
-        warm_up()
-    except Exception as e:  # noqa: BLE001  (a child then loads what it needs itself)
-        print(f"machined-fork: cannot warm up pyroute2: {e}", file=sys.stderr)
     gc.freeze()  # what is imported stays out of collections: children share more pages with us
     return Server(ctl).run()
 

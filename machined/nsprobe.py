@@ -1,13 +1,9 @@
-"""Functions that work inside a container's namespaces; they run in a worker child or helper.
+"""Functions that work inside a container's mount namespace; each runs in a child of its own.
 
-Never in the daemon's own process: setns() would switch a whole thread of an
-asyncio daemon into the container. Two ways in:
-
-- :func:`resident` is the helper of one running container (see
-  :mod:`machined.inside`): it enters once, then answers cheap looks (OS release,
-  addresses, a PTY, the root directory) one at a time, without a fork each;
-- the other functions (login, shell; :mod:`machined.machine_ops` for copies and
-  binds) enter in a child of their own, which exits afterwards.
+Never in the daemon's own process, which never enters a container's mount namespace
+(the looks that need no child are :mod:`machined.inside`'s). A PTY, a login, a shell
+(and, in :mod:`machined.machine_ops`, copies and binds) enter in a child started for
+them, which exits afterwards.
 
 Every entry goes through the leader's pidfd, which the daemon pinned at
 registration: ``setns(pidfd, CLONE_NEWNS|CLONE_NEWNET|…)`` joins the namespaces of
@@ -22,51 +18,28 @@ process's pidfd names no PID, so what was opened belonged to the pinned leader.
 from __future__ import annotations
 
 import array
-import ctypes
 import errno
 import os
-import select
 import socket
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 # Everything is imported before entering a container: its root need not contain this project.
 from dbus_fast import Message
 
 from machined import pty, sessions
-from machined.addresses import read_addresses, to_rows
-from machined.envfile import read_os_release
 from machined.errors import BusError, errno_error_name
-from machined.worker import send_fd, serve_requests
+from machined.fs.libc import CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUSER, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, prctl, setns
+from machined.inside import pidfd_pid
+from machined.worker import send_fd
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
-PR_SET_PDEATHSIG = 1
-PR_SET_DUMPABLE = 4
 SIGKILL = 9
 
-_libc = ctypes.CDLL(None, use_errno=True)
+__all__ = ["CLONE_NEWNET", "CLONE_NEWNS", "enter_container", "join_mount_namespace", "open_leader_file", "setns"]
 
 
 # ----- getting in -----------------------------------------------------------------------------
-
-
-def setns(fd: int, nstype: int) -> None:
-    """setns(2) on a namespace fd or, with a mask of CLONE_NEW* flags, a pidfd."""
-    if _libc.setns(fd, nstype) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def pidfd_pid(pidfd: int) -> int:
-    """The PID *pidfd* names (in our PID namespace); -1 once its process was reaped."""
-    with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
-        for line in f:
-            if line.startswith(b"Pid:"):
-                return int(line.split()[1])
-    raise OSError(errno.EBADF, "not a pidfd")
 
 
 def open_leader_file(leader: int, leader_fd: int, name: str, flags: int) -> int:
@@ -99,8 +72,8 @@ def enter_container(leader: int, leader_fd: int, net: bool = False) -> None:
         # All at once; joining our own user namespace would be EINVAL.
         setns(leader_fd, CLONE_NEWNS | (CLONE_NEWNET if net else 0) | (CLONE_NEWUSER if join_user else 0))
         # Not to be ptraced from inside, and (new credentials reset it) killed with the fork server.
-        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-        _libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
+        prctl(PR_SET_DUMPABLE, 0)
+        prctl(PR_SET_PDEATHSIG, SIGKILL)
         os.fchdir(root)
         os.chroot(".")
         os.chdir("/")
@@ -111,77 +84,19 @@ def enter_container(leader: int, leader_fd: int, net: bool = False) -> None:
         os.close(root)
 
 
-# ----- the helper of a running container ------------------------------------------------------
+# ----- a PTY (a child of its own) -------------------------------------------------------------
 
 
-def _os_release() -> dict[str, str]:
-    try:
-        return read_os_release("/")
-    except FileNotFoundError:
-        raise OSError(errno.ENOENT, "Machine does not contain OS release information") from None
-
-
-_route: Any = None  # the helper's rtnetlink socket (pyroute2's IPRoute), opened in the container's namespace
-
-
-def _addresses() -> list[list[int | str]]:
-    global _route
-    if _route is None:
-        from pyroute2 import IPRoute  # preloaded by the fork server (addresses.warm_up)
-
-        _route = IPRoute()
-    return to_rows(read_addresses(_route))
-
-
-def _open_pty(fd_socket: int) -> str:
+def open_pty(leader: int, leader_fd: int, fd_socket: int) -> str:
+    """A PTY master from the container's devpts (its /dev/ptmx, inside), handed to the daemon;
+    the slave's path there."""
+    enter_container(leader, leader_fd)
     master, path = pty.open_master()
     try:
         send_fd(fd_socket, master)
     finally:
         os.close(master)
     return path
-
-
-def _open_root_directory(fd_socket: int) -> None:
-    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        send_fd(fd_socket, fd)
-    finally:
-        os.close(fd)
-
-
-LOOKS: dict[str, Callable[..., Any]] = {
-    "os_release": _os_release,
-    "addresses": _addresses,
-    "open_pty": _open_pty,
-    "open_root_directory": _open_root_directory,
-}
-
-
-def resident(leader: int, leader_fd: int, channel: int) -> None:
-    """A container's helper: enter once (every namespace, the root), then serve :data:`LOOKS`.
-
-    It leaves when the daemon closes the channel or the leader exits. Before each
-    answer it checks that the leader still lives and still has the root it is in (a
-    container manager may register its leader before that switches root): if not, it
-    leaves unanswered and the daemon asks a new helper, which sees the new root.
-    """
-    proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # the host's, kept for the checks
-    enter_container(leader, leader_fd, net=True)
-    here = os.stat("/")
-    watch = select.poll()
-    watch.register(leader_fd, select.POLLIN)
-
-    def fresh() -> bool:
-        try:
-            st = os.stat(f"{leader}/root", dir_fd=proc)
-        except OSError:
-            return False
-        if watch.poll(0):  # exited: the PID may have named another process by the time we looked
-            return False
-        return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
-
-    serve_requests(channel, LOOKS, watch_fd=leader_fd, fresh=fresh)
 
 
 # ----- sessions (a child each) ----------------------------------------------------------------

@@ -23,10 +23,11 @@ child that dies or hangs costs only its caller an error; so does the death of
 the fork server (its children die with it), which is started again at the next
 operation.
 
-A :class:`HelperPool` keeps long-lived children (*helpers*) that serve requests
-one at a time over a channel, each answered on a socket of its own: a helper per
-running container enters the container once and then answers cheap looks
-inside it without a fork per look (:mod:`machined.inside`).
+The fork server does not stand by: it is started by the first operation that
+needs a child (looks need none, see :mod:`machined.inside`) and, once no child of
+it is left, lingers :data:`FORKSERVER_LINGER` seconds for the next one (a shell
+right after a copy), then exits with its spares. While no operation runs, the
+daemon is the service's only process.
 
 Every child, and every request to a helper, counts against one limit,
 :data:`children` (64 at once, served root first and round-robin across users;
@@ -51,14 +52,13 @@ import importlib
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from machined import caller, errors
@@ -75,15 +75,13 @@ FDS_MAX = 16  # fds one message may carry
 FORKSERVER_START_TIMEOUT = 30.0
 FORKSERVER_RETRY = 5.0  # after a failed start, calls take the exec path this long before the next try
 SPARES = 2  # children the fork server forks ahead, each waiting for a job
-HELPERS_MAX = 32
-HELPER_IDLE = 60.0  # seconds a helper stays without requests
-HELPER_START_TIMEOUT = 10.0
+FORKSERVER_LINGER = 5.0  # seconds the fork server stays once its last child has exited
 
 DIED = "Child died abnormally."
 
 __all__ = [
-    "LIMITS_EXCEEDED", "HelperPool", "Operations", "children", "run_helper", "run_worker", "run_worker_with_fd",
-    "prestart", "send_fd", "serve_job", "serve_requests",
+    "LIMITS_EXCEEDED", "Operations", "children", "forkserver_pid", "run_worker", "run_worker_with_fd", "send_fd",
+    "serve_job",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -320,6 +318,7 @@ class _ForkServer:
         self.writing = False  # waiting for room in its queue
         self.starting: asyncio.Task[bool] | None = None
         self.failed_at = -FORKSERVER_RETRY
+        self.linger: asyncio.TimerHandle | None = None
 
     @property
     def pid(self) -> int | None:
@@ -374,6 +373,7 @@ class _ForkServer:
         loop.add_reader(ours.fileno(), self._control)
         loop.add_reader(pidfd, self._died)
         self.starting = None
+        self._arm_linger()  # (the operation that started it takes a child at once)
         log.debug("fork server %d started", popen.pid)
         return True
 
@@ -385,6 +385,9 @@ class _ForkServer:
 
     async def child(self) -> Child:
         """A spare, as a child of ours to send a request to."""
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
         pid, pidfd, sock = await self._spare()
         child = Child(sock, pid, pidfd)
         self.children.add(child)
@@ -394,7 +397,43 @@ class _ForkServer:
     def _gone(self, child: Child) -> None:
         self.children.discard(child)
         if self.ctl is not None and self.loop is child.loop:
+            if not self.children and not self.waiting:
+                self._arm_linger()
             self._replenish()  # only now: forking while it worked would have taken the CPU from it
+
+    def _arm_linger(self) -> None:
+        assert self.loop is not None
+        if self.loop.is_closed():
+            return  # (tests: its event loop is gone; the next one abandons it)
+        if self.linger is not None:
+            self.linger.cancel()
+        self.linger = self.loop.call_later(FORKSERVER_LINGER, self._idle)
+
+    def _idle(self) -> None:
+        """No child of it for :data:`FORKSERVER_LINGER` s: let it and its spares go (closing its
+        control socket ends it; it kills its spares and exits)."""
+        self.linger = None
+        if self.ctl is None or self.children or self.waiting or self.starting is not None:
+            return
+        assert self.loop is not None and self.pidfd is not None and self.popen is not None
+        log.debug("fork server %d idle: let go", self.popen.pid)
+        self.loop.remove_reader(self.ctl.fileno())
+        if self.writing:
+            self.loop.remove_writer(self.ctl.fileno())
+            self.writing = False
+        self._drop_spares()
+        self.ctl.close()
+        self.ctl = None
+        pidfd, popen, loop = self.pidfd, self.popen, self.loop
+        loop.remove_reader(pidfd)
+
+        def reap() -> None:
+            loop.remove_reader(pidfd)
+            popen.wait()
+            os.close(pidfd)
+
+        loop.add_reader(pidfd, reap)
+        self.pidfd = None
 
     async def _spare(self) -> _Spare:
         assert self.loop is not None
@@ -488,6 +527,9 @@ class _ForkServer:
             return
         assert self.loop is not None and self.pidfd is not None and self.popen is not None
         log.warning("Fork server %d died; it is started again at the next operation", self.popen.pid)
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
         self.loop.remove_reader(self.ctl.fileno())
         if self.writing:
             self.loop.remove_writer(self.ctl.fileno())
@@ -531,38 +573,20 @@ class _ForkServer:
             self.ctl.close()
         if self.pidfd is not None:
             os.close(self.pidfd)
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
         self._drop_spares()
         self.loop = self.ctl = self.pidfd = self.popen = None  # subprocess reaps the Popen
         self.waiting, self.children, self.writing = deque(), set(), False
 
 
 _server = _ForkServer()
-_prestarting: set[asyncio.Task[None]] = set()
 
 
 def forkserver_pid() -> int | None:
     """The fork server's PID while it runs."""
     return _server.pid
-
-
-def prestart() -> None:
-    """Start the fork server and its spares in the background, if they are not there yet, so
-    that the first operation finds them ready (the daemon calls this when a container starts:
-    a daemon with no containers never starts it before an operation needs it). Returns at once;
-    the server is started from the next turn of the event loop, after what the caller is
-    about to send (a registration's reply). A start that fails is what the first operation would
-    have met: it takes the exec path for a while."""
-    loop = asyncio.get_running_loop()
-    if (_server.ctl is not None and _server.loop is loop) or _prestarting:
-        return
-    task = loop.create_task(_prestart())
-    _prestarting.add(task)
-    task.add_done_callback(_prestarting.discard)
-
-
-async def _prestart() -> None:
-    if await _server.ready():
-        _server._replenish()
 
 
 def _spawn() -> Child:
@@ -752,252 +776,14 @@ class Operations:
             self.running -= 1
 
 
-# ----- helpers: long-lived children serving requests --------------------------------------
-
-
-class _Gone(Exception):
-    """The helper went away without answering."""
-
-
-class _Helper:
-    def __init__(self, child: Child, channel: socket.socket) -> None:
-        self.child = child
-        self.channel = channel
-        self.lock = asyncio.Lock()
-        self.used = time.monotonic()
-        self.timer: asyncio.TimerHandle | None = None
-
-    def alive(self) -> bool:
-        return self.channel.fileno() >= 0 and self.child.running
-
-    def busy(self) -> bool:
-        return self.lock.locked()
-
-    def close(self) -> None:
-        """No more requests: it exits when it sees its channel closed."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.channel.close()
-
-    async def call(self, op: str, args: Mapping[str, Any], want_fd: bool) -> tuple[bytes, list[int]]:
-        async with self.lock:
-            if not self.alive():
-                raise _Gone
-            self.used = time.monotonic()
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                try:
-                    _send_with_fds(self.channel, json.dumps({"op": op, "args": dict(args), "fd_socket": want_fd})
-                                   .encode(), [theirs.fileno()])  # fmt: skip
-                except OSError:
-                    raise _Gone from None
-                finally:
-                    theirs.close()
-                reader = _Reader(ours)
-                try:
-                    data = await reader.future
-                    got = reader.take_fds()
-                except BaseException:  # a request in flight was given up: the helper may be stuck
-                    self.child.kill()
-                    self.close()
-                    raise
-                finally:
-                    reader.close()
-            finally:
-                ours.close()
-            self.used = time.monotonic()
-        if not data:
-            _close_all(got)
-            raise _Gone  # it died or left (its leader exited, its container changed) first
-        return data, got
-
-
-class HelperPool:
-    """Long-lived children running *target*, one per key, each serving requests one at a time.
-
-    A helper is started at the first request for its key, with the keyword arguments and
-    named fds given then, plus ``channel``; *target* prepares (enters a container, …) and
-    calls :func:`serve_requests`. Helpers idle for *idle* seconds are closed; at *limit*
-    helpers, the least recently used idle one makes room.
-    """
-
-    def __init__(self, target: str, limit: int = HELPERS_MAX, idle: float = HELPER_IDLE) -> None:
-        self.target = target
-        self.limit = limit
-        self.idle = idle
-        self.helpers: dict[Hashable, _Helper] = {}  # least recently used first
-        self._starting: dict[Hashable, asyncio.Task[_Helper]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def pids(self) -> list[int]:
-        return [h.child.pid for h in self.helpers.values() if h.alive()]
-
-    async def call(self, key: Hashable, kwargs: Mapping[str, Any], fds: Mapping[str, int], op: str,
-                   args: Mapping[str, Any], want_fd: bool) -> tuple[Any, list[int]]:  # fmt: skip
-        """*op*'s outcome from the helper for *key*; a helper that went away is replaced once."""
-        for _ in range(2):
-            helper = await self._get(key, kwargs, fds)
-            try:
-                data, got = await helper.call(op, args, want_fd)
-            except _Gone:
-                self._forget(key, helper)
-                continue
-            try:
-                return _decode(data), got
-            except BaseException:
-                _close_all(got)
-                raise
-        raise BusError(errors.FAILED, DIED)
-
-    async def _get(self, key: Hashable, kwargs: Mapping[str, Any], fds: Mapping[str, int]) -> _Helper:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            self._reset(loop)
-        helper = self.helpers.get(key)
-        if helper is not None and helper.alive():
-            self.helpers[key] = self.helpers.pop(key)  # most recently used
-            return helper
-        task = self._starting.get(key)
-        if task is None:
-            task = loop.create_task(self._start(key, kwargs, _own(fds)))
-            self._starting[key] = task
-
-            def done(t: asyncio.Task[_Helper]) -> None:
-                if self._starting.get(key) is t:
-                    del self._starting[key]
-                _retrieve(t)
-
-            task.add_done_callback(done)
-        return await asyncio.shield(task)
-
-    async def _start(self, key: Hashable, kwargs: Mapping[str, Any], fds: dict[str, int]) -> _Helper:
-        try:
-            helper = await _start_helper(self.target, kwargs, fds)
-        finally:
-            _close_all(fds.values())
-        self._make_room()
-        old = self.helpers.pop(key, None)
-        if old is not None:
-            old.close()
-        self.helpers[key] = helper
-        helper.child.when_gone(lambda: self._forget(key, helper))
-        self._arm(key, helper, self.idle)
-        return helper
-
-    def _make_room(self) -> None:
-        while len(self.helpers) >= self.limit:
-            idle = next(((k, h) for k, h in self.helpers.items() if not h.busy()), None)
-            if idle is None:
-                return  # all busy: bounded by the limit on children anyway
-            self._forget(*idle)
-
-    def _arm(self, key: Hashable, helper: _Helper, delay: float) -> None:
-        def check() -> None:
-            helper.timer = None
-            left = helper.used + self.idle - time.monotonic()
-            if helper.busy() or left > 0:
-                self._arm(key, helper, max(left, 1.0))
-            else:
-                self._forget(key, helper)
-
-        assert self._loop is not None
-        helper.timer = self._loop.call_later(delay, check)
-
-    def _forget(self, key: Hashable, helper: _Helper) -> None:
-        if self.helpers.get(key) is helper:
-            del self.helpers[key]
-        helper.close()
-        helper.child.when_gone(helper.child.close)
-
-    def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
-        """A new event loop (tests): helpers of the old one are let go."""
-        for helper in self.helpers.values():
-            if helper.timer is not None:
-                helper.timer.cancel()
-            helper.channel.close()
-        self.helpers, self._starting, self._loop = {}, {}, loop
-
-
-async def _start_helper(target: str, kwargs: Mapping[str, Any], fds: Mapping[str, int]) -> _Helper:
-    loop = asyncio.get_running_loop()
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        named = {**fds, "channel": theirs.fileno()}
-        child = await _start_child(_request(target, kwargs, list(named)), list(named.values()))
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        theirs.close()
-    try:
-        await child.send()
-        ours.setblocking(False)
-        try:
-            hello = await asyncio.wait_for(loop.sock_recv(ours, 64), HELPER_START_TIMEOUT)
-        except TimeoutError:
-            raise BusError.from_errno(errno.ETIMEDOUT, "Timed out waiting for the child process") from None
-        if hello != b"ready":  # it could not get ready: its outcome says why
-            data = await asyncio.wait_for(child.output, HELPER_START_TIMEOUT)
-            _decode(data)
-            raise BusError(errors.FAILED, DIED)
-    except BaseException:
-        child.kill()
-        child.close()
-        ours.close()
-        raise
-    return _Helper(child, ours)
-
-
-async def run_helper(pool: HelperPool, key: Hashable, op: str, *, timeout: float | None,
-                     start_kwargs: Mapping[str, Any], start_fds: Mapping[str, int],
-                     args: Mapping[str, Any] | None = None, shared: bool = False,
-                     want_fd: bool = False) -> tuple[Any, list[int]]:  # fmt: skip
-    """*op* served by *pool*'s helper for *key*, under the limit on children and the deadline.
-
-    Returns (result, fds handed back). With *shared*, an identical request in flight is
-    joined. *start_fds* are copied at once (the caller keeps its own).
-    """
-    fds = _own(start_fds)
-    args = dict(args or {})
-
-    async def limited() -> tuple[Any, list[int]]:
-        try:
-            user = await caller.current_uid()
-
-            async def run() -> tuple[Any, list[int]]:
-                release = await children.acquire(user, of_caller=False)
-                try:
-                    return await pool.call(key, start_kwargs, fds, op, args, want_fd)
-                finally:
-                    release()
-
-            return await _deadline(run(), timeout)
-        finally:
-            _close_all(fds.values())
-
-    if not shared or want_fd:
-        return await limited()
-    return await _coalesced(f"{id(pool)} {key!r} {op} {json.dumps(args, sort_keys=True)}", limited), []
-
-
 # ----- the child's side ----------------------------------------------------------------------
-
-HELPER_NAME = b"machined-helper"  # the process name (comm) of helpers
-PR_SET_NAME = 15
-
-
-_prctl: Any = None
 
 
 def set_name(name: bytes) -> None:
-    """This process's name (comm, as ps shows it); for children (the daemon loads no ctypes)."""
-    global _prctl
-    if _prctl is None:
-        import ctypes
+    """This process's name (comm, as ps shows it); for children."""
+    from machined.fs.libc import PR_SET_NAME, prctl
 
-        _prctl = ctypes.CDLL(None, use_errno=True).prctl
-    _prctl(PR_SET_NAME, name, 0, 0, 0)
+    prctl(PR_SET_NAME, name)
 
 
 def _outcome(func: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -1064,60 +850,6 @@ def serve_job(job_fd: int, on_request: Callable[[], None] | None = None) -> None
     outcome = _outcome(_target(request["target"]), kwargs)
     sock.sendall(json.dumps(outcome).encode())
     sock.close()
-
-
-def serve_requests(channel: int, handlers: Mapping[str, Callable[..., Any]], watch_fd: int | None = None,
-                   fresh: Callable[[], bool] | None = None) -> None:  # fmt: skip
-    """In a helper: say ready, then answer requests one at a time until the channel closes.
-
-    Each request ``{"op": NAME, "args": {...}, "fd_socket": bool}`` comes with a socket to
-    answer on (as :func:`serve_job` does). The helper also leaves when *watch_fd* turns
-    readable (its container's leader exited), or, before answering, when *fresh* says
-    that what it prepared no longer holds: it then closes the request's socket unanswered,
-    and the daemon asks a new helper.
-    """
-    set_name(HELPER_NAME)
-    sock = socket.socket(fileno=channel)
-    sock.send(b"ready")
-    poller = select.poll()
-    poller.register(channel, select.POLLIN)
-    if watch_fd is not None:
-        poller.register(watch_fd, select.POLLIN)
-    while True:
-        events = poller.poll()
-        if any(fd == watch_fd for fd, _ in events):
-            return
-        try:
-            data, ancdata, _, _ = sock.recvmsg(1 << 16, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
-        except InterruptedError:
-            continue
-        except OSError:
-            return
-        fds = _fds_from(ancdata)
-        if not data:
-            _close_all(fds)
-            return
-        if not fds:
-            continue
-        _close_all(fds[1:])
-        reply = socket.socket(fileno=fds[0])
-        try:
-            if fresh is not None and not fresh():
-                return
-            request = json.loads(data)
-            handler = handlers.get(request.get("op"))
-            args = dict(request.get("args") or {})
-            if request.get("fd_socket"):
-                args["fd_socket"] = reply.fileno()
-            if handler is None:
-                outcome: dict[str, Any] = {"errno": errno.EOPNOTSUPP, "message": os.strerror(errno.EOPNOTSUPP)}
-            else:
-                outcome = _outcome(handler, args)
-            reply.sendall(json.dumps(outcome).encode())
-        except OSError:
-            pass  # the daemon gave up on this request
-        finally:
-            reply.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,3 +155,38 @@ def move_mount_onto_fd(source: str, target_fd: int) -> None:
         _check(libc.move_mount(*args))
     else:
         _check(libc.syscall(SYS_move_mount, *args))
+
+
+# --- namespaces and confined opens -------------------------------------------------------
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+SYS_openat2 = 437  # the same number on every architecture (new syscalls are unified)
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_NAME = 15
+
+_OPEN_HOW = struct.Struct("=QQQ")  # struct open_how: flags, mode, resolve
+
+
+def setns(fd: int, nstype: int) -> None:
+    """setns(2) on a namespace fd or, with a mask of CLONE_NEW* flags, a pidfd (of the calling
+    thread only, for the namespaces a thread may switch alone: not the mount namespace of a
+    threaded process)."""
+    _check(libc.setns(fd, nstype))
+
+
+def openat2(dir_fd: int, path: str, flags: int, resolve: int) -> int:
+    """openat2(2): *path* opened from *dir_fd* under the RESOLVE_* rules *resolve* (with
+    ``RESOLVE_IN_ROOT``, every symlink and ``..`` stays inside *dir_fd*)."""
+    how = ctypes.create_string_buffer(_OPEN_HOW.pack(flags | os.O_CLOEXEC, 0, resolve), _OPEN_HOW.size)
+    fd = libc.syscall(SYS_openat2, dir_fd, os.fsencode(path), how, ctypes.c_size_t(_OPEN_HOW.size))
+    return _check(fd, path)
+
+
+def prctl(option: int, arg: int | bytes) -> None:
+    """prctl(2) with one argument (the others 0)."""
+    _check(libc.prctl(option, arg, 0, 0, 0))

@@ -1,4 +1,4 @@
-"""The fork server and the helpers: where children come from, restart, kills, fds, namespaces, zombies."""
+"""The fork server: where children come from, restart, kills, fds, namespaces, zombies, lingering."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from machined import nsprobe, worker
 from machined.errors import BusError
-from machined.worker import HelperPool, run_helper, run_worker, run_worker_with_fd, send_fd, serve_requests
+from machined.worker import run_worker, run_worker_with_fd, send_fd
 
 REPO = Path(__file__).resolve().parents[2]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
@@ -42,14 +42,6 @@ def read_and_hand_back(source: int, fd_socket: int, path: str) -> str:
 def net_namespace_through(leader_fd: int) -> int:
     nsprobe.setns(leader_fd, nsprobe.CLONE_NEWNET)
     return os.stat("/proc/self/ns/net").st_ino
-
-
-def nap(seconds: float) -> None:
-    time.sleep(seconds)
-
-
-def napping_helper(channel: int) -> None:
-    serve_requests(channel, {"pid": os.getpid, "nap": nap})
 
 
 # ----- helpers of the tests ---------------------------------------------------------------------
@@ -185,11 +177,6 @@ async def test_the_exec_path_when_the_fork_server_cannot_start(monkeypatch: pyte
                                             fds={"source": os.open("/dev/null", os.O_RDONLY)}, path="/dev/null")  # fmt: skip
     os.close(fd)
     assert result == ""
-    pool = HelperPool("tests.unit.test_forkserver:napping_helper")
-    helper, _ = await run_helper(pool, "k", "pid", timeout=30, start_kwargs={}, start_fds={})
-    assert helper in children_of(os.getpid())  # exec'd by us, serving over the same channel
-    assert (await run_helper(pool, "k", "pid", timeout=30, start_kwargs={}, start_fds={}))[0] == helper
-    pool._forget("k", pool.helpers["k"])
 
 
 def test_the_fork_server_and_its_children_go_with_the_daemon() -> None:
@@ -213,24 +200,37 @@ def test_the_fork_server_and_its_children_go_with_the_daemon() -> None:
     assert state in ("gone", "Z") or name != "machined-fork", "the fork server outlived the daemon"
 
 
-async def test_a_helper_that_misses_its_deadline_is_killed_and_replaced() -> None:
-    pool = HelperPool("tests.unit.test_forkserver:napping_helper")
-
-    async def ask(op: str, timeout: float, **args: float) -> object:
-        result, _ = await run_helper(pool, "key", op, timeout=timeout, start_kwargs={}, start_fds={}, args=args)
-        return result
-
-    first = await ask("pid", 10)
-    assert await ask("pid", 10) == first  # one process serves request after request
-    pidfd = os.pidfd_open(first)
+async def test_the_fork_server_lingers_then_goes_with_its_spares(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It does not stand by: once its last child has exited it stays FORKSERVER_LINGER seconds
+    (an operation meanwhile keeps it), then it and its spares exit; the next operation starts
+    another."""
+    monkeypatch.setattr(worker, "FORKSERVER_LINGER", 0.5)
+    assert await run_worker("tests.unit.test_forkserver:parent") == worker.forkserver_pid()
+    first = worker.forkserver_pid()
+    assert first is not None
+    await asyncio.sleep(0.3)
+    assert await run_worker("tests.unit.test_forkserver:parent") == first  # still there: re-armed
+    await asyncio.sleep(0.3)
+    assert worker.forkserver_pid() == first
+    spares = children_of(first)
+    pidfds = [os.pidfd_open(p) for p in [first, *spares]]
     try:
-        with pytest.raises(BusError) as e:
-            await ask("nap", 0.5, seconds=30)
-        assert e.value.name == "org.freedesktop.DBus.Error.Timeout"
-        assert exited(pidfd, 5)
+        for _ in range(300):  # (the event loop must run for the timer to fire)
+            if worker.forkserver_pid() is None:
+                break
+            await asyncio.sleep(0.01)
+        for pidfd in pidfds:
+            assert exited(pidfd, 5), "the idle fork server (or a spare) stayed"
     finally:
-        os.close(pidfd)
-    assert await ask("pid", 10) not in (first, None)
+        for pidfd in pidfds:
+            os.close(pidfd)
+    assert worker.forkserver_pid() is None
+    for _ in range(200):  # reaped
+        if state_and_name(first)[0] == "gone":
+            break
+        await asyncio.sleep(0.01)
+    assert state_and_name(first)[0] == "gone"
+    assert await run_worker("tests.unit.test_forkserver:parent") == worker.forkserver_pid() != first
 
 
 @needs_root
@@ -255,7 +255,7 @@ async def test_a_child_enters_a_namespace_through_the_pidfd() -> None:
 
 
 @needs_root
-async def test_a_container_helper_answers_looks_and_leaves_with_its_leader() -> None:
+async def test_looks_start_no_process_and_a_pty_comes_from_a_child() -> None:
     from machined import inside
     from machined.envfile import read_os_release
     from machined.machine import Machine, MachineClass
@@ -269,24 +269,25 @@ async def test_a_container_helper_answers_looks_and_leaves_with_its_leader() -> 
             time.sleep(0.01)
         machine = Machine(name="t", machine_class=MachineClass.CONTAINER, leader=leader.pid,
                           leader_ref=ProcessRef.take(leader.pid))  # fmt: skip
+        before = set(children_of(os.getpid()))
+        server = worker.forkserver_pid()
         assert await inside.container_os_release(machine) == read_os_release("/")
         assert await inside.container_addresses(machine) == []  # only lo: host scope
+        root = await inside.open_root_directory(machine, 10)
+        try:
+            assert os.fstat(root).st_ino == os.stat(f"/proc/{leader.pid}/root").st_ino
+        finally:
+            os.close(root)
+        assert set(children_of(os.getpid())) == before and worker.forkserver_pid() == server  # no process
         master, path = await inside.open_pty(machine, 10)
         os.close(master)
         assert path.startswith("/dev/pts/")
-        (helper,) = inside.helpers.pids()
-        await inside.container_os_release(machine)
-        assert inside.helpers.pids() == [helper]
-        assert state_and_name(helper)[1] == worker.HELPER_NAME.decode()
-        helper_fd = os.pidfd_open(helper)
+        assert worker.forkserver_pid() is not None
         leader.kill()
         leader.wait()
-        try:
-            assert exited(helper_fd, 5), "the helper outlived its leader"
-        finally:
-            os.close(helper_fd)
-        with pytest.raises(OSError):
+        with pytest.raises(BusError) as e:
             await inside.container_os_release(machine)
+        assert e.value.name == "org.freedesktop.DBus.Error.UnixProcessIdUnknown"  # ESRCH
     finally:
         leader.kill()
         leader.wait()
@@ -342,8 +343,8 @@ def _ip_addresses(*prefix: str) -> set[tuple[str, int]]:
 
 @needs_root
 async def test_addresses_of_a_container_and_of_the_host_as_ip_shows_them() -> None:
-    """pyroute2 in the container's helper (one socket, opened inside) and, for .host, in a child of
-    the host's namespace; the daemon's process never imports it."""
+    """Dumped by the daemon itself, on a socket a thread opened in the container's namespace (and,
+    for .host, in its own): no process, and no pyroute2."""
     import ipaddress
     import socket
 
@@ -369,16 +370,19 @@ async def test_addresses_of_a_container_and_of_the_host_as_ip_shows_them() -> No
             time.sleep(0.02)
         container = Machine(name="t", machine_class=MachineClass.CONTAINER, leader=leader.pid,
                             leader_ref=ProcessRef.take(leader.pid))  # fmt: skip
-        for _ in range(2):  # the helper's socket serves more than one look
+        before = set(children_of(os.getpid()))
+        own_ns = os.stat("/proc/self/ns/net").st_ino
+        for _ in range(2):
             got = await inside.container_addresses(container)
             assert {(str(ipaddress.ip_address(a.address)), a.ifindex) for a in v4(got)} == _ip_addresses(*ns)
         assert [str(ipaddress.ip_address(a.address)) for a in got][0] == "192.0.2.7"
+        assert os.stat("/proc/thread-self/ns/net").st_ino == own_ns  # the daemon's threads stay home
 
-        loaded = "pyroute2" in sys.modules  # by another test of this process, maybe
         host = Machine(name=".host", machine_class=MachineClass.HOST, leader=1)
         got = await MachineAccess(None).addresses(host)  # type: ignore[arg-type]  # .host needs no manager
         assert {(str(ipaddress.ip_address(a.address)), a.ifindex) for a in v4(got)} == _ip_addresses()
-        assert ("pyroute2" in sys.modules) == loaded
+        assert set(children_of(os.getpid())) == before
+        assert "pyroute2" not in sys.modules
     finally:
         leader.kill()
         leader.wait()
