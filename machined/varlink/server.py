@@ -88,9 +88,20 @@ def _integer(text: str) -> int | float:
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant, parse_int=_integer)
-_ESCAPE = re.compile(  # (an escape: \u0000, a surrogate pair, a lone surrogate, any other)
-    r"\\(?:(u0000)|u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|(u[dD][89a-fA-F][0-9a-fA-F]{2})|.)",
+# Escapes sd-json refuses: \u0000, lone surrogates and noncharacters (U+FDD0..U+FDEF and
+# U+xFFFE/U+xFFFF of every plane); what may be one, to look closer; escapes one by one.
+_MAYBE_BAD_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000|[fF][dD][dDeE]|[fF]{3}[eEfF])")
+_ESCAPE = re.compile(
+    r"\\(?:(u[dD][89abAB][37bfBF][fF]\\u[dD][fF][fF][eEfF])"  # (a pair that makes a noncharacter)
+    r"|u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"  # (a pair)
+    r"|(u[dD][89a-fA-F][0-9a-fA-F]{2}|u0000|u[fF][dD][dDeE][0-9a-fA-F]|u[fF]{3}[eEfF])"
+    r"|.)",
     re.DOTALL,
+)
+_NONCHARACTER = re.compile(
+    "[\x7f\ufdd0-\ufdef"
+    + "".join(f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17))
+    + "]"
 )
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
@@ -107,14 +118,16 @@ def _depth(raw: bytes) -> int:
 
 def decode(raw: bytes) -> Any:
     """One message as sd-json parses it, or ValueError where sd-json refuses it: invalid
-    UTF-8 (a byte order mark too), lone surrogates, \\u0000, NaN and Infinity, control
-    characters in strings, nesting deeper than 2048. Integers that do not fit 64 bits are
+    UTF-8 (a byte order mark too), lone surrogates, noncharacters, \\u0000, NaN and
+    Infinity, control characters (DEL too) in strings, nesting deeper than 2048. Integers that do not fit 64 bits are
     reals, as in sd-json; repeated keys are kept (as :class:`_Repeated`) for the caller."""
     text = raw.decode("utf-8")  # (strict: UnicodeDecodeError is a ValueError)
-    if "\\u" in text:
+    if _NONCHARACTER.search(text):  # (and DEL, which sd-json refuses as other control characters)
+        raise ValueError("a noncharacter")
+    if _MAYBE_BAD_ESCAPE.search(text):
         for match in _ESCAPE.finditer(text):
             if match.group(1) or match.group(2):
-                raise ValueError("\\u0000 or a lone surrogate")
+                raise ValueError("\\u0000, a lone surrogate or a noncharacter")
     depth = _depth(raw)
     if depth > DEPTH_MAX:
         raise ValueError("nested too deeply")
