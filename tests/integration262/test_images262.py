@@ -217,7 +217,7 @@ machinectl rename foo bar; echo "rc=$?"; machinectl read-only foo; echo "rc=$?"
 vi Remove '{"name":"oci1"}'
 machinectl terminate foo oci1; gone foo; gone oci1
 systemctl stop nsv262 nsm262 2>/dev/null; systemctl reset-failed nsv262 nsm262 2>/dev/null
-umount foo.v/foo_2 oci1.mstack/layer@1; lsi; lsa
+umount -l foo.v/foo_2 oci1.mstack/layer@1 2>/dev/null; lsi; lsa
 # machinectl start (systemd-nspawn@.service) boots a versioned image and a stack (its upper layer
 # holds the sandbox's container target, its lower one is the sandbox's root)
 for n in msv oms; do
@@ -236,7 +236,7 @@ machinectl show $n -p Name -p Class -p Service -p Unit -p RootDirectory -p State
 machinectl shell $n /bin/echo inside; echo "rc=$?"
 machinectl stop $n; echo "stop rc=$?"; gone $n
 done
-umount msv.v/msv_2 oms.mstack/layer@1; rm -f /etc/systemd/nspawn/msv.nspawn /etc/systemd/nspawn/oms.nspawn; rm -rf /tmp/ov-msv /tmp/ov-oms
+umount -l msv.v/msv_2 oms.mstack/layer@1 2>/dev/null; rm -f /etc/systemd/nspawn/msv.nspawn /etc/systemd/nspawn/oms.nspawn; rm -rf /tmp/ov-msv /tmp/ov-oms
 lsi; lsa
 """,
     )
