@@ -332,14 +332,11 @@ class MachineVarlink:
             elif key in ("service", "sshAddress"):
                 out[key] = string(key, value)
             elif key == "class":
-                if value not in (MachineClass.CONTAINER, MachineClass.VM):
-                    raise invalid_parameter(key)  # unknown, or "host": only the system itself is that
-                out[key] = value
+                out[key] = value  # (the enum is checked with the declaration; "host" below)
             elif key in ("leader", "leaderProcessId"):
                 if value is None:
-                    if key == "leaderProcessId":
-                        raise invalid_parameter(key)
-                    out["leader"] = 0  # (a null PID forgets one given before, as sd-json does)
+                    if key == "leaderProcessId" or out["leader"]:
+                        raise invalid_parameter(key)  # (null after a leader: "conflicts" with it, as 262)
                     continue
                 if key == "leaderProcessId" and not isinstance(value, dict):
                     raise invalid_parameter(key)
@@ -376,6 +373,8 @@ class MachineVarlink:
                     raise invalid_parameter(key)
                 out[key] = value
             # supervisor, supervisorProcessId: accepted whatever they hold, not used (as 262)
+        if out.get("class") not in (MachineClass.CONTAINER, MachineClass.VM):
+            raise invalid_parameter("class")  # "host": only the system itself is that (after the fields)
         return out
 
     async def register(self, call: Call) -> None:
