@@ -159,11 +159,75 @@ def _os_release_failed(code: int) -> BusError:
     return BusError(FAILED, "Child died abnormally.")
 
 
+SYMLINKS_MAX = 32  # symlinks followed in one path, as the kernel's limit (then ELOOP)
+_openat2 = [True]  # whether openat2() is there (a seccomp filter that predates it says ENOSYS)
+
+
+def open_confined(root: int, path: str) -> int:
+    """An ``O_PATH`` fd of *path* resolved inside the directory *root*, as a process chrooted
+    there would resolve it: every symlink and ``..`` stays inside, no /proc magic link leads out.
+
+    With ``openat2()`` and ``RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS`` where the kernel (and
+    the service's seccomp filter: systemd 252's answers ENOSYS) allows it; else component by
+    component, each opened ``O_PATH | O_NOFOLLOW`` from the one before, symlinks read and
+    resolved in turn, ``..`` going back to the directory walked through (never opened: it
+    cannot lead above *root*, whatever is renamed meanwhile).
+    """
+    if _openat2[0]:
+        try:
+            return libc.openat2(root, path, os.O_PATH, CONFINED)
+        except OSError as e:
+            if e.errno != errno.ENOSYS:
+                raise
+            _openat2[0] = False
+    return _walk(root, path)
+
+
+def _walk(root: int, path: str) -> int:
+    stack: list[int] = []  # fds of the directories below root walked through, innermost last
+    todo = [p for p in path.split("/") if p not in ("", ".")]
+    todo.reverse()
+    links = 0
+    try:
+        while todo:
+            name = todo.pop()
+            if name == "..":
+                if stack:
+                    os.close(stack.pop())
+                continue
+            here = stack[-1] if stack else root
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=here)
+            if not stat.S_ISLNK(os.fstat(fd).st_mode):
+                if todo and not stat.S_ISDIR(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+                stack.append(fd)
+                continue
+            links += 1
+            try:
+                target = os.readlink("", dir_fd=fd)  # readlinkat(fd, ""): the text of the link fd is
+            finally:
+                os.close(fd)
+            if links > SYMLINKS_MAX:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+            if target.startswith("/"):
+                for d in stack:
+                    os.close(d)
+                stack = []
+            todo.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
+        if not stack:
+            return os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root)
+        return stack.pop()
+    finally:
+        for d in stack:
+            os.close(d)
+
+
 def read_os_release_at(root: int) -> dict[str, str]:
     """The os-release of the tree whose root is the directory fd *root* (blocking: in a thread)."""
     for path in OS_RELEASE_PATHS:
         try:
-            pinned = libc.openat2(root, path, os.O_PATH, CONFINED)
+            pinned = open_confined(root, path)
         except FileNotFoundError:
             continue
         except NotADirectoryError:

@@ -287,32 +287,3 @@ userdbctl user 200005 2>&1; echo "rc=$?"
 """,
     )
     assert "vu-udb-5:x:200005:65534:UID 5 of Container udb:/:/usr/sbin/nologin" in out
-
-
-def test_the_fork_server_is_started_when_a_container_registers(ours: Sandbox) -> None:
-    """No fork server while only VMs are registered (idle memory stays the daemon's); one, with its
-    spares, soon after a container registers, before anything looks inside it, so that the first
-    look does not wait for an interpreter to start."""
-    script = r"""
-systemctl restart machined  # a fresh daemon: the module's earlier tests had containers
-L=$(leader vm1); call CreateMachine vm1 '[]' '' vm $L '' '@a(sv) []' > /dev/null; until_listed vm1
-MAIN=$(systemctl show machined -p MainPID --value)
-forkserver() { ps --ppid $MAIN --no-headers -o pid=,comm= | awk '$2 == "machined-fork" {print $1}'; }
-sleep 1; echo "with a VM: [$(forkserver)]"
-systemd-run --quiet --unit=fs-c1 systemd-nspawn -q -D / --volatile=yes --private-network -M fsc1 /bin/sleep 999995
-until_listed fsc1
-for _ in $(seq 100); do [ -n "$(forkserver)" ] && break; sleep 0.1; done
-FS=$(forkserver); echo "with a container: ${FS:+started}"
-for _ in $(seq 100); do [ "$(ps --ppid $FS --no-headers -o comm= | grep -c machined-spare)" -ge 2 ] && break; sleep 0.1; done
-echo "spares: $(ps --ppid $FS --no-headers -o comm= | grep -c machined-spare)"
-call GetMachineOSRelease fsc1 | grep -o "'ID': <\?'debian'" | head -1
-echo "same server after a look: $([ "$(forkserver)" = "$FS" ] && echo yes)"
-systemctl stop fs-c1; gone fsc1
-call TerminateMachine vm1 > /dev/null; gone vm1
-"""
-    out = run(ours, script, timeout=180)
-    assert "with a VM: []" in out, out
-    assert "with a container: started" in out, out
-    assert "spares: 2" in out, out
-    assert "'ID': 'debian'" in out or "'ID': <'debian'" in out, out
-    assert "same server after a look: yes" in out, out

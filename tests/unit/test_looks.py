@@ -16,15 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from machined import personality, worker
+from machined import inside, personality, worker
 from machined.addresses import read_addresses
 from machined.errors import BusError, errno_error_name
 from machined.inside import OS_RELEASE_MAX, read_os_release_at
 from machined.lookthreads import LookThreads
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+@pytest.fixture(params=["openat2", "walk"])
+def root(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, int]]:
+    """A tree with usr/lib/os-release; its paths resolved with openat2() or, as where a seccomp
+    filter says ENOSYS to it, component by component."""
+    monkeypatch.setattr(inside, "_openat2", [request.param == "openat2"])
     (tmp_path / "etc").mkdir()
     (tmp_path / "usr/lib").mkdir(parents=True)
     (tmp_path / "usr/lib/os-release").write_text('ID=fallback\nNAME="Fallback"\n')
@@ -73,10 +76,21 @@ def test_symlinks_stay_inside_the_root(root: tuple[Path, int], tmp_path_factory:
     (path / "etc/os-release").unlink()
     (path / "etc/os-release").symlink_to("../" * 20 + str(outside).lstrip("/"))
     assert read_os_release_at(fd) == {"ID": "fallback", "NAME": "Fallback"}
-    inside = path / str(outside).lstrip("/")
-    inside.parent.mkdir(parents=True)
-    inside.write_text("ID=inside\n")
+    within = path / str(outside).lstrip("/")
+    within.parent.mkdir(parents=True)
+    within.write_text("ID=inside\n")
     assert read_os_release_at(fd) == {"ID": "inside"}
+    (path / "etc/os-release").unlink()
+    (path / "etc/os-release").symlink_to("os-release")  # a loop
+    assert refused(fd)[1].endswith(("Child died abnormally.", "Too many levels of symbolic links"))
+    (path / "etc/os-release").unlink()
+    (path / "etc/os-release").symlink_to("/etc/../etc/./sub/../../usr/lib/../lib/os-release")
+    (path / "etc/sub").mkdir()
+    assert read_os_release_at(fd) == {"ID": "fallback", "NAME": "Fallback"}
+    (path / "etc/os-release").unlink()
+    (path / "etc/os-release").symlink_to("/proc/self/root/etc/passwd")  # never the host's /proc
+    (path / "proc").mkdir()
+    assert read_os_release_at(fd) == {"ID": "fallback", "NAME": "Fallback"}
 
 
 def test_what_is_not_a_regular_file_is_refused_without_opening_it(root: tuple[Path, int], as_version: str) -> None:
