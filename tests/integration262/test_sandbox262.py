@@ -115,7 +115,7 @@ def test_ours_replaces_machined_in_262(ours262: Sandbox) -> None:
     assert "LD_LIBRARY_PATH" not in ours262.run(["systemctl", "show", "-p", "Environment", "dbus.service"]).stdout
     assert ours262.run(["systemctl", "is-active", "machined.service"]).stdout.strip() == "active"
     # The host's virtualenv runs inside with what python_env() adds.
-    probe = "import machined.daemon, dbus_fast, pyroute2, psutil, ctypes, ssl, sqlite3; print('ok')"
+    probe = "import machined.daemon, dbus_fast, psutil, ctypes, ssl, sqlite3; print('ok')"
     r = ours262.run([sys.executable, "-c", probe], env=ours262.python_env())
     assert r.stdout.strip() == "ok", r.stderr
 
