@@ -434,6 +434,7 @@ class Connection:
         self.peer = Peer(sock)
         self.loop = asyncio.get_running_loop()
         self.buffer = bytearray()
+        self.task: asyncio.Task[None] | None = None
         self._scanned = 0  # (no NUL in buffer[:_scanned])
         self._charged = 0  # (what this connection's buffer counts in its UID's pinned bytes)
 
@@ -630,6 +631,23 @@ class Connection:
             self.loop.remove_writer(self.sock.fileno())
 
 
+def _reap(live: set[Connection]) -> None:
+    """A user at its limit: its connections whose peers hung up are ended now (with what they
+    had sent and is not served yet), not once that is read, so that they leave their slots."""
+    poller = select.poll()
+    by_fd = {}
+    for connection in live:
+        fd = connection.sock.fileno()
+        if fd >= 0:
+            poller.register(fd, 0)
+            by_fd[fd] = connection
+    for fd, events in poller.poll(0):
+        connection = by_fd[fd]
+        if events & (select.POLLHUP | select.POLLERR) and connection.task is not None:
+            connection.task.cancel()
+            live.discard(connection)
+
+
 class _Hangups:
     """Peers that hang up while one of their calls runs: one epoll instance for all of a
     server's connections, each watched for EPOLLHUP only while a call of it runs (what it
@@ -700,7 +718,7 @@ class VarlinkServer:
         self._bound: list[str] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting: list[asyncio.Task[None]] = []
-        self._per_uid: dict[int, int] = {}
+        self._by_uid: dict[int, set[Connection]] = {}
         self._pinned: dict[int, int] = {}
         self.turns = _Turns()
         self.hangups = _Hangups()
@@ -759,26 +777,26 @@ class VarlinkServer:
             sock.setblocking(False)
             connection = Connection(self, sock)
             uid = connection.peer.uid_value
-            if self._per_uid.get(uid, 0) >= CONNECTIONS_PER_UID_MAX:
+            live = self._by_uid.setdefault(uid, set())
+            if len(live) >= CONNECTIONS_PER_UID_MAX:
+                _reap(live)
+            if len(live) >= CONNECTIONS_PER_UID_MAX:
                 connection.peer.close()
                 sock.close()
                 continue
-            self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
-            task = loop.create_task(connection.serve())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            live.add(connection)
+            connection.task = loop.create_task(connection.serve())
+            self._tasks.add(connection.task)
+            connection.task.add_done_callback(self._tasks.discard)
 
-            def release(_task: asyncio.Task[None], uid: int = uid) -> None:
-                self._release_uid(uid)
+            def forget(_task: asyncio.Task[None], connection: Connection = connection, uid: int = uid) -> None:
+                live = self._by_uid.get(uid)
+                if live is not None:
+                    live.discard(connection)
+                    if not live:
+                        del self._by_uid[uid]
 
-            task.add_done_callback(release)
-
-    def _release_uid(self, uid: int) -> None:
-        left = self._per_uid.get(uid, 1) - 1
-        if left > 0:
-            self._per_uid[uid] = left
-        else:
-            self._per_uid.pop(uid, None)
+            connection.task.add_done_callback(forget)
 
     async def stop(self) -> None:
         for task in self._accepting:
