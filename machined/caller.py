@@ -23,12 +23,15 @@ from typing import Protocol
 @dataclass(frozen=True)
 class PolkitSubject:
     """What polkit is asked about: ``system-bus-name`` (*bus_name*) or ``unix-process``
-    (*pidfd* and *uid*, as systemd 262 asks for a varlink peer)."""
+    (*pidfd* and *uid*, as systemd 262 asks for a varlink peer; or, for a polkit older than
+    pidfd subjects, *pid* and its *start_time* in clock ticks, as polkit's own clients did)."""
 
     kind: str
     bus_name: str = ""
     pidfd: int = -1
     uid: int = -1
+    pid: int = -1
+    start_time: int = 0
 
 
 class Requester(Protocol):

@@ -434,9 +434,12 @@ def run_main(argv: list[str]) -> int:
     try:
         reply, fds = varlink_call_with_fds(path, "io.machined.Machine.Run", parameters, args.user)
     except VarlinkClientError as e:
-        text = _RUN_ERRORS.get(e.name, e.name + (" " + json.dumps(e.parameters) if e.parameters else ""))
-        print("machined run: " + text.format(name=args.name, user=args.uid, parameter=e.parameters.get("parameter")),
-              file=sys.stderr)  # fmt: skip
+        template = _RUN_ERRORS.get(e.name)
+        if template is not None:
+            text = template.format(name=args.name, user=args.uid, parameter=e.parameters.get("parameter"))
+        else:
+            text = e.name + (" " + json.dumps(e.parameters) if e.parameters else "")
+        print("machined run: " + text, file=sys.stderr)
         return RUN_FAILED
     except OSError as e:
         print(f"machined run: cannot reach {path}: {e.strerror or e}", file=sys.stderr)

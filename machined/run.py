@@ -185,17 +185,23 @@ def _report(ready_w: int, e: BaseException) -> None:
 
 
 def _cgroup_mounts() -> list[tuple[str, frozenset[str], str, str]]:
-    """The cgroup file systems mounted here: (type, v1 controllers/name, mount root, mount point)."""
-    out = []
+    """The cgroup file systems mounted here and visible: (type, v1 controllers/name, mount root,
+    mount point). A mount is hidden by a later one on its point or above it (a container manager
+    may have mounted a tmpfs with other hierarchies over /sys/fs/cgroup)."""
+    out: list[tuple[str, frozenset[str], str, str]] = []
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields, tail = left.split(), right.split()
-            if len(fields) < 5 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
+            if len(fields) < 5 or len(tail) < 3:
+                continue
+            point = _unescape(fields[4])
+            out = [m for m in out if not (m[3] == point or m[3].startswith(point.rstrip("/") + "/"))]
+            if tail[0] not in ("cgroup", "cgroup2"):
                 continue
             options = frozenset(o for o in tail[2].split(",") if o not in ("rw", "ro") and "=" not in o or
                                 o.startswith("name="))  # fmt: skip
-            out.append((tail[0], options, _unescape(fields[3]), _unescape(fields[4])))
+            out.append((tail[0], options, _unescape(fields[3]), point))
     return out
 
 
@@ -223,6 +229,8 @@ def cgroup_procs_files(proc_cgroup: str, mounts: list[tuple[str, frozenset[str],
                 continue
             relative = path[len(root.rstrip("/")) :].lstrip("/")
             candidate = os.path.join(point, relative, "cgroup.procs")
+            if not os.path.exists(candidate):
+                continue  # (not this mount's: another of the same hierarchy may have it)
             if candidate not in files:
                 files.append(candidate)
             break

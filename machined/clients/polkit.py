@@ -74,6 +74,9 @@ async def check(bus: MessageBus | None, subject: PolkitSubject, uid: int, action
     fds: list[int] = []
     if subject.kind == "system-bus-name":
         wire_subject = ("system-bus-name", {"name": Variant("s", subject.bus_name)})
+    elif subject.pidfd < 0 and subject.pid > 0 and subject.start_time > 0:  # (a polkit without pidfd subjects)
+        process = {"pid": Variant("u", subject.pid), "start-time": Variant("t", subject.start_time)}
+        wire_subject = ("unix-process", {**process, "uid": Variant("i", subject.uid)})
     else:
         if subject.pidfd < 0:  # 262: without a pidfd the peer cannot be identified securely
             raise BusError.from_errno(errno.EPERM)

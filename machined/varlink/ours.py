@@ -26,10 +26,13 @@ import socket
 from collections import deque
 from typing import Any
 
+from machined import errors, personality
+from machined.caller import Authorize, PolkitSubject
 from machined.errors import BusError
 from machined.events import Event
 from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
+from machined.process import start_time
 from machined.varlink.idl import Enum, Error, Interface, Method, Struct, opt, req
 from machined.varlink.server import Call, Reply, Service, VarlinkError, invalid_parameter
 
@@ -236,7 +239,11 @@ class OursService:
             raise VarlinkError(IFACE + "NoSuchMachine")
         if machine.machine_class is MachineClass.VM:
             raise VarlinkError(IFACE + "NotSupported")
-        authorize = varlink_authorizer(self.polkit, self.bus, call, rename=False)
+        authorize = (
+            varlink_authorizer(self.polkit, self.bus, call, rename=False)
+            if personality.is_262()
+            else (self._authorizer_252(call))
+        )
         await authorize("host-shell" if machine.is_host else "shell",
                         {"machine": machine.name, "user": user or "root", "program": command[0]})  # fmt: skip
         try:
@@ -247,6 +254,23 @@ class OursService:
                 raise VarlinkError(e.name) from None
             raise
         return Reply({"controlFileDescriptor": 0, "runnerProcessId": pid}, [control])
+
+    def _authorizer_252(self, call: Call) -> Authorize:
+        """On a 252 host, polkit (of that time) knows no pidfd subject: the peer is named by its PID
+        and start time (which polkit checks), as polkit's own clients name a process."""
+
+        async def authorize(action: str, details: dict[str, str]) -> None:
+            peer = call.peer
+            if peer.uid_value == 0:
+                return
+            if self.polkit is None:
+                raise BusError(errors.ACCESS_DENIED, "Permission denied")
+            subject = PolkitSubject("unix-process", uid=peer.uid_value, pid=peer.pid_value,
+                                    start_time=start_time(peer.pid_value) or 0)  # fmt: skip
+            await self.polkit(self.bus, subject, peer.uid_value, action, details,
+                              call.allow_interactive_authentication)  # fmt: skip
+
+        return authorize
 
 
 def _end(sock: socket.socket) -> OSError:

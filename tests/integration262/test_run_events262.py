@@ -186,11 +186,11 @@ P=$(systemctl show -p MainPID --value machined.service)
 
 
 RUN = r"""
-boot_container rb
+boot_container rb18
 systemd-run --quiet --unit=run-nb systemd-nspawn -q -D / --volatile=yes -U --bind-ro=/etc/passwd \
-  --bind-ro=/etc/group -M rnb /bin/sleep 2999
-until_listed rnb
-for c in rb rnb; do
+  --bind-ro=/etc/group -M rp18 /bin/sleep 2999
+until_listed rp18
+for c in rb18 rp18; do
   L=$(machinectl show $c -p Leader --value)
   echo "$c stdin=$(echo piped-in | $M run $c -- cat)"
   $M run $c -- sh -c 'echo to-out; echo to-err >&2' > /tmp/o 2> /tmp/e; echo "$c rc0=$? out=$(cat /tmp/o) err=$(cat /tmp/e)"
@@ -216,27 +216,27 @@ for c in rb rnb; do
   $M run --detach $c -- sleep 3004; echo "$c detach-rc=$?"; sleep 0.5; echo "$c detached=$(pgrep -c -f '^sleep 3004')"
   pkill -x -f 'sleep 3004'
 done
-echo "rnb uid=$($M run --uid=daemon rnb -- id -un)"
-$M run --uid=daemon rnb -- sleep 3005 & sleep 1; C=$(pgrep -n -f '^sleep 3005')
-echo "rnb host-uid=$(awk '/^Uid:/{print $2}' /proc/$C/status) shift=$(awk '{print $2}' /proc/$(machinectl show rnb -p Leader --value)/uid_map)"
+echo "rp18 uid=$($M run --uid=daemon rp18 -- id -un)"
+$M run --uid=daemon rp18 -- sleep 3005 & sleep 1; C=$(pgrep -n -f '^sleep 3005')
+echo "rp18 host-uid=$(awk '/^Uid:/{print $2}' /proc/$C/status) shift=$(awk '{print $2}' /proc/$(machinectl show rp18 -p Leader --value)/uid_map)"
 # terminate ends a command running in the machine
-machinectl terminate rnb; wait; gone rnb; echo "after-terminate=$(pgrep -c -f '^sleep 3005')"
+machinectl terminate rp18; wait; gone rp18; echo "after-terminate=$(pgrep -c -f '^sleep 3005')"
 echo "host=$($M run .host -- sh -c 'echo $(id -u)')"
-$M run rnb -- true; echo "gone-rc=$?"
+$M run rp18 -- true; echo "gone-rc=$?"
 # a VM is refused, clearly
 systemd-run --quiet --unit=run-vm sleep 2998; V=$(systemctl show -p MainPID --value run-vm)
 busctl call org.freedesktop.machine1 /org/freedesktop/machine1 org.freedesktop.machine1.Manager RegisterMachine \
   'sayssus' rvm 0 test vm $V "" >/dev/null
 $M run rvm -- true; echo "vm-rc=$?"
-$M run rb -- /nonexistent; echo "enoent-rc=$?"
-$M run --uid=nosuch rb -- true; echo "nouser-rc=$?"
-machinectl terminate rvm; stop_container rb
+$M run rb18 -- /nonexistent; echo "enoent-rc=$?"
+$M run --uid=nosuch rb18 -- true; echo "nouser-rc=$?"
+machinectl terminate rvm; stop_container rb18
 """
 
 
 def test_run_in_a_booted_and_a_plain_container(ours262: Sandbox) -> None:
     out = _run(ours262, RUN, timeout=300)
-    for c in ("rb", "rnb"):
+    for c in ("rb18", "rp18"):
         assert f"{c} stdin=piped-in" in out, out
         assert f"{c} rc0=0 out=to-out err=to-err" in out, out
         assert f"{c} rc7=7" in out and f"{c} rcsig={128 + 10}" in out, out
@@ -249,14 +249,14 @@ def test_run_in_a_booted_and_a_plain_container(ours262: Sandbox) -> None:
         assert cgroup and cgroup.group(1) == cgroup.group(2) and "/machine.slice/" in cgroup.group(1), out
         assert _value(out, f"{c} left") == "0", out
         assert _value(out, f"{c} detach-rc") == "0" and _value(out, f"{c} detached") == "1", out
-    assert _value(out, "rnb uid") == "daemon", out
-    host_uid, shift = _value(out, "rnb host-uid").split(" shift=")
+    assert _value(out, "rp18 uid") == "daemon", out
+    host_uid, shift = _value(out, "rp18 host-uid").split(" shift=")
     assert int(shift) > 0 and int(host_uid) == int(shift) + 1, out
     assert _value(out, "after-terminate") == "0", out
     assert _value(out, "host") == "0" and _value(out, "gone-rc") == "125", out
     assert _value(out, "vm-rc") == "125" and "'rvm' is a virtual machine" in out, out
     assert _value(out, "enoent-rc") == "127" and "/nonexistent: No such file or directory" in out, out
-    assert _value(out, "nouser-rc") == "125" and "No user 'nosuch' in machine 'rb'" in out, out
+    assert _value(out, "nouser-rc") == "125" and "No user 'nosuch' in machine 'rb18'" in out, out
 
 
 UNPRIVILEGED = r"""
