@@ -395,7 +395,7 @@ def _exec(argv: list[str], account: Account, environment: list[str], directory: 
         os.execvpe(argv[0], argv, env)
     except OSError as e:
         what = {"exec": argv[0], "directory": directory or account.home, "user": account.name}.get(step, step)
-        code = 127 if step == "exec" and e.errno == errno.ENOENT else 126 if step == "exec" else 1
+        code = 127 if step == "exec" and e.errno == errno.ENOENT else 126 if step == "exec" else 125
         os.write(failure_w, json.dumps({"error": f"{what}: {e.strerror}", "errno": e.errno, "exit": code}).encode())
 
 

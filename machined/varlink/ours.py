@@ -34,6 +34,7 @@ from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
 from machined.process import start_time
 from machined.varlink.idl import Enum, Error, Interface, Method, Struct, opt, req
+from machined.varlink.interfaces import PRODUCT, URL, VENDOR
 from machined.varlink.server import Call, Reply, Service, VarlinkError, invalid_parameter
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class OursService:
         self.bus = bus
         self.watchers: dict[Watcher, socket.socket] = {}
         self._unsubscribe = manager.events.subscribe(self._on_event)
-        self.service = Service(vendor="machined", product="machined", version=_version())
+        self.service = Service(vendor=VENDOR, product=PRODUCT, version=_version(), url=URL)
         self.service.add_interface(INTERFACE)
         self.service.bind(IFACE + "Watch", self.watch)
         self.service.bind(IFACE + "Run", self.run)
