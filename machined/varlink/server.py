@@ -50,6 +50,7 @@ SO_PEERPIDFD = 77
 CONNECTIONS_MAX = 4096  # (sd-varlink's default)
 CONNECTIONS_PER_UID_MAX = 128  # (what systemd-machined 262 keeps per user; the rest are closed at once)
 UID_PINNED_MAX = 4 * BUFFER_MAX  # (tighter than sd-varlink: what one user's unread messages may pin, root aside)
+UNPINNED_UIDS = frozenset({0})
 DEPTH_MAX = 2048  # (sd-json's nesting limit: deeper closes the connection)
 MESSAGES_PER_TURN = 2  # (messages of one user begun per event-loop iteration, oneway ones included)
 # Methods that systemd-machined 262 answers with io.systemd.System EUCLEAN when called with
@@ -144,6 +145,22 @@ def decode(raw: bytes) -> Any:
         raise ValueError("nested too deeply") from None
     finally:
         sys.setrecursionlimit(limit)
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """*message* as sent: compact JSON, UTF-8, its NUL; nested as deep as what is read."""
+    try:
+        text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except RecursionError:
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(limit + DEPTH_MAX + 100)
+        try:
+            text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+        finally:
+            sys.setrecursionlimit(limit)
+    return text.encode() + b"\0"  # (UnicodeEncodeError, a ValueError, for a lone surrogate)
 
 
 def parse_call(message: Any) -> tuple[str, dict[str, Any], bool, bool, bool] | None:
@@ -601,8 +618,8 @@ class Connection:
 
     async def _send(self, message: dict[str, Any], fds: list[int]) -> None:
         try:
-            data = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode() + b"\0"
-        except (ValueError, RecursionError) as e:  # (not JSON as sd-json writes it: nothing is sent)
+            data = encode(message)
+        except ValueError as e:  # (not JSON as sd-json writes it: nothing is sent)
             log.warning("varlink reply not sent, closing the connection: %s", e)
             raise ConnectionResetError("unencodable reply") from None
         if fds:
@@ -732,7 +749,7 @@ class VarlinkServer:
             self._pinned.pop(uid, None)
 
     def over_pinned(self, uid: int) -> bool:
-        return uid != 0 and self._pinned.get(uid, 0) > UID_PINNED_MAX
+        return uid not in UNPINNED_UIDS and self._pinned.get(uid, 0) > UID_PINNED_MAX
 
     @property
     def path(self) -> str:
