@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 BUFFER_MAX = 16 * 1024 * 1024  # (sd-varlink's: a message that does not fit closes the connection)
 READ_SIZE = 64 * 1024
 SO_PEERPIDFD = 77
+SO_PASSRIGHTS = 83  # (Linux 6.16: 0 refuses file descriptors sent to the socket, EPERM for the sender)
 CONNECTIONS_MAX = 4096  # (sd-varlink's default)
 CONNECTIONS_PER_UID_MAX = 128  # (what systemd-machined 262 keeps per user; the rest are closed at once)
 UID_PINNED_MAX = 4 * BUFFER_MAX  # (tighter than sd-varlink: what one user's unread messages may pin, root aside)
@@ -648,6 +649,15 @@ class Connection:
             self.loop.remove_writer(self.sock.fileno())
 
 
+def _refuse_descriptors(sock: socket.socket) -> None:
+    """Nothing we serve takes file descriptors: sending one fails at the sender's sendmsg()
+    (EPERM), as with sd-varlink 262; on kernels before 6.16 they are closed unread."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS, 0)
+    except OSError:
+        pass
+
+
 def _reap(live: set[Connection]) -> None:
     """A user at its limit: its connections whose peers hung up are ended now (with what they
     had sent and is not served yet), not once that is read, so that they leave their slots."""
@@ -775,6 +785,7 @@ class VarlinkServer:
         self._listeners.extend(self._given)
         for sock in self._listeners:
             sock.setblocking(False)
+            _refuse_descriptors(sock)  # (connections inherit it before they are accepted)
             self._accepting.append(asyncio.get_running_loop().create_task(self._accept(sock)))
 
     async def _accept(self, listener: socket.socket) -> None:
@@ -792,6 +803,7 @@ class VarlinkServer:
                 sock.close()
                 continue
             sock.setblocking(False)
+            _refuse_descriptors(sock)
             connection = Connection(self, sock)
             uid = connection.peer.uid_value
             live = self._by_uid.setdefault(uid, set())

@@ -14,12 +14,15 @@ JSON on stdout):
 - ``connections SOCKET N``: nobody opens N connections, then pings on each; how many answered.
 - ``hangups N``: nobody subscribes to the resolve hook's QueryFilter, sends a second call and
   hangs up, N times.
+- ``descriptors SOCKET...``: nobody sends a Ping with a file descriptor along on each socket:
+  the errno of sendmsg() (EPERM where the daemon refuses descriptors) or the reply.
 - ``partial SOCKET N MIB``: nobody sends N messages of MIB MiB without their end, on N
   connections, and keeps them open a second; how many the daemon closed.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import json
 import os
@@ -228,6 +231,27 @@ def partial(path: str, n: int, mib: int) -> dict[str, int]:
     return {"closed": closed}
 
 
+def descriptors(paths: list[str]) -> list[Any]:
+    """For each socket: a Ping sent with a descriptor along; the sender's errno, or the reply."""
+    become_nobody()
+    out: list[Any] = []
+    for path in paths:
+        read_end, write_end = os.pipe()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        try:
+            sock.sendmsg([b'{"method":"io.systemd.service.Ping"}\0'],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [read_end]))])  # fmt: skip
+            sock.settimeout(2)
+            out.append(sock.recv(1 << 16).decode())
+        except OSError as e:
+            out.append(e.errno)
+        sock.close()
+        os.close(read_end)
+        os.close(write_end)
+    return out
+
+
 def main() -> None:
     command, args = sys.argv[1], sys.argv[2:]
     if command == "probe":
@@ -241,6 +265,8 @@ def main() -> None:
         out = connections(args[0], int(args[1]))
     elif command == "hangups":
         out = hangups(int(args[0]))
+    elif command == "descriptors":
+        out = descriptors(args)
     elif command == "partial":
         out = partial(args[0], int(args[1]), int(args[2]))
     else:

@@ -252,6 +252,11 @@ def test_hangups_release_everything_as_262(both: tuple[Sandbox, Sandbox]) -> Non
         assert _fds(sb) == before, sb.info.impl
 
 
+def test_descriptors_are_refused_as_262(both: tuple[Sandbox, Sandbox]) -> None:
+    real, ours = (_client(sb, "descriptors", M, MI, H, U) for sb in both)
+    assert real == ours == [1, 1, 1, 1]  # (EPERM at the sender: the sockets refuse SCM_RIGHTS)
+
+
 def test_partial_messages_pin_a_bounded_amount(both: tuple[Sandbox, Sandbox]) -> None:
     real, ours = both
     assert _client(real, "partial", M, "8", "15") == {"closed": 0}  # (262: 8 × 15 MiB held)
