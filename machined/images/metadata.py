@@ -160,10 +160,16 @@ _DISSECT_ERRORS = (
 
 
 def _dissect_errno(stderr: str) -> int:
-    """The errno behind systemd-dissect's failure (EIO if its message is not known)."""
+    """The errno behind systemd-dissect's failure: from its own messages, else from the
+    ``…: <strerror>`` its last line ends with (no loop device free: EBUSY), else EIO."""
     for message, code in _DISSECT_ERRORS:
         if message in stderr:
             return code
+    lines = [line.strip().rstrip(".") for line in stderr.splitlines() if line.strip()]
+    if lines:
+        for code in sorted(errno.errorcode):
+            if lines[-1].endswith(": " + os.strerror(code)):
+                return code
     return errno.EIO
 
 

@@ -55,12 +55,17 @@ def _mask_line(text: str) -> str:
     return text
 
 
-def _same(real262: Sandbox, ours262: Sandbox, script: str, timeout: int = 240) -> str:
-    outputs = []
-    for sb in (real262, ours262):
-        r = sb.run(["bash", "-c", PRELUDE + script], check=False, timeout=timeout)
-        outputs.append(_mask(r.stdout + "\n" + r.stderr))
-    real, ours = outputs
+def _same(real262: Sandbox, ours262: Sandbox, script: str, timeout: int = 240, retry_on: str = "") -> str:
+    """*script*'s masked output, the same from both daemons (else the test fails with the diff).
+    If it differs while *retry_on* shows in either (a resource other tests share), once more."""
+    for _attempt in (1, 2):
+        outputs = []
+        for sb in (real262, ours262):
+            r = sb.run(["bash", "-c", PRELUDE + script], check=False, timeout=timeout)
+            outputs.append(_mask(r.stdout + "\n" + r.stderr))
+        real, ours = outputs
+        if ours == real or not retry_on or retry_on not in real + ours:
+            break
     if ours != real:
         diff = "".join(difflib.unified_diff(real.splitlines(True), ours.splitlines(True), "real", "ours"))
         pytest.fail(f"outputs differ:\n{diff}")
@@ -235,7 +240,7 @@ looks() {
   r $N busctl call $M GetMachineAddresses s lk2
   r $N busctl --allow-interactive-authorization=no call org.freedesktop.machine1 /org/freedesktop/machine1/machine/lk1 org.freedesktop.machine1.Machine GetOSRelease
   r $N busctl call org.freedesktop.machine1 /org/freedesktop/machine1/machine/lk1 org.freedesktop.machine1.Machine GetUIDShift
-  r $N varlinkctl --json=short call --more $V io.systemd.Machine.List '{"acquireMetadata":"graceful"}'
+  r $N varlinkctl --json=short call --more $V io.systemd.Machine.List '{"acquireMetadata":"graceful"}' | sort
   r $N varlinkctl --json=short call $V io.systemd.Machine.List "{\"pid\":{\"pid\":$P},\"acquireMetadata\":\"yes\"}"
   r $N varlinkctl --json=short call /run/systemd/machine/io.systemd.MachineImage io.systemd.MachineImage.List '{"name":".host","acquireMetadata":"yes"}'
   r $N busctl call $M GetImageOSRelease s .host
@@ -257,7 +262,7 @@ T=$(date +%s)
 looks
 sleep 1
 echo "=== asked"
-journalctl --no-pager -q -t pkasked --since=@$T -o cat
+journalctl --no-pager -q -t pkasked --since=@$T -o cat | sort  # (machinectl asks for all machines at once)
 umount /etc/polkit-1/rules.d; systemctl restart polkit
 varlinkctl call $V io.systemd.Machine.Unregister '{"name":"lk1"}'; varlinkctl call $V io.systemd.Machine.Unregister '{"name":"lk2"}'
 systemctl stop lk-l lk-v
@@ -269,7 +274,7 @@ def test_unprivileged_looks_inside_as_262(real262: Sandbox, ours262: Sandbox) ->
     no, yes = out.split("=== polkit says yes")
     # refused: no OS in machinectl's table, D-Bus OS release asks polkit first (a VM too)
     assert "lk1     container -       -  -       -" in no, out
-    assert no.count("interactive authentication has not been enabled by the calling program") >= 7, out
+    assert no.count("interactive authentication has not been enabled by the calling program") >= 4, out
     assert "lk1     container -       debian" in yes, out
     asked = yes.split("=== asked")[1]
     assert "inspect-machines machine=lk1 name=undefined verb=get_os_release" in asked, out
@@ -343,7 +348,9 @@ rm -f /var/lib/machines/*.raw
 
 
 def test_image_metadata_errors_as_262(real262: Sandbox, ours262: Sandbox) -> None:
-    out = _same(real262, ours262, IMAGES)
+    # (disk images need loop devices, which the sandboxes share with the host and its other
+    # tests: when none is free both daemons answer EBUSY, not necessarily at the same calls)
+    out = _same(real262, ours262, IMAGES, retry_on="EBUSY")
     for errno_name in ("ENOPKG", "ENXIO", "ENOMEDIUM"):
         assert f'"errnoName":"{errno_name}"' in out, out
     assert '"hostname":"testhost"' in out, out
