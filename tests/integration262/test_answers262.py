@@ -14,8 +14,6 @@ answers stand for, each compared with the real daemon in the 262 sandbox:
 - the interface description of every varlink interface served, byte for byte.
 
 GetInfo's vendor, product, version and url are ours (README) and are left out of the comparison.
-Known difference: a string holding U+007F makes 262's sd-json refuse the whole message and drop
-the connection; ours answers (the protocol layer is machined/varlink/server.py).
 """
 
 from __future__ import annotations
@@ -207,6 +205,7 @@ vl Register "{\"name\":\"-a\",\"class\":\"container\",\"leader\":$P}"
 vl Register "{\"name\":\".host\",\"class\":\"container\",\"leader\":$P}"
 vl Register "{\"name\":\"a..b\",\"class\":\"container\",\"leader\":$P}"
 vl Register "{\"name\":\"\",\"class\":\"container\",\"leader\":$P}"
+vl Register "{\"name\":\"x\",\"class\":\"container\",\"leader\":$P,\"service\":\"a b\\u007f\"}"
 systemctl stop rg-x rg-m
 """
 
@@ -237,6 +236,8 @@ looks() {
     r $N busctl call $M GetMachineUIDShift s $m
   done
   r $N busctl call $M GetMachineAddresses s lk1
+  r $N busctl call $M GetMachineAddresses s .host
+  r $N machinectl status .host
   r $N busctl call $M GetMachineAddresses s lk2
   r $N busctl --allow-interactive-authorization=no call org.freedesktop.machine1 /org/freedesktop/machine1/machine/lk1 org.freedesktop.machine1.Machine GetOSRelease
   r $N busctl call org.freedesktop.machine1 /org/freedesktop/machine1/machine/lk1 org.freedesktop.machine1.Machine GetUIDShift
