@@ -15,6 +15,10 @@ awaiting replies per connection on the system bus); the first waiting call is al
 call over the bound is not queued: one expecting a reply is answered at once with
 ``org.freedesktop.DBus.Error.LimitsExceeded``, one flagged NO_REPLY_EXPECTED is dropped (as
 dbus-daemon drops what it cannot queue). Connections known to be root's are never bounded.
+A sender may also be held: its calls queue but are not served until it is released. The
+dispatcher holds a connection (not root's) while MAX_WAITING_CALLS of its calls wait on
+something (polkit, systemd, a thread, a child), so that a flood of such calls does not
+multiply the work behind them.
 This module is the policy alone; machined.dbus.objects applies it.
 """
 
@@ -51,10 +55,35 @@ class FairQueue(Generic[T]):
         self.max_bytes = max_bytes
         self._senders: dict[Hashable, _Sender[T]] = {}
         self._rings: tuple[deque[Hashable], deque[Hashable]] = (deque(), deque())  # (priority, others)
+        self._held: set[Hashable] = set()
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
+
+    def ready(self) -> bool:
+        """Whether a call can be popped (some sender that is not held has calls waiting)."""
+        return bool(self._rings[0] or self._rings[1])
+
+    def hold(self, sender: Hashable) -> None:
+        """Serve nothing more of *sender* until :meth:`release` (its calls still queue)."""
+        if sender in self._held:
+            return
+        self._held.add(sender)
+        entry = self._senders.get(sender)
+        if entry is not None:
+            self._rings[0 if entry.priority else 1].remove(sender)
+
+    def release(self, sender: Hashable) -> None:
+        if sender not in self._held:
+            return
+        self._held.discard(sender)
+        entry = self._senders.get(sender)
+        if entry is not None:
+            self._rings[0 if entry.priority else 1].append(sender)
+
+    def held(self, sender: Hashable) -> bool:
+        return sender in self._held
 
     def waiting(self, sender: Hashable) -> int:
         entry = self._senders.get(sender)
@@ -67,11 +96,13 @@ class FairQueue(Generic[T]):
         entry = self._senders.get(sender)
         if entry is None:
             entry = self._senders[sender] = _Sender(priority)
-            self._rings[0 if priority else 1].append(sender)
+            if sender not in self._held:
+                self._rings[0 if priority else 1].append(sender)
         elif priority and not entry.priority:  # learned to be root while waiting
             entry.priority = True
-            self._rings[1].remove(sender)
-            self._rings[0].append(sender)
+            if sender not in self._held:
+                self._rings[1].remove(sender)
+                self._rings[0].append(sender)
         elif (
             not entry.priority
             and entry.items
@@ -84,7 +115,8 @@ class FairQueue(Generic[T]):
         return True
 
     def pop(self) -> T:
-        """The next item: the first waiting of the next sender in turn. IndexError when empty."""
+        """The next item: the first waiting of the next sender in turn (held ones aside).
+        IndexError when there is none."""
         ring = self._rings[0] if self._rings[0] else self._rings[1]
         sender = ring.popleft()  # IndexError when both are empty
         entry = self._senders[sender]

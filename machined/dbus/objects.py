@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import errno
+import functools
 import inspect
 import logging
 import os
@@ -223,7 +224,10 @@ LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
 # no queue, no extra turn); after that, or while any wait, calls go to their sender's queue.
 INLINE_PER_TURN = 8
 TURN_CALLS = 64  # calls served from the queues in one turn of the event loop at most...
-TURN_SECONDS = 0.001  # ... and for about this long, before the loop (and the bus reader) runs again
+TURN_SECONDS = 0.00025  # ... and for about this long, before the loop (and the bus reader) runs again
+# Calls of one connection (not root's) that wait at once (for polkit, systemd, a thread, a child);
+# its next calls wait their turn in its queue until one of those is answered.
+MAX_WAITING_CALLS = 4
 
 
 def _return(msg: Message, signature: SignatureTree = _EMPTY, body: list[Any] | None = None,
@@ -346,6 +350,7 @@ class Dispatcher:
         self._inline = INLINE_PER_TURN
         self._turn: asyncio.Handle | None = None
         self._warned: OrderedDict[str, None] = OrderedDict()
+        self._waiting: dict[str, int] = {}  # calls that wait (tasks), per sender not root
         self._privileged_uids = (0, os.geteuid())
 
     def install(self) -> None:
@@ -356,13 +361,13 @@ class Dispatcher:
             return False
         started = time.perf_counter()
         queue = self.queue
-        if not queue and self._inline:
+        sender = message.sender or ""
+        if not queue and self._inline and not (self._waiting and queue.held(sender)):
             self._inline -= 1
             if not self._inline:
                 self._next_turn()
             self._serve(message, started)
             return True
-        sender = message.sender or ""
         creds = self.credentials.get(sender)
         root = creds is not None and creds.uid in self._privileged_uids
         no_reply = bool(message.flags.value & _NO_REPLY_EXPECTED)
@@ -381,15 +386,15 @@ class Dispatcher:
         self._turn = None
         self._inline = INLINE_PER_TURN
         queue = self.queue
-        if not queue:
+        if not queue.ready():
             return
         until = time.perf_counter() + TURN_SECONDS
         for _ in range(TURN_CALLS):
             message, started = queue.pop()
             self._serve(message, started)
-            if not queue or time.perf_counter() > until:
+            if not queue.ready() or time.perf_counter() > until:
                 break
-        if queue:
+        if queue.ready():
             self._next_turn()
 
     def _over_bound(self, message: Message, started: float) -> None:
@@ -401,6 +406,11 @@ class Dispatcher:
             self._warned[sender] = None
             if len(self._warned) > 1024:
                 self._warned.popitem(last=False)
+        if message.flags.value & _NO_REPLY_EXPECTED:
+            message.body = []
+            if self.observe is not None:
+                self.observe(message.interface, message.member, LIMITS_EXCEEDED, time.perf_counter() - started)
+            return
         try:
             raise BusError(LIMITS_EXCEEDED, "Too many calls from this connection are waiting to be served.")
         except BusError as e:
@@ -437,6 +447,22 @@ class Dispatcher:
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        sender = message.sender or ""
+        creds = self.credentials.get(sender)
+        if creds is None or creds.uid not in self._privileged_uids:
+            waiting = self._waiting[sender] = self._waiting.get(sender, 0) + 1
+            if waiting >= MAX_WAITING_CALLS:
+                self.queue.hold(sender)
+            task.add_done_callback(functools.partial(self._answered, sender))
+
+    def _answered(self, sender: str, _task: asyncio.Task[None]) -> None:
+        """One of *sender*'s calls that waited is answered: its next may be served."""
+        waiting = self._waiting.pop(sender, 1) - 1
+        if waiting > 0:
+            self._waiting[sender] = waiting
+        if waiting < MAX_WAITING_CALLS and self.queue.held(sender):
+            self.queue.release(sender)
+            self._next_turn()
 
     async def _answer_later(self, coro: Coroutine[Any, Any, Any], waiting_on: Any, finish: Finish | None,
                             message: Message, started: float) -> None:  # fmt: skip

@@ -116,3 +116,47 @@ async def test_known_root_is_served_before_a_flood_already_waiting(tmp_path) -> 
     for _ in range(5):
         await asyncio.sleep(0)
     assert not dispatcher.queue
+
+
+def test_a_held_sender_keeps_its_calls_until_released() -> None:
+    q: FairQueue[str] = FairQueue()
+    q.hold("a")
+    assert q.push("a", "a0") and q.push("b", "b0") and q.push("a", "a1")
+    assert q.ready() and q.pop() == "b0"
+    assert len(q) == 2 and not q.ready()  # a's calls wait while it is held
+    q.release("a")
+    assert [q.pop(), q.pop()] == ["a0", "a1"] and not q.ready()
+    q.push("c", "c0")
+    q.hold("c")
+    assert not q.ready() and q.held("c")
+    q.release("c")
+    assert q.pop() == "c0"
+
+
+async def test_a_connection_has_a_bounded_number_of_calls_waiting(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A call that waits (here on the image pool, in a thread) counts against its connection:
+    past MAX_WAITING_CALLS its next calls wait their turn, others' are served meanwhile."""
+    dispatcher, bus = dispatcher_for(manager_with(tmp_path, []))
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def slow(call: object) -> list[list[object]]:
+        started.append(len(started))
+        await release.wait()
+        return [[]]
+
+    manager_object = dispatcher.tree._manager_object  # type: ignore[attr-defined]
+    manager_object.methods[(MANAGER_IFACE, "ListMachines")] = slow
+    for i in range(10):
+        dispatcher._on_message(list_machines(":1.50", i + 1))
+    dispatcher._on_message(ping(":1.51", 99, MessageFlag.NONE))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(started) == objects.MAX_WAITING_CALLS  # the rest of :1.50's wait
+    assert [m.reply_serial for m in bus.sent] == [99]  # another connection is served
+    release.set()
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert len(started) == 10 and not dispatcher.queue and not dispatcher._waiting
+    assert sorted(m.reply_serial for m in bus.sent) == [*range(1, 11), 99]
+    assert not any(m.error_name for m in bus.sent)
