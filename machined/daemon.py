@@ -145,7 +145,6 @@ class Daemon:
         self.metrics_textfile = metrics_textfile
         self.metrics_interval = metrics_interval
         self.metrics: Metrics | None = None
-        self._count_announcements: Callable[[str, Machine], None] | None = None
 
     async def run(self) -> int:
         """Serve until SIGTERM or until the bus goes away; exit status 0 either way, as 252
@@ -171,7 +170,7 @@ class Daemon:
             await self._request_name(self.bus)
             await self.manager.load_state()
             if self.metrics is not None:  # machines recovered from state files are no registrations
-                self._count_announcements = self.metrics.announced
+                self.manager.events.subscribe(_count_in(self.metrics))
             self.manager.start_gc()
             await self._start_userdb()
             await self._start_machine_varlink()
@@ -348,8 +347,6 @@ class Daemon:
 
     def _announce(self, signal_name: str, machine: Machine) -> None:
         """MachineNew / MachineRemoved on the Manager object."""
-        if self._count_announcements is not None:
-            self._count_announcements(signal_name, machine)
         if self._hook_changed is not None:
             self._hook_changed()
         if self.bus is None or not self.bus.connected:
@@ -383,6 +380,18 @@ class Daemon:
             return
         owner = await _describe_owner(bus, BUS_NAME)
         raise StartupError(f"{BUS_NAME} is already owned on this bus{owner}; is systemd-machined running?")
+
+
+def _count_in(metrics: Metrics) -> Callable[[Event, Machine], None]:
+    """The metrics as a subscriber of the core's events: registrations and removals by class."""
+
+    def count(event: Event, machine: Machine) -> None:
+        if event.kind == events.NEW:
+            metrics.announced("MachineNew", machine)
+        elif event.kind == events.REMOVED:
+            metrics.announced("MachineRemoved", machine)
+
+    return count
 
 
 def _symlink(target: str, link: str) -> None:
