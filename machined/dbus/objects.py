@@ -406,6 +406,10 @@ class Dispatcher:
             self._warned[sender] = None
             if len(self._warned) > 1024:
                 self._warned.popitem(last=False)
+            if self.credentials.get(sender) is None:  # learn whose it is: root's are never bounded
+                task = asyncio.get_running_loop().create_task(self._learn(message))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         if message.flags.value & _NO_REPLY_EXPECTED:
             message.body = []
             if self.observe is not None:
@@ -415,6 +419,13 @@ class Dispatcher:
             raise BusError(LIMITS_EXCEEDED, "Too many calls from this connection are waiting to be served.")
         except BusError as e:
             self._answer(message, _error(message, e), started)
+
+    async def _learn(self, message: Message) -> None:
+        """Ask the bus whose connection sent *message* (cached for its next calls); best effort."""
+        try:
+            await Call(self.bus, message, self.credentials).credentials()
+        except Exception:  # noqa: BLE001 (gone, or the bus could not say: it stays bounded)
+            pass
 
     def _serve(self, message: Message, started: float) -> None:
         call = Call(self.bus, message, self.credentials)

@@ -160,3 +160,28 @@ async def test_a_connection_has_a_bounded_number_of_calls_waiting(tmp_path) -> N
     assert len(started) == 10 and not dispatcher.queue and not dispatcher._waiting
     assert sorted(m.reply_serial for m in bus.sent) == [*range(1, 11), 99]
     assert not any(m.error_name for m in bus.sent)
+
+
+async def test_a_sender_over_its_bound_is_asked_for_and_root_is_never_bounded(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, bus = dispatcher_for(manager_with(tmp_path, []))
+    asked: list[str] = []
+
+    async def root_creds(self: objects.Call) -> Credentials:
+        asked.append(self.sender)
+        creds = Credentials(pid=1, uid=0)
+        dispatcher.credentials.put(self.sender, creds)
+        return creds
+
+    objects.Call.credentials, saved = root_creds, objects.Call.credentials  # type: ignore[method-assign]
+    try:
+        n = objects.INLINE_PER_TURN + fair.MAX_MESSAGES
+        for i in range(n + 10):  # 10 over the bound: dropped, and who it is asked once
+            dispatcher._on_message(ping(":1.3", i + 1))
+        assert len(dispatcher.queue) == fair.MAX_MESSAGES
+        await asyncio.sleep(0)
+        assert asked == [":1.3"]
+        for i in range(1000):  # root's now: queued, however many
+            dispatcher._on_message(ping(":1.3", n + 100 + i))
+        assert dispatcher.queue.waiting(":1.3") > fair.MAX_MESSAGES
+    finally:
+        objects.Call.credentials = saved  # type: ignore[method-assign]
