@@ -31,6 +31,7 @@ import select
 import socket
 import struct
 import sys
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from itertools import accumulate
@@ -54,6 +55,8 @@ UID_PINNED_MAX = 4 * BUFFER_MAX  # (tighter than sd-varlink: what one user's unr
 UNPINNED_UIDS = frozenset({0})
 DEPTH_MAX = 2048  # (sd-json's nesting limit: deeper closes the connection)
 MESSAGES_PER_TURN = 2  # (messages of one user begun per event-loop iteration, oneway ones included)
+EXPENSIVE = 0.005  # (seconds: a message that took the loop longer to read makes its user pause...)
+EXPENSIVE_PAUSE = 4  # (...this many times as long before its next message: at most ~1/5 of the loop)
 # Methods that systemd-machined 262 answers with io.systemd.System EUCLEAN when called with
 # "upgrade" (after checking their parameters); every other method ignores the flag.
 UPGRADE_REFUSED = frozenset({"io.systemd.Machine.List", "io.systemd.MachineImage.List"})
@@ -89,7 +92,8 @@ def _integer(text: str) -> int | float:
     return value if -(1 << 63) <= value < (1 << 64) else float(text)
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant, parse_int=_integer)
+_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant)
+_DECODER_LONG = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant, parse_int=_integer)
 # Escapes sd-json refuses: \u0000, lone surrogates and noncharacters (U+FDD0..U+FDEF and
 # U+xFFFE/U+xFFFF of every plane); what may be one, to look closer; escapes one by one.
 _MAYBE_BAD_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000|[fF][dD][dDeE]|[fF]{3}[eEfF])")
@@ -100,14 +104,27 @@ _ESCAPE = re.compile(
     r"|.)",
     re.DOTALL,
 )
-_NONCHARACTER = re.compile(
-    "[\x7f\ufdd0-\ufdef"
-    + "".join(f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17))
-    + "]"
-)
+# The same noncharacters in valid UTF-8 (searched in bytes: faster): U+FDD0..U+FDEF, U+FFFE and
+# U+FFFF (three bytes, EF first), and U+xFFFE/U+xFFFF of the other planes (four bytes).
+_NONCHARACTER_3 = re.compile(rb"\xef(?:\xb7[\x90-\xaf]|\xbf[\xbe\xbf])")
+_NONCHARACTER_4 = re.compile(rb"[\xf0-\xf4][\x8f\x9f\xaf\xbf]\xbf[\xbe\xbf]")
+_DIGITS = bytes.maketrans(b"123456789", b"000000000")
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _NOT_BRACKETS = bytes(set(range(256)) - set(b"[{]}"))
+
+
+def _noncharacter(raw: bytes) -> bool:
+    """Whether valid UTF-8 *raw* holds DEL or a noncharacter."""
+    if b"\x7f" in raw:
+        return True
+    if raw.isascii():
+        return False
+    if b"\xef" in raw and _NONCHARACTER_3.search(raw):
+        return True
+    return any(lead in raw for lead in (b"\xf0", b"\xf1", b"\xf2", b"\xf3", b"\xf4")) and bool(
+        _NONCHARACTER_4.search(raw)
+    )
 
 
 def _depth(raw: bytes) -> int:
@@ -124,8 +141,8 @@ def decode(raw: bytes) -> Any:
     Infinity, control characters (DEL too) in strings, nesting deeper than 2048. Integers that do not fit 64 bits are
     reals, as in sd-json; repeated keys are kept (as :class:`_Repeated`) for the caller."""
     text = raw.decode("utf-8")  # (strict: UnicodeDecodeError is a ValueError)
-    if _NONCHARACTER.search(text):  # (and DEL, which sd-json refuses as other control characters)
-        raise ValueError("a noncharacter")
+    if _noncharacter(raw):  # (DEL too: sd-json refuses it as other control characters)
+        raise ValueError("a noncharacter or DEL")
     if _MAYBE_BAD_ESCAPE.search(text):
         for match in _ESCAPE.finditer(text):
             if match.group(1) or match.group(2):
@@ -133,15 +150,16 @@ def decode(raw: bytes) -> Any:
     depth = _depth(raw)
     if depth > DEPTH_MAX:
         raise ValueError("nested too deeply")
+    decoder = _DECODER_LONG if b"0" * 19 in raw.translate(_DIGITS) else _DECODER  # (19 digits may not fit 64 bits)
     if depth == 0:
         try:
-            return _DECODER.decode(text)
+            return decoder.decode(text)
         except RecursionError:
             pass
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(limit + DEPTH_MAX + 100)
     try:
-        return _DECODER.decode(text)
+        return decoder.decode(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     finally:
@@ -226,15 +244,28 @@ def repeated_field(parameters: dict[str, Any]) -> str | None:
 
 class _Turns:
     """Fair shares of the event loop: at most MESSAGES_PER_TURN messages of one user are
-    begun per loop iteration, however many connections it has; every message yields once."""
+    begun per loop iteration, however many connections it has; every message yields once;
+    a user whose message took the loop long to read (a big one) waits EXPENSIVE_PAUSE
+    times as long before its next one begins, so that it gets a bounded share of the loop."""
 
     def __init__(self) -> None:
         self.used: dict[int, int] = {}
         self.waiting: dict[int, deque[asyncio.Future[None]]] = {}
         self.scheduled = False
+        self.not_before: dict[int, float] = {}
+
+    def cost(self, uid: int, seconds: float) -> None:
+        """The loop spent *seconds* at once on a message of *uid*'s."""
+        if seconds > EXPENSIVE:
+            self.not_before[uid] = max(self.not_before.get(uid, 0.0), time.monotonic()) + seconds * EXPENSIVE_PAUSE
 
     async def take(self, uid: int) -> None:
         await asyncio.sleep(0)
+        pause = self.not_before.get(uid, 0.0) - time.monotonic()
+        if pause > 0:
+            await asyncio.sleep(pause)
+        elif uid in self.not_before:
+            del self.not_before[uid]
         while self.used.get(uid, 0) >= MESSAGES_PER_TURN:
             future = asyncio.get_running_loop().create_future()
             self.waiting.setdefault(uid, deque()).append(future)
@@ -531,10 +562,13 @@ class Connection:
 
     async def _dispatch(self, raw: bytes) -> bool:
         """Serve one message; False to close the connection (a protocol violation)."""
+        start = time.monotonic()
         try:
             message = decode(raw)
         except ValueError:
             return False
+        finally:
+            self.server.turns.cost(self.peer.uid_value, time.monotonic() - start)
         parsed = parse_call(message)
         if parsed is None:
             return False
