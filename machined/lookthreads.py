@@ -99,11 +99,12 @@ class LookThreads:
         full_key = (id(loop), key) if orphan is None else object()
         future = self._jobs.get(full_key)
         if future is None:
+            work = start()  # (may raise: then nothing is registered)
             future = loop.create_future()
             future.add_done_callback(_retrieve)
             self._jobs[full_key] = future
             future.add_done_callback(lambda f: self._forget(full_key, f))
-            job = _Job(start(), loop, future)
+            job = _Job(work, loop, future)
             starting = loop.create_task(self._submit(job))
             starting.add_done_callback(_retrieve)
         try:

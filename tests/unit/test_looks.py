@@ -165,6 +165,18 @@ async def test_a_blocked_look_costs_only_its_caller() -> None:
     assert pool.threads() == 0  # idle threads end
 
 
+async def test_a_job_that_cannot_start_leaves_nothing_behind() -> None:
+    pool = LookThreads()
+
+    def cannot() -> tuple[object, object]:
+        raise BusError.from_errno(errno.ESRCH)
+
+    for _ in range(2):
+        with pytest.raises(BusError):
+            await pool.run("gone", cannot, 1)  # type: ignore[arg-type]
+    assert await pool.run("gone", lambda: (lambda: 1, lambda: None), 1) == 1
+
+
 async def test_an_fd_nobody_waits_for_is_closed() -> None:
     pool = LookThreads()
     go = threading.Event()
