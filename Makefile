@@ -85,9 +85,11 @@ uninstall: deps
 
 # Benchmarks against systemd-machined 252 (README "Benchmarks"): every row, ours and real each
 # in fresh sandboxes, interleaved, medians of BENCH_RUNS runs; one table, JSON in bench/results/.
-# bench/inside.py (looks inside booted containers) runs after it when present.
+# bench/inside.py (looks inside booted containers) runs after it when present, then bench/weight.py
+# (the whole service: processes and memory over its cgroup at each moment, look latencies).
 BENCH_RUNS ?= 3
 .PHONY: bench
 bench: deps
 	$(BIN)/python bench/run.py --runs $(BENCH_RUNS)
 	@if [ -f bench/inside.py ]; then $(BIN)/python bench/inside.py --out bench/results/inside-latest.json; fi
+	$(BIN)/python bench/weight.py --later 70 --out bench/results/weight-latest.json
