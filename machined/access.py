@@ -44,8 +44,16 @@ class MachineAccess:
         if inside.same_netns(machine.leader):
             raise BusError(errors.NO_PRIVATE_NETWORKING, f"Machine {machine.name} does not use private networking")
 
+    def check_may_enter(self, machine: Machine, what: str) -> None:
+        """Who may look inside a container: not 262's per-user instance, which runs without the
+        privilege to enter its namespaces (EPERM, as upstream's answers there)."""
+        if not machine.is_host and getattr(self.manager, "user_scope", False):
+            raise BusError(errors.errno_error_name(errno.EPERM), f"Failed to get {what}: {os.strerror(errno.EPERM)}",
+                           errno_code=errno.EPERM, varlink=errors.system_error(errno.EPERM))  # fmt: skip
+
     async def addresses(self, machine: Machine) -> list[Address]:
         self.check_addresses(machine)
+        self.check_may_enter(machine, "addresses")
         if machine.is_host:
             return await inside.host_addresses()
         return await inside.container_addresses(machine)
@@ -57,6 +65,7 @@ class MachineAccess:
 
     async def os_release(self, machine: Machine) -> dict[str, str]:
         self.check_os_release(machine)
+        self.check_may_enter(machine, "OS release")
         try:
             if machine.is_host:
                 return read_os_release("/")  # a small local file: quicker than a thread hop

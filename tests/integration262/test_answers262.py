@@ -407,3 +407,31 @@ def test_interface_descriptions_byte_for_byte_as_262(real262: Sandbox, ours262: 
         infos.append(info)
     assert infos[1]["interfaces"] == infos[0]["interfaces"]
     assert infos[1]["vendor"] == "machined" and infos[1]["url"].startswith("https://"), infos[1]
+
+
+USER_LOOKS = r"""
+P=$(lead uo-l)
+vl $V io.systemd.Machine.Register "{\"name\":\"uo1\",\"class\":\"container\",\"leader\":$P}"
+systemd-run --user -q --unit=uo-n unshare -r -n -m sleep 1000; sleep 0.5; Q=$(systemctl --user show -P MainPID uo-n)
+vl $V io.systemd.Machine.Register "{\"name\":\"uo2\",\"class\":\"container\",\"leader\":$Q}"
+for m in uo1 uo2; do
+  bc GetMachineOSRelease s $m
+  bc GetMachineAddresses s $m
+  bc GetMachineUIDShift s $m
+  for a in yes graceful; do vl $V io.systemd.Machine.List "{\"name\":\"$m\",\"acquireMetadata\":\"$a\"}"; done
+done
+machinectl --user list
+systemctl --user stop uo-l uo-n
+"""
+
+
+def test_user_instance_cannot_look_inside_as_262(real262: Sandbox, ours262: Sandbox) -> None:
+    """262's per-user instance runs unprivileged: it cannot enter a container's namespaces, so
+    its OS release and addresses fail with EPERM (left out under graceful metadata)."""
+    from tests.integration262 import test_user262 as user
+
+    for sb in (real262, ours262):
+        user._setup(sb)
+    out = user.assert_same_as_user(ours262, real262, USER_LOOKS)
+    assert out.count("Access denied") >= 3 and '"errnoName":"EPERM"' in out, out
+    assert "uo1     container -       -  -" in out, out
