@@ -82,6 +82,16 @@ class FairQueue(Generic[T]):
         if entry is not None:
             self._rings[0 if entry.priority else 1].append(sender)
 
+    def promote(self, sender: Hashable) -> None:
+        """*sender* is root's: its waiting calls are served first from now on."""
+        entry = self._senders.get(sender)
+        if entry is None or entry.priority:
+            return
+        entry.priority = True
+        if sender not in self._held:
+            self._rings[1].remove(sender)
+            self._rings[0].append(sender)
+
     def held(self, sender: Hashable) -> bool:
         return sender in self._held
 
@@ -99,10 +109,7 @@ class FairQueue(Generic[T]):
             if sender not in self._held:
                 self._rings[0 if priority else 1].append(sender)
         elif priority and not entry.priority:  # learned to be root while waiting
-            entry.priority = True
-            if sender not in self._held:
-                self._rings[1].remove(sender)
-                self._rings[0].append(sender)
+            self.promote(sender)
         elif (
             not entry.priority
             and entry.items

@@ -57,6 +57,7 @@ class CredentialCache:
     def __init__(self, size: int = 4096) -> None:
         self.size = size
         self._entries: OrderedDict[str, Credentials] = OrderedDict()
+        self.learned: Callable[[str, Credentials], None] | None = None  # told of each new entry
 
     def get(self, sender: str) -> Credentials | None:
         creds = self._entries.get(sender)
@@ -68,6 +69,8 @@ class CredentialCache:
         self._entries[sender] = creds
         if len(self._entries) > self.size:
             self._entries.popitem(last=False)
+        if self.learned is not None:
+            self.learned(sender, creds)
 
 
 class Call:
@@ -352,6 +355,7 @@ class Dispatcher:
         self._warned: OrderedDict[str, None] = OrderedDict()
         self._waiting: dict[str, int] = {}  # calls that wait (tasks), per sender not root
         self._privileged_uids = (0, os.geteuid())
+        self.credentials.learned = self._learned
 
     def install(self) -> None:
         self.bus.add_message_handler(self._on_message)
@@ -465,6 +469,16 @@ class Dispatcher:
             if waiting >= MAX_WAITING_CALLS:
                 self.queue.hold(sender)
             task.add_done_callback(functools.partial(self._answered, sender))
+
+    def _learned(self, sender: str, creds: Credentials) -> None:
+        """A sender turned out to be root's: from now on first, never bounded nor held."""
+        if creds.uid not in self._privileged_uids:
+            return
+        self._waiting.pop(sender, None)
+        self.queue.promote(sender)
+        if self.queue.held(sender):
+            self.queue.release(sender)
+            self._next_turn()
 
     def _answered(self, sender: str, _task: asyncio.Task[None]) -> None:
         """One of *sender*'s calls that waited is answered: its next may be served."""

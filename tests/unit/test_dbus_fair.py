@@ -185,3 +185,32 @@ async def test_a_sender_over_its_bound_is_asked_for_and_root_is_never_bounded(tm
         assert dispatcher.queue.waiting(":1.3") > fair.MAX_MESSAGES
     finally:
         objects.Call.credentials = saved  # type: ignore[method-assign]
+
+
+async def test_a_held_connection_found_to_be_roots_is_served_at_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Root's calls that wait (on a wedged PID 1, say) never hold up root's next calls: a fresh
+    connection is held like any until the bus says it is root's, then released."""
+    dispatcher, bus = dispatcher_for(manager_with(tmp_path, []))
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def slow(call: object) -> list[list[object]]:
+        started.append(len(started))
+        await release.wait()
+        return [[]]
+
+    dispatcher.tree._manager_object.methods[(MANAGER_IFACE, "ListMachines")] = slow  # type: ignore[attr-defined]
+    for i in range(10):
+        dispatcher._on_message(list_machines(":1.40", i + 1))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(started) == objects.MAX_WAITING_CALLS and dispatcher.queue.held(":1.40")
+    dispatcher.credentials.put(":1.40", Credentials(pid=1, uid=0))  # as a call's lookup does
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(started) == 10 and not dispatcher.queue.held(":1.40") and not dispatcher._waiting
+    release.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert sorted(m.reply_serial for m in bus.sent) == list(range(1, 11))
+    assert not dispatcher._waiting and not dispatcher.queue
