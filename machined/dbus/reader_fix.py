@@ -233,14 +233,28 @@ def internals_known() -> bool:
     if not callable(getattr(Unmarshaller, "unmarshall", None)):
         return False
     try:
-        import io
-
         from dbus_fast import Message
 
-        probe = Message(destination="a.b", path="/", interface="a.b", member="C", serial=1)
+        probe = Message(destination="a.b", path="/", interface="a.b", member="C", signature="s", body=["x"], serial=1)
         wire = bytes(probe._marshall(False))
-        got = Unmarshaller(io.BytesIO(wire), None, False).unmarshall()  # type: ignore[arg-type]
-        if got is None or got.member != "C":
+        # Given in pieces, with nothing in between, as the socket gives it: a message at the end.
+        pieces: list[bytes | None] = [wire[:10], None, wire[10:30], None, wire[30:]]
+
+        class Pieces:
+            def read(self, n: int) -> bytes | None:
+                piece = pieces.pop(0) if pieces else None
+                if piece is not None and len(piece) > n:
+                    pieces.insert(0, piece[n:])
+                    piece = piece[:n]
+                return piece
+
+        unmarshaller = Unmarshaller(Pieces(), None, False)  # type: ignore[arg-type]
+        got = None
+        for _ in range(10):
+            got = unmarshaller.unmarshall()
+            if got is not None:
+                break
+        if got is None or got.member != "C" or got.body != ["x"] or unmarshaller.message is not got:
             return False
         got.unix_fds = [5]
         return got.unix_fds == [5]

@@ -147,5 +147,18 @@ def test_connections_without_descriptors_keep_dbus_fasts_reader() -> None:
         b.close()
 
 
-def test_internals_checked() -> None:
+def test_internals_checked_and_dbus_fasts_reader_kept_if_they_differ(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     assert reader_fix.internals_known()
+
+    class Other:  # an unmarshaller that reads no stream
+        def __init__(self, *args: Any) -> None:
+            pass
+
+        def unmarshall(self) -> None:
+            return None
+
+    monkeypatch.setattr(reader_fix, "Unmarshaller", Other)
+    built = reader_fix._aio.build_message_reader  # type: ignore[attr-defined]
+    assert not reader_fix.internals_known()
+    assert reader_fix.apply() is False
+    assert reader_fix._aio.build_message_reader is built  # type: ignore[attr-defined]
