@@ -7,13 +7,14 @@ nss-systemd and userdbctl. Lookups only; no enumeration.
 
 from __future__ import annotations
 
+import errno
 import re
 from typing import Any
 
 from machined import errors, idmap, personality
 from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
-from machined.varlink.server import Call, Service, VarlinkError
+from machined.varlink.server import Call, Service, VarlinkError, system_error_252
 
 SERVICE = "io.systemd.Machine"
 NOLOGIN = "/usr/sbin/nologin"
@@ -50,6 +51,24 @@ def _parse_id(text: str) -> int | None:
         return None
     value = int(text)
     return value if value < 2**32 and idmap.id_is_valid(value) else None
+
+
+def _check_252(params: dict[str, Any], fields: dict[str, str]) -> None:
+    """The parameters as 252's json_dispatch() takes them, in their order: a field it does not
+    know fails the call with EADDRNOTAVAIL, one of the wrong type (an ID that is not a valid
+    UID/GID) with EINVAL, both as ``io.systemd.System`` with the errno alone."""
+    for key, value in params.items():
+        kind = fields.get(key)
+        if kind is None:
+            raise VarlinkError(*system_error_252(errno.EADDRNOTAVAIL))
+        if value is None:
+            continue
+        if kind == "id":
+            ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 0xFFFFFFFF and value != 0xFFFF
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise VarlinkError(*system_error_252(errno.EINVAL))
 
 
 class UserDatabase:
@@ -95,7 +114,9 @@ class UserDatabase:
         """The record a GetUserRecord (kind "uid") or GetGroupRecord ("gid") call asks for."""
         id_key, name_key = ("uid", "userName") if kind == "uid" else ("gid", "groupName")
         prefix = "vu-" if kind == "uid" else "vg-"
-        if isinstance(params.get(id_key), float):  # (not an integer, or past 64 bits: sd-json's dispatch refuses it)
+        if not personality.is_262():
+            _check_252(params, {id_key: "id", name_key: "string", "service": "string"})
+        elif isinstance(params.get(id_key), float):  # (not an integer, or past 64 bits: sd-json's dispatch refuses it)
             raise VarlinkError(errors.VL_INVALID_PARAMETER, {"parameter": id_key})
         if params.get("service") != SERVICE:
             raise UserDbError(BAD_SERVICE)
@@ -130,6 +151,8 @@ class UserDatabase:
         return {"record": record}
 
     def get_memberships(self, params: dict[str, Any]) -> dict[str, Any]:
+        if not personality.is_262():
+            _check_252(params, {"userName": "string", "groupName": "string", "service": "string"})
         if params.get("service") != SERVICE:
             raise UserDbError(BAD_SERVICE)
         raise UserDbError(NO_RECORD)
@@ -147,7 +170,7 @@ def userdb_service(manager: MachineManager) -> Service:
         service = Service(vendor=VENDOR, product=PRODUCT, version=__version__, url=URL)
         service.add_interface(IO_SYSTEMD_USER_DATABASE)
     else:
-        service = Service(introspection=False)
+        service = Service(introspection=False, as_252=True)
 
     async def user(call: Call) -> dict[str, Any]:
         return db.get_record(call.parameters, "uid")

@@ -54,6 +54,7 @@ CONNECTIONS_PER_UID_MAX = 128  # (what systemd-machined 262 keeps per user; the 
 UID_PINNED_MAX = 4 * BUFFER_MAX  # (tighter than sd-varlink: what one user's unread messages may pin, root aside)
 UNPINNED_UIDS = frozenset({0})
 DEPTH_MAX = 2048  # (sd-json's nesting limit: deeper closes the connection)
+DEPTH_MAX_252 = 2049  # (systemd 252's json parser lets one more level through)
 MESSAGES_PER_TURN = 2  # (messages of one user begun per event-loop iteration, oneway ones included)
 EXPENSIVE = 0.005  # (seconds: a message that took the loop longer to read makes its user pause...)
 EXPENSIVE_PAUSE = 4  # (...this many times as long before its next message: at most ~1/5 of the loop)
@@ -127,15 +128,16 @@ def _noncharacter(raw: bytes) -> bool:
     )
 
 
-def _depth(raw: bytes) -> int:
-    """How deep *raw*'s arrays and objects nest (at least; exactly when it is valid JSON)."""
-    if raw.count(b"[") + raw.count(b"{") <= DEPTH_MAX:
+def _depth(raw: bytes, limit: int) -> int:
+    """How deep *raw*'s arrays and objects nest (exactly when it is valid JSON), or 0 when
+    they cannot nest deeper than *limit*."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
         return 0
     brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS).translate(_BRACKETS)
     return max(accumulate(memoryview(brackets).cast("b")), default=0)
 
 
-def decode(raw: bytes) -> Any:
+def decode(raw: bytes, depth_max: int = DEPTH_MAX) -> Any:
     """One message as sd-json parses it, or ValueError where sd-json refuses it: invalid
     UTF-8 (a byte order mark too), lone surrogates, noncharacters, \\u0000, NaN and
     Infinity, control characters (DEL too) in strings, nesting deeper than 2048. Integers that do not fit 64 bits are
@@ -147,8 +149,8 @@ def decode(raw: bytes) -> Any:
         for match in _ESCAPE.finditer(text):
             if match.group(1) or match.group(2):
                 raise ValueError("\\u0000, a lone surrogate or a noncharacter")
-    depth = _depth(raw)
-    if depth > DEPTH_MAX:
+    depth = _depth(raw, depth_max)
+    if depth > depth_max:
         raise ValueError("nested too deeply")
     decoder = _DECODER_LONG if b"0" * 19 in raw.translate(_DIGITS) else _DECODER  # (19 digits may not fit 64 bits)
     if depth == 0:
@@ -182,11 +184,13 @@ def encode(message: dict[str, Any]) -> bytes:
     return text.encode() + b"\0"  # (UnicodeEncodeError, a ValueError, for a lone surrogate)
 
 
-def parse_call(message: Any) -> tuple[str, dict[str, Any], bool, bool, bool] | None:
+def parse_call(message: Any, upgrade_known: bool = True) -> tuple[str, dict[str, Any], bool, bool, bool] | None:
     """(method, parameters, more, oneway, upgrade) of a call, as sd-varlink reads one; None
     for what makes it close the connection: not an object, a key other than ``method``,
-    ``parameters``, ``more``, ``oneway`` and ``upgrade``, ``method`` or ``parameters`` twice
-    or of the wrong type, a flag that is not a boolean or that comes after a flag set true."""
+    ``parameters``, ``more``, ``oneway`` and ``upgrade`` (252: no ``upgrade``), ``method`` or
+    ``parameters`` twice or of the wrong type, a flag that is not a boolean or that comes
+    after a flag set true."""
+    flags = ("more", "oneway", "upgrade") if upgrade_known else ("more", "oneway")
     if not isinstance(message, dict):
         return None
     method: str | None = None
@@ -204,7 +208,7 @@ def parse_call(message: Any) -> tuple[str, dict[str, Any], bool, bool, bool] | N
                 return None
             seen_parameters = True
             parameters = value
-        elif key in ("more", "oneway", "upgrade"):
+        elif key in flags:
             if more or oneway or upgrade or not isinstance(value, bool):
                 return None
             if key == "more":
@@ -307,6 +311,11 @@ class VarlinkError(Exception):
         super().__init__(name)
         self.name = name
         self.parameters = parameters or {}
+
+
+def system_error_252(code: int) -> tuple[str, dict[str, Any]]:
+    """``io.systemd.System`` as systemd 252's sd-varlink sends it: the errno alone."""
+    return errors.VL_SYSTEM, {"errno": code}
 
 
 def invalid_parameter(name: str) -> VarlinkError:
@@ -438,8 +447,12 @@ class Service:
     """Interfaces and their method handlers, served on one or more sockets."""
 
     def __init__(self, vendor: str = "", product: str = "", version: str = "", url: str = "",
-                 introspection: bool = True) -> None:  # fmt: skip
+                 introspection: bool = True, as_252: bool = False) -> None:  # fmt: skip
         self.vendor, self.product, self.version, self.url = vendor, product, version, url
+        # Served as systemd 252's sd-varlink does (its only varlink service there: the user
+        # database): no "upgrade" key, one more level of nesting, descriptors taken (and
+        # closed), errors always with their parameters, a key twice fails with ENOTUNIQ.
+        self.as_252 = as_252
         self.interfaces: dict[str, idl.Interface] = {}
         self.methods: dict[str, MethodSpec] = {}
         if introspection:
@@ -563,13 +576,14 @@ class Connection:
     async def _dispatch(self, raw: bytes) -> bool:
         """Serve one message; False to close the connection (a protocol violation)."""
         start = time.monotonic()
+        as_252 = self.server.service.as_252
         try:
-            message = decode(raw)
+            message = decode(raw, DEPTH_MAX_252 if as_252 else DEPTH_MAX)
         except ValueError:
             return False
         finally:
             self.server.turns.cost(self.peer.uid_value, time.monotonic() - start)
-        parsed = parse_call(message)
+        parsed = parse_call(message, upgrade_known=not as_252)
         if parsed is None:
             return False
         method, parameters, more, oneway, upgrade = parsed
@@ -590,11 +604,17 @@ class Connection:
                 return True
             except idl.Invalid as e:
                 bad = e.field or method
-        if bad is None:
-            bad = repeated_field(parameters)
         if bad is not None:
             if not oneway:
                 await self.send_error(errors.VL_INVALID_PARAMETER, {"parameter": bad})
+            return True
+        repeated = repeated_field(parameters)
+        if repeated is not None:  # (262: sd-json's dispatch names it; 252's fails the call with ENOTUNIQ)
+            if not oneway:
+                await self.send_error(*(
+                    (errors.VL_INVALID_PARAMETER, {"parameter": repeated}) if not self.server.service.as_252
+                    else system_error_252(errno.ENOTUNIQ)
+                ))  # fmt: skip
             return True
         if upgrade and method in UPGRADE_REFUSED:
             await self.send_error(*errors.system_error(errno.EUCLEAN))
@@ -647,7 +667,7 @@ class Connection:
 
     async def send_error(self, name: str, parameters: dict[str, Any]) -> None:
         message: dict[str, Any] = {"error": name}
-        if parameters:
+        if parameters or self.server.service.as_252:  # (252 always sends them, {} if none)
             message["parameters"] = parameters
         await self._send(message, [])
 
@@ -685,7 +705,8 @@ class Connection:
 
 def _refuse_descriptors(sock: socket.socket) -> None:
     """Nothing we serve takes file descriptors: sending one fails at the sender's sendmsg()
-    (EPERM), as with sd-varlink 262; on kernels before 6.16 they are closed unread."""
+    (EPERM), as with sd-varlink 262 (252 takes them and closes them unread, as we do there and
+    on kernels before 6.16)."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS, 0)
     except OSError:
@@ -819,7 +840,8 @@ class VarlinkServer:
         self._listeners.extend(self._given)
         for sock in self._listeners:
             sock.setblocking(False)
-            _refuse_descriptors(sock)  # (connections inherit it before they are accepted)
+            if not self.service.as_252:
+                _refuse_descriptors(sock)  # (connections inherit it before they are accepted)
             self._accepting.append(asyncio.get_running_loop().create_task(self._accept(sock)))
 
     async def _accept(self, listener: socket.socket) -> None:
@@ -837,7 +859,8 @@ class VarlinkServer:
                 sock.close()
                 continue
             sock.setblocking(False)
-            _refuse_descriptors(sock)
+            if not self.service.as_252:
+                _refuse_descriptors(sock)
             connection = Connection(self, sock)
             uid = connection.peer.uid_value
             live = self._by_uid.setdefault(uid, set())

@@ -286,3 +286,53 @@ async def test_connections_past_the_limit_are_closed_at_once(tmp_path: Path, mon
             writer.close()
     finally:
         await server.stop()
+
+
+def test_as_systemd_252_reads_them() -> None:
+    """The user database under 252 is served as 252's sd-varlink does (checked against real 252)."""
+    from machined.varlink.server import DEPTH_MAX_252
+
+    assert decode(b"[" * 2049 + b"]" * 2049, DEPTH_MAX_252)
+    with pytest.raises(ValueError):
+        decode(b"[" * 2050 + b"]" * 2050, DEPTH_MAX_252)
+    assert parse_call(decode(b'{"method":"m","upgrade":true}'), upgrade_known=False) is None
+    assert parse_call(decode(b'{"method":"m","more":false,"oneway":false}'), upgrade_known=False) == (
+        "m", {}, False, False, False)  # fmt: skip
+
+
+async def test_the_user_database_under_252(tmp_path: Path) -> None:
+    from machined import personality
+    from machined.machine import Timestamp, host_machine
+    from machined.manager import MachineManager
+    from machined.statefile import StateDir
+    from machined.userdb import userdb_service
+
+    assert not personality.is_262()
+    manager = MachineManager(host_machine(b"", Timestamp()), StateDir(str(tmp_path / "m")))
+    server = VarlinkServer(userdb_service(manager), [str(tmp_path / "s")])
+    await server.start()
+    g = b'{"method":"io.systemd.UserDatabase.GetUserRecord","parameters":'
+    try:
+        answers = []
+        for message in (
+            g + b'{"service":"io.systemd.Machine"}}',
+            g + b'{"service":"io.systemd.Machine","x":1}}',
+            g + b'{"service":"io.systemd.Machine","uid":"5"}}',
+            g + b'{"service":"io.systemd.Machine","uid":' + b"9" * 1000 + b"}}",
+            g + b'{"uid":1,"uid":1,"service":"io.systemd.Machine"}}',
+            g + b'{"service":"io.systemd.Machine"},"upgrade":true}',
+        ):
+            reader, writer = await asyncio.open_unix_connection(server.path)
+            writer.write(message + b"\0")
+            answers.append(await asyncio.wait_for(reader.read(1000), 5))
+            writer.close()
+    finally:
+        await server.stop()
+    assert answers == [
+        b'{"error":"io.systemd.UserDatabase.EnumerationNotSupported","parameters":{}}\0',
+        b'{"error":"io.systemd.System","parameters":{"errno":99}}\0',
+        b'{"error":"io.systemd.System","parameters":{"errno":22}}\0',
+        b'{"error":"io.systemd.System","parameters":{"errno":22}}\0',
+        b'{"error":"io.systemd.System","parameters":{"errno":76}}\0',
+        b"",  # (252 knows no "upgrade": the connection is closed)
+    ]
