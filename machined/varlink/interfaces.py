@@ -18,9 +18,30 @@ VENDOR = "machined"
 PRODUCT = "machined"
 URL = "https://pypi.org/project/machined/"
 
-# io.systemd.UserDatabase (/run/systemd/userdb/io.systemd.Machine): described (262's text,
-# idl.stored_description) but not declared, so calls are checked by the lookups alone.
-IO_SYSTEMD_USER_DATABASE = Interface("io.systemd.UserDatabase")
+# io.systemd.UserDatabase as 262 declares it (/run/systemd/userdb/io.systemd.Machine; 252
+# serves no declaration there, and the lookups check their parameters themselves).
+_RECORD = (req("record", "object"), opt("incomplete", "bool"))
+IO_SYSTEMD_USER_DATABASE = Interface(
+    "io.systemd.UserDatabase",
+    [
+        Method("GetUserRecord", (
+            opt("uid", "int"), opt("userName", "string"), opt("fuzzyNames", "string", array=True),
+            opt("dispositionMask", "string", array=True), opt("uidMin", "int"), opt("uidMax", "int"),
+            opt("uuid", "string"), req("service", "string"),
+        ), _RECORD, more="supports"),
+        Method("GetGroupRecord", (
+            opt("gid", "int"), opt("groupName", "string"), opt("fuzzyNames", "string", array=True),
+            opt("dispositionMask", "string", array=True), opt("gidMin", "int"), opt("gidMax", "int"),
+            opt("uuid", "string"), req("service", "string"),
+        ), _RECORD, more="supports"),
+        Method("GetMemberships", (opt("userName", "string"), opt("groupName", "string"), req("service", "string")),
+               (req("userName", "string"), req("groupName", "string")), more="supports"),
+        *(Error(name) for name in (
+            "NoRecordFound", "BadService", "ServiceNotAvailable", "ConflictingRecordFound", "NonMatchingRecordFound",
+            "EnumerationNotSupported",
+        )),
+    ],
+)  # fmt: skip
 
 ORG_VARLINK_SERVICE = Interface(
     "org.varlink.service",
