@@ -532,7 +532,8 @@ class Connection:
         end = self.buffer.find(0, self._scanned)
         while end < 0:
             self._scanned = len(self.buffer)
-            if len(self.buffer) > BUFFER_MAX or not self._charge():
+            over = not self._charge() and len(self.buffer) > 0  # (the user's share is full, and this adds to it)
+            if len(self.buffer) > BUFFER_MAX or over:
                 return None
             data = await self.loop.sock_recv(self.sock, READ_SIZE)
             if not data:
