@@ -3,18 +3,19 @@
 dbus-daemon queues every message for our one connection in arrival order, so a peer that
 writes calls as fast as it can (NO_REPLY_EXPECTED ones cost it nothing: dbus-daemon bounds
 only calls awaiting a reply, 128 per connection) would put everybody else's calls behind all of
-its own. The bus reader reads ahead (a bounded number of messages per wakeup of the event
-loop, only while more is waiting on the socket) and the dispatcher puts each method call in
-its sender's queue; calls are then served one per sender in turn, senders known to be root
-first, a bounded number per turn of the event loop.
+its own. The bus reader takes what is waiting (machined.dbus.reader_fix) and the dispatcher
+puts each method call in its sender's queue; calls are then served one per sender in turn,
+senders known to be root first, a bounded number per turn of the event loop.
 
-A sender (a unique bus name, i.e. one connection) may have about ``max_bytes`` of arguments
-waiting, and a call flagged NO_REPLY_EXPECTED is taken only while fewer than ``max_messages``
-of the sender's calls wait (calls expecting a reply are bounded by dbus-daemon already: 128
-awaiting replies per connection on the system bus); the first waiting call is always taken. A
-call over the bound is not queued: one expecting a reply is answered at once with
-``org.freedesktop.DBus.Error.LimitsExceeded``, one flagged NO_REPLY_EXPECTED is dropped (as
-dbus-daemon drops what it cannot queue). Connections known to be root's are never bounded.
+A sender (a unique bus name, i.e. one connection) may have about ``max_bytes`` (4 MiB) of
+arguments waiting, all senders together ``max_total_bytes`` (64 MiB), and a call flagged
+NO_REPLY_EXPECTED is taken only while fewer than ``max_messages`` (128) of the sender's calls
+wait (calls expecting a reply are bounded by dbus-daemon already: 128 awaiting replies per
+connection on the system bus); a sender's first waiting call is always taken if it is small
+(64 KiB), so that one flood cannot shut others out. A call over the bound is not queued: one
+expecting a reply is answered at once with ``org.freedesktop.DBus.Error.LimitsExceeded``,
+one flagged NO_REPLY_EXPECTED is dropped (as dbus-daemon drops what it cannot queue).
+Connections known to be root's are never bounded.
 A sender may also be held: its calls queue but are not served until it is released. The
 dispatcher holds a connection (not root's) while MAX_WAITING_CALLS of its calls wait on
 something (polkit, systemd, a thread, a child), so that a flood of such calls does not
@@ -31,7 +32,9 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 MAX_MESSAGES = 128  # per sender: dbus-daemon's own bound on a connection's calls awaiting replies
-MAX_BYTES = 16 << 20  # per sender, estimated from the arguments (the first call always fits)
+MAX_BYTES = 4 << 20  # per sender, estimated from the arguments...
+MAX_TOTAL_BYTES = 64 << 20  # ... and for all senders but root's
+FIRST_ALWAYS = 64 << 10  # a sender's first waiting call always fits up to this size
 
 
 class _Sender(Generic[T]):
@@ -50,9 +53,12 @@ class FairQueue(Generic[T]):
     while it has items waiting; it goes to the back of the ring after each item served.
     """
 
-    def __init__(self, max_messages: int = MAX_MESSAGES, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(self, max_messages: int = MAX_MESSAGES, max_bytes: int = MAX_BYTES,
+                 max_total_bytes: int = MAX_TOTAL_BYTES) -> None:  # fmt: skip
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        self.max_total_bytes = max_total_bytes
+        self._bytes = 0
         self._senders: dict[Hashable, _Sender[T]] = {}
         self._rings: tuple[deque[Hashable], deque[Hashable]] = (deque(), deque())  # (priority, others)
         self._held: set[Hashable] = set()
@@ -104,20 +110,26 @@ class FairQueue(Generic[T]):
         its bound: bytes for every call, the count too for one expecting no reply (*no_reply*).
         *priority* senders (root) are served first and never bounded."""
         entry = self._senders.get(sender)
+        if priority or (entry is not None and entry.priority):
+            pass
+        elif entry is None or not entry.items:  # a sender's first waiting call
+            if size > FIRST_ALWAYS and self._bytes + size > self.max_total_bytes:
+                return False
+        elif (
+            entry.bytes + size > self.max_bytes
+            or self._bytes + size > self.max_total_bytes
+            or (no_reply and len(entry.items) >= self.max_messages)
+        ):
+            return False
         if entry is None:
             entry = self._senders[sender] = _Sender(priority)
             if sender not in self._held:
                 self._rings[0 if priority else 1].append(sender)
         elif priority and not entry.priority:  # learned to be root while waiting
             self.promote(sender)
-        elif (
-            not entry.priority
-            and entry.items
-            and (entry.bytes + size > self.max_bytes or (no_reply and len(entry.items) >= self.max_messages))
-        ):
-            return False
         entry.items.append((item, size))
         entry.bytes += size
+        self._bytes += size
         self._count += 1
         return True
 
@@ -129,6 +141,7 @@ class FairQueue(Generic[T]):
         entry = self._senders[sender]
         item, size = entry.items.popleft()
         entry.bytes -= size
+        self._bytes -= size
         self._count -= 1
         if entry.items:
             ring.append(sender)

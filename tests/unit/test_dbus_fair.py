@@ -44,8 +44,21 @@ def test_a_sender_over_its_bound() -> None:
     assert not q.push("s", 5, size=1001, no_reply=False)  # too many bytes: refused either way
     assert q.push("other", 6)  # another sender is not affected
     assert [q.pop() for _ in range(len(q))] == [0, 6, 1, 2, 4]
-    assert q.push("s", 7, size=10**9)  # the first waiting call always fits
+    assert q.push("s", 7, size=10**6)  # a sender's first waiting call fits while all together do
     assert not q.push("s", 8, size=1)
+
+
+def test_all_senders_together_are_bounded_but_a_small_first_call_always_fits() -> None:
+    q: FairQueue[int] = FairQueue(max_messages=100, max_bytes=1000, max_total_bytes=2500)
+    assert q.push("a", 1, size=900) and q.push("b", 2, size=900)
+    assert not q.push("a", 3, size=200, no_reply=False)  # past a's own bound
+    assert q.push("c", 4, size=600)  # 2,400 in all
+    assert not q.push("c", 5, size=200, no_reply=False)  # past the total
+    assert q.push("d", 6, size=fair.FIRST_ALWAYS)  # a small first call: taken all the same
+    assert not q.push("e", 7, size=fair.FIRST_ALWAYS + 1)  # a large one: not past the total
+    assert q.push("root", 8, size=10**9, priority=True)  # root's: always
+    assert [q.pop() for _ in range(len(q))] == [8, 1, 2, 4, 6]
+    assert q.push("e", 7, size=2000)  # room again
 
 
 def test_size_estimate() -> None:
