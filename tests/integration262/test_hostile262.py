@@ -288,4 +288,4 @@ def test_no_traceback_after_all(both: tuple[Sandbox, Sandbox]) -> None:
     real, ours = both
     assert _client(ours, "connections", M, "1") == {"answered": 1}  # (still up)
     journal = ours.run(["journalctl", "-b", "--no-pager", "-o", "cat", "-u", "machined.service"]).stdout
-    assert "Traceback" not in journal and "exception" not in journal, journal[-3000:]
+    assert "Traceback" not in journal and "exception was never retrieved" not in journal, journal[-3000:]
