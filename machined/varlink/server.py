@@ -3,7 +3,7 @@
 What sd-varlink (systemd 262) does on the wire, and clients depend on:
 
 - one method call at a time per connection, answered in order; a message that is not
-  a call (not an object, unknown keys, ``more`` together with ``oneway``) or that
+  a call (:func:`parse_call`), that sd-json would not read (:func:`decode`) or that
   overflows the buffer closes that connection;
 - ``parameters`` null or missing means ``{}``; empty parameters are left out of replies;
 - a call is checked against the interface description first (``ExpectedMore``,
@@ -16,7 +16,12 @@ What sd-varlink (systemd 262) does on the wire, and clients depend on:
   with ``SO_PEERPIDFD`` (or ``pidfd_open`` of that PID on older kernels);
 - ``org.varlink.service.GetInfo`` and ``GetInterfaceDescription`` are built in.
 
-Handlers run in the connection's task with :data:`machined.caller.current` set to the peer.
+Against hostile local users (the sockets are world-connectable; README, "Varlink server"):
+128 connections per user, 64 MiB of one user's unread input, no descriptors taken, fair
+turns of the event loop per user, and a call whose peer hangs up is cancelled at once.
+
+Handlers run in a task of their own with :data:`machined.caller.current` set to the peer;
+they are cancelled when the peer hangs up.
 """
 
 from __future__ import annotations
