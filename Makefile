@@ -92,4 +92,4 @@ BENCH_RUNS ?= 3
 bench: deps
 	$(BIN)/python bench/run.py --runs $(BENCH_RUNS)
 	@if [ -f bench/inside.py ]; then $(BIN)/python bench/inside.py --out bench/results/inside-latest.json; fi
-	$(BIN)/python bench/weight.py --later 70 --out bench/results/weight-latest.json
+	$(BIN)/python bench/weight.py --later 70 --machines 1000 --out bench/results/weight-latest.json

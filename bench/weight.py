@@ -8,7 +8,10 @@ status` and `systemd-cgls` show of the service) is counted, at each moment:
   address on each one's loopback), nothing asked yet;
 - right after the looks: GetMachineOSRelease and GetMachineAddresses of each container;
 - right after ``machinectl list`` (which asks both of every container);
-- with ``--later S``: S seconds later, nothing asked.
+- with ``--later S``: S seconds later, nothing asked;
+- with ``--machines N``: N more machines registered (VMs of ``sleep`` leaders, 32 CreateMachine
+  calls in flight), the registry at scale; the sandboxes' bus then allows 8,192 match rules per
+  connection (252's PID 1 spends one per machine, as in bench/run.py).
 
 Memory is given twice: the physical pages resident in any process of the cgroup counted once
 (from ``/proc/PID/pagemap``: unlike PSS it does not depend on what else runs on the machine),
@@ -96,13 +99,35 @@ async def main():
 asyncio.run(main())
 """
 
+CREATE = r"""
+import asyncio, os, sys
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+async def main():
+    n = int(sys.argv[1])
+    devnull = os.open("/dev/null", os.O_RDWR)
+    acts = [(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)]
+    leaders = [os.posix_spawn("/bin/sleep", ["sleep", "999997"], os.environ, file_actions=acts) for _ in range(n)]
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    slots = asyncio.Semaphore(32)
+    async def one(i):
+        async with slots:
+            r = await bus.call(Message(destination="org.freedesktop.machine1", path="/org/freedesktop/machine1",
+                interface="org.freedesktop.machine1.Manager", member="CreateMachine", signature="sayssusa(sv)",
+                body=[f"m{i}", b"", "", "vm", leaders[i], "", []]))
+            assert r.message_type == MessageType.METHOD_RETURN, r.body
+    await asyncio.gather(*(one(i) for i in range(n)))
+asyncio.run(main())
+"""
+
 MOMENTS = ["idle", "registered", "after looks", "after machinectl list"]
+RAISED = {"max_match_rules_per_connection": 8192}
 
 
-def measure(impl: str, containers: int, calls: int, later: float) -> dict[str, object]:
+def measure(impl: str, containers: int, calls: int, later: float, machines: int) -> dict[str, object]:
     svc = SERVICE[impl]
     out: dict[str, object] = {}
-    with Sandbox(impl) as sb:
+    with Sandbox(impl, bus_limits=RAISED if machines else None) as sb:
 
         def sh(script: str, timeout: float = 600) -> str:
             r = sb.run(["bash", "-c", BASH_FUNCTIONS + script], check=False, timeout=timeout)
@@ -139,6 +164,10 @@ done""")  # fmt: skip
             sh(f"sleep {later}", timeout=later + 60)
             out[f"{later:g} s later"] = weigh()
         out["latency_ms"] = json.loads(sb.run([sys.executable, "-c", LATENCY, str(containers), str(calls)]).stdout)
+        if machines:
+            sb.run([sys.executable, "-c", CREATE, str(machines)], timeout=1800)
+            sh("sleep 2")
+            out[f"{machines} machines more"] = weigh()
     return out
 
 
@@ -165,10 +194,12 @@ def main() -> None:
     parser.add_argument("--containers", type=int, default=20)
     parser.add_argument("--calls", type=int, default=40)
     parser.add_argument("--later", type=float, default=0.0)
+    parser.add_argument("--machines", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "weight-latest.json"))
     args = parser.parse_args()
-    results = {impl: measure(impl, args.containers, args.calls, args.later) for impl in ("real", "ours")}
+    results = {impl: measure(impl, args.containers, args.calls, args.later, args.machines) for impl in ("real", "ours")}
     moments = MOMENTS + ([f"{args.later:g} s later"] if args.later else [])
+    moments += [f"{args.machines} machines more"] if args.machines else []
     print(table(results, moments))
     meta = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "host": platform.node(),
             "containers": args.containers}  # fmt: skip
