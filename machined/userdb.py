@@ -71,6 +71,36 @@ def _check_252(params: dict[str, Any], fields: dict[str, str]) -> None:
             raise VarlinkError(*system_error_252(errno.EINVAL))
 
 
+def _check_262(params: dict[str, Any], fields: dict[str, str]) -> None:
+    """The parameters as 262's machined dispatches them, in their order, after the declaration
+    has been checked: a field it does not take (fuzzyNames, dispositionMask, …) is
+    InvalidParameter naming it, as is a UID/GID that is not a valid one as a JSON number, or a
+    user/group name that is null or no name at all (empty, all digits, ``.``/``..``, ``/``, ``:``,
+    control characters)."""
+    for key, value in params.items():
+        kind = fields.get(key)
+        if kind is None:
+            raise VarlinkError(errors.VL_INVALID_PARAMETER, {"parameter": key})
+        if kind == "id":  # (an integral real such as 1e3 is that integer to sd-json)
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            ok = value is None or (
+                isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 0xFFFFFFFF and value != 0xFFFF
+            )
+        elif kind == "name":
+            ok = isinstance(value, str) and _relaxed_name(value)
+        else:
+            ok = True  # (service: a string, as declared)
+        if not ok:
+            raise VarlinkError(errors.VL_INVALID_PARAMETER, {"parameter": key})
+
+
+def _relaxed_name(name: str) -> bool:
+    if name in ("", ".", "..") or name.isdigit():
+        return False
+    return not any(c in "/:" or ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+
+
 class UserDatabase:
     """Answers GetUserRecord / GetGroupRecord / GetMemberships from the registry."""
 
@@ -116,8 +146,10 @@ class UserDatabase:
         prefix = "vu-" if kind == "uid" else "vg-"
         if not personality.is_262():
             _check_252(params, {id_key: "id", name_key: "string", "service": "string"})
-        elif isinstance(params.get(id_key), float):  # (not an integer, or past 64 bits: sd-json's dispatch refuses it)
-            raise VarlinkError(errors.VL_INVALID_PARAMETER, {"parameter": id_key})
+        else:  # (an ID that is not an integer, or past 64 bits: sd-json's dispatch refuses it too)
+            _check_262(params, {id_key: "id", name_key: "name", "service": "string"})
+            if isinstance(params.get(id_key), float):
+                params = {**params, id_key: int(params[id_key])}
         if params.get("service") != SERVICE:
             raise UserDbError(BAD_SERVICE)
         wanted_id = params.get(id_key)
@@ -153,6 +185,8 @@ class UserDatabase:
     def get_memberships(self, params: dict[str, Any]) -> dict[str, Any]:
         if not personality.is_262():
             _check_252(params, {"userName": "string", "groupName": "string", "service": "string"})
+        else:
+            _check_262(params, {"userName": "name", "groupName": "name", "service": "string"})
         if params.get("service") != SERVICE:
             raise UserDbError(BAD_SERVICE)
         raise UserDbError(NO_RECORD)

@@ -187,6 +187,10 @@ class ExpectedMore(Exception):
 
 
 def _is_int(value: Any) -> bool:
+    """An ``int`` as sd-json takes one: a JSON integer, a real that is one (``1e3``) within 64 bits,
+    or a string (values past 2^53 often come as one)."""
+    if isinstance(value, float):
+        return value.is_integer() and -(2**63) <= value < 2**64
     return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
 
 

@@ -62,9 +62,12 @@ def varlink_authorizer(check: PolkitCheck | None, bus: Any, call: Call, rename: 
 
 
 def _int(value: Any) -> int | None:
-    """An ``int`` field's value (sd-json also takes a decimal string), None if it is none."""
+    """An ``int`` field's value (sd-json also takes a decimal string, and a real that is an
+    integer, ``1e3``), None if it is none."""
     if isinstance(value, bool):
         return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and -(2**63) <= value < 2**64 else None
     if isinstance(value, int):
         return value
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
@@ -359,10 +362,13 @@ class MachineVarlink:
             elif key == "ifIndices":
                 if not isinstance(value, list):
                     raise invalid_parameter(key)
-                for index in value:  # unsigned JSON numbers only, 1..INT_MAX
-                    if isinstance(index, bool) or not isinstance(index, int) or not 0 < index <= 0x7FFFFFFF:
+                netif = []
+                for index in value:  # unsigned JSON numbers only (1e0 too, not "1"), 1..INT_MAX
+                    number = None if isinstance(index, str) else _int(index)
+                    if number is None or not 0 < number <= 0x7FFFFFFF:
                         raise invalid_parameter(key)
-                out["netif"] = list(value)
+                    netif.append(number)
+                out["netif"] = netif
             elif key == "vSockCid":
                 cid = _uint64(value, strict=True)
                 if cid is None or cid in (0, 1, 2, VMADDR_CID_ANY) or cid > 0xFFFFFFFF:

@@ -168,6 +168,8 @@ def _int16(value: Any) -> int | None:
         return None
     if isinstance(value, str) and value.isdigit():
         value = int(value)
+    if isinstance(value, float) and value.is_integer():  # (1e0: an integer to sd-json)
+        value = int(value)
     if isinstance(value, int) and 0 <= value <= 0xFFFF:
         return value
     return None

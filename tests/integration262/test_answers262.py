@@ -55,8 +55,9 @@ def _mask_line(text: str) -> str:
 
 def _same(real262: Sandbox, ours262: Sandbox, script: str, timeout: int = 240, retry_on: str = "") -> str:
     """*script*'s masked output, the same from both daemons (else the test fails with the diff).
-    If it differs while *retry_on* shows in either (a resource other tests share), once more."""
-    for _attempt in (1, 2):
+    If it differs while *retry_on* shows in either (a resource other tests share and hold for a
+    while), it is run again, up to three times; still so, the test is skipped, saying why."""
+    for attempt in (1, 2, 3):
         outputs = []
         for sb in (real262, ours262):
             r = sb.run(["bash", "-c", PRELUDE + script], check=False, timeout=timeout)
@@ -64,6 +65,8 @@ def _same(real262: Sandbox, ours262: Sandbox, script: str, timeout: int = 240, r
         real, ours = outputs
         if ours == real or not retry_on or retry_on not in real + ours:
             break
+        if attempt == 3:
+            pytest.skip(f"{retry_on} in three runs (a resource shared with other tests was busy)")
     if ours != real:
         diff = "".join(difflib.unified_diff(real.splitlines(True), ours.splitlines(True), "real", "ours"))
         pytest.fail(f"outputs differ:\n{diff}")
@@ -99,6 +102,11 @@ vl Kill "{\"pid\":{\"pid\":$P,\"bootId\":\"BOOT1\"},\"signal\":18}"
 vl Kill "{\"pid\":{\"pid\":$P,\"pidfdId\":12345},\"signal\":18}"
 vl MapFrom "{\"pid\":{\"pid\":999999},\"uid\":0}"
 vl Open "{\"pid\":{\"pid\":999999},\"mode\":\"tty\"}"
+vl List "{\"pid\":{\"pid\":$P.0}}"
+vl List "{\"pid\":{\"pid\":$P.5}}"
+vl Kill "{\"name\":\"px1\",\"signal\":1.8e1}"
+vl Kill "{\"name\":\"px1\",\"signal\":18.5}"
+vl MapTo '{"uid":1e6}'
 vl Terminate "{\"pid\":{\"pid\":$P,\"bootId\":\"BOOT1\"}}"
 vl Unregister "{\"pid\":{\"pid\":$P,\"pidfdId\":12345}}"
 vl List "{\"pid\":{\"pid\":$P}}"
@@ -189,6 +197,8 @@ R 60 ',"vSockCid":0,"rootDirectory":"rel","leader":@P'
 R 61 ',"rootDirectory":"rel","vSockCid":0,"leader":@P'
 R 62 ',"vSockCid":0,"leader":999999'
 R 63 ',"leader":999999,"vSockCid":0'
+R 64 ',"leader":@P.0,"vSockCid":1e1,"ifIndices":[1e0]'
+R 65 ',"leader":@P,"ifIndices":[1.5]'
 i=70
 for f in id service rootDirectory ifIndices vSockCid sshAddress sshPrivateKeyPath controlAddress allocateUnit \
          supervisor supervisorProcessId leaderProcessId allowInteractiveAuthentication; do
@@ -440,19 +450,30 @@ def test_user_instance_cannot_look_inside_as_262(real262: Sandbox, ours262: Sand
 USERDB = r"""
 U=/run/systemd/userdb/io.systemd.Machine
 M='"service":"io.systemd.Machine"'
+ask() { echo "> $1 $2"; varlinkctl --json=short call $U io.systemd.UserDatabase.$1 "$2" 2>&1; echo "rc=$?"; }
 for m in GetUserRecord GetGroupRecord GetMemberships; do
   for p in "{}" "{$M}" "{$M,\"x\":1}" "{\"service\":5}" "{\"service\":\"x\"}" "{$M,\"userName\":5}" "{$M,\"groupName\":[]}" \
-           "{$M,\"uid\":0}" "{$M,\"uid\":1000000}" "{$M,\"userName\":\"vu-x-0\"}" "{$M,\"gid\":5}" "{$M,\"groupName\":\"vg-x-0\"}"; do
-    echo "> $m $p"; varlinkctl --json=short call $U io.systemd.UserDatabase.$m "$p" 2>&1; echo "rc=$?"
+           "{$M,\"uid\":0}" "{$M,\"uid\":1000000}" "{$M,\"userName\":\"vu-x-0\"}" "{$M,\"gid\":5}" "{$M,\"groupName\":\"vg-x-0\"}" \
+           "{$M,\"uid\":\"5\"}" "{$M,\"uid\":-1}" "{$M,\"fuzzyNames\":[\"x\"]}" "{$M,\"dispositionMask\":[\"container\"]}" \
+           "{$M,\"uidMin\":1,\"uidMax\":5}" "{$M,\"gidMin\":1}" "{$M,\"uuid\":\"x\"}" "{$M,\"userName\":null}" "{$M,\"groupName\":null}"; do
+    ask $m "$p"
   done
+done
+for n in "a/b" "a:b" "" "." ".." "1000" "a b" "-a" "a.b" "ä" "a\\tb" "$(printf 'a%.0s' $(seq 300))" "_x" "a@b"; do
+  ask GetUserRecord "{$M,\"userName\":\"$n\"}"; ask GetGroupRecord "{$M,\"groupName\":\"$n\"}"
+  ask GetMemberships "{$M,\"userName\":\"$n\"}"
+done
+for u in 65535 4294967295 4294967294 65534 1.5 1e3 18446744073709551615 18446744073709551616; do
+  ask GetUserRecord "{$M,\"uid\":$u}"; ask GetGroupRecord "{$M,\"gid\":$u}"
 done
 """
 
 
 def test_user_database_parameters_as_262(real262: Sandbox, ours262: Sandbox) -> None:
     """Under 262 the user database's calls are checked against its declaration first (missing
-    or mistyped service, unknown fields: InvalidParameter). Not yet as 262: the checks its
-    lookups make beyond the declaration (fuzzyNames, dispositionMask, uidMin/uidMax, uuid named
-    as unknown, a null or invalid user name, a UID given as a string or negative)."""
+    or mistyped service, unknown fields: InvalidParameter), then as machined dispatches them:
+    fields it does not take (fuzzyNames, dispositionMask, uidMin, uuid…), names that are none,
+    UIDs that are not valid ones as JSON numbers (1e3 is 1000)."""
     out = _same(real262, ours262, USERDB)
     assert out.count('{"parameter":"service"}') >= 6 and '{"parameter":"x"}' in out, out
+    assert '{"parameter":"fuzzyNames"}' in out and '{"parameter":"userName"}' in out, out
