@@ -11,9 +11,10 @@ copy-to`` and ``copy-from`` of a small file, ``machinectl bind``; and, in a seco
 booted container (``boot_container``), OpenMachineLogin and ``machinectl shell NAME
 /bin/true``. It prints the median
 of each, ours/real, and saves everything as JSON (``--out``, default
-bench/inside.json). The very first look (cold: ours starts its fork server and the
-container's helper then) has a row of its own; the memory of the daemon and of its
-children (fork server, spares, helpers: RSS, PSS, private) is printed at the end.
+bench/inside.json). The very first look (cold: the first call after the service started)
+has a row of its own; the memory of the daemon and of its children (the fork server and its
+spares, which the PTY, login, shell, copy and bind calls start: RSS, PSS, private) is printed
+at the end.
 
 Usage: .venv/bin/python bench/inside.py [--calls N] [--out FILE]
 A ratio below 1 means ours is faster.
