@@ -35,8 +35,8 @@ from machined.fs.libc import PR_SET_PDEATHSIG, prctl
 # root need not contain this project). The worker protocol comes first.
 PRELOAD = (
     "machined.worker",
-    "machined.nsprobe",
-    "machined.machine_ops",
+    "machined.inside.nsprobe",
+    "machined.inside.machine_ops",
     "machined.images.operations",
     "machined.images.metadata",
 )

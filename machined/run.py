@@ -64,7 +64,7 @@ _INT = struct.Struct("i")
 async def start(machine: Any, argv: list[str], user: str, environment: list[str], directory: str, detach: bool,
                 caller_pid: int) -> tuple[int, int]:  # fmt: skip
     """Start *argv* in *machine* (a container or ``.host``): (the runner's PID, the control socket)."""
-    from machined.inside import leader_pidfd
+    from machined.inside.looks import leader_pidfd
     from machined.worker import run_worker_with_fd
 
     kwargs: dict[str, Any] = {"argv": argv, "user": user, "environment": environment, "directory": directory,
@@ -90,7 +90,7 @@ def spawn(leader: int, leader_fd: int, fd_socket: int, host: bool, argv: list[st
           environment: list[str], directory: str, detach: bool) -> int:  # fmt: skip
     """Fork the runner; return its PID once it is ready in the machine (or raise its error);
     hand the daemon the caller's end of the control socket."""
-    from machined.nsprobe import open_leader_file
+    from machined.inside.nsprobe import open_leader_file
     from machined.worker import send_fd
 
     with os.fdopen(open_leader_file(leader, leader_fd, "cgroup", os.O_RDONLY), encoding="utf-8") as f:
@@ -282,7 +282,7 @@ def _runner(leader: int, leader_fd: int, host: bool, procs: list[str], argv: lis
 
 def _enter(leader: int, leader_fd: int) -> None:
     """Into the leader's namespaces and root, as root there (dumpable no more)."""
-    from machined.nsprobe import open_leader_file, setns
+    from machined.inside.nsprobe import open_leader_file, setns
 
     root = open_leader_file(leader, leader_fd, "root", os.O_RDONLY | os.O_DIRECTORY)
     try:

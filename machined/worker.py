@@ -24,7 +24,7 @@ the fork server (its children die with it), which is started again at the next
 operation.
 
 The fork server does not stand by: it is started by the first operation that
-needs a child (looks need none, see :mod:`machined.inside`) and, once no child of
+needs a child (looks need none, see :mod:`machined.inside.looks`) and, once no child of
 it is left, lingers :data:`FORKSERVER_LINGER` seconds for the next one (a shell
 right after a copy), then exits with its spares. While no operation runs, the
 daemon is the service's only process.

@@ -38,9 +38,10 @@ from typing import Any, Protocol
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from machined import caller, errors, sessions
+from machined import caller, errors
 from machined.clients.bus import call_bus_daemon, call_method
 from machined.errors import BusError
+from machined.inside import sessions
 from machined.limits import FairLimiter, Release
 from machined.naming import bus_label_escape, bus_label_unescape
 

@@ -12,13 +12,14 @@ from collections.abc import Awaitable
 from functools import partial
 from typing import Any
 
-from machined import lifecycle, machine_calls, personality
-from machined.access import MachineAccess
-from machined.addresses import Address
+from machined import lifecycle, personality
 from machined.clients.polkit import authorize
 from machined.dbus import machine262
 from machined.dbus.introspection import load_interface
 from machined.dbus.objects import BusObject, Call, FdReply, Handler, MarshalledBody, PropertyGetter
+from machined.inside import machine_calls
+from machined.inside.access import MachineAccess
+from machined.inside.addresses import Address
 from machined.machine import Machine
 from machined.manager import MachineManager, UnitProperty
 from machined.registration import RegistrationRequest, validate_registration

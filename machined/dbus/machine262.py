@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from machined import lifecycle, machine_calls
+from machined import lifecycle
 from machined.clients.polkit import authorize
 from machined.dbus.objects import Call, Handler
+from machined.inside import machine_calls
 from machined.machine import Machine
 from machined.manager import MachineManager, UnitProperty
 from machined.process import ProcessRef

@@ -8,10 +8,10 @@ machine.
 
 from __future__ import annotations
 
-from machined.access import MachineAccess
 from machined.dbus import adapters
 from machined.dbus.logcontrol import LogControl
 from machined.dbus.objects import LATER, BusObject, Call, Later
+from machined.inside.access import MachineAccess
 from machined.machine import Machine
 from machined.manager import MachineManager
 from machined.naming import (

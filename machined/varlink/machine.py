@@ -3,7 +3,7 @@ on ``/run/systemd/machine/io.systemd.Machine``.
 
 A thin front-end: each method turns its JSON parameters into the arguments of the same
 core calls the D-Bus adapters make (:mod:`machined.lifecycle`, :mod:`machined.manager`,
-:mod:`machined.access`), with 262's parameter checks (``InvalidParameter`` naming the
+:mod:`machined.inside.access`), with 262's parameter checks (``InvalidParameter`` naming the
 field), error names (``io.systemd.Machine.NoSuchMachine``…) and polkit subject (the peer's
 process). Machines are looked up by ``name`` or by ``pid`` (a ProcessId; 0 = the caller's
 machine), as 262 does for every method that takes a machine.
@@ -18,10 +18,11 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from machined import errors, idmap, lifecycle, machine_calls
-from machined.access import MachineAccess
+from machined import errors, idmap, lifecycle
 from machined.caller import Authorize
 from machined.errors import BusError
+from machined.inside import machine_calls
+from machined.inside.access import MachineAccess
 from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
 from machined.naming import HOST_MACHINE_NAME, hostname_is_valid, path_is_normalized_absolute, path_is_valid_absolute

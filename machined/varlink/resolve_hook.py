@@ -27,9 +27,9 @@ import struct
 from typing import Any
 
 from machined import errors
-from machined.access import MachineAccess
-from machined.addresses import Address
 from machined.errors import BusError
+from machined.inside.access import MachineAccess
+from machined.inside.addresses import Address
 from machined.machine import MachineClass
 from machined.manager import MachineManager
 from machined.varlink.idl import Interface, Method, Struct, TypeDef, opt, req

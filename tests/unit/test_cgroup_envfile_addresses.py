@@ -2,9 +2,9 @@
 
 import socket
 
-from machined.addresses import Address, sort_addresses
 from machined.cgroup import cgroup_path_get_unit, parse_proc_cgroup
 from machined.envfile import parse_env_file
+from machined.inside.addresses import Address, sort_addresses
 
 
 def test_unit_of_cgroup_path() -> None:

@@ -11,13 +11,16 @@ import sys
 import pytest
 
 CORE = [
-    "machined.manager", "machined.registry", "machined.machine", "machined.access", "machined.lifecycle",
+    "machined.manager", "machined.registry", "machined.machine", "machined.inside.access", "machined.lifecycle",
     "machined.images.pool", "machined.images.lock", "machined.images.metadata", "machined.images.operations",
     "machined.images.service", "machined.fs", "machined.fs.copy", "machined.worker", "machined.limits",
     "machined.caller", "machined.errors", "machined.statefile", "machined.naming", "machined.cgroup",
     "machined.registration", "machined.userdb",
     # the varlink front-end needs no D-Bus either (its polkit client is handed in by the daemon)
-    "machined.varlink", "machined.varlink.machine", "machined.varlink.image", "machined.machine_calls", "machined.shell",
+    "machined.varlink", "machined.varlink.machine", "machined.varlink.image",
+    # inside a machine: the looks and the calls both front-ends make on a machine's inside
+    "machined.inside.machine_calls", "machined.inside.shell", "machined.inside.looks", "machined.inside.lookthreads",
+    "machined.inside.addresses", "machined.inside.pty",
 ]  # fmt: skip
 
 
@@ -37,3 +40,21 @@ def test_the_dbus_front_end_does() -> None:
     code = "import sys, machined.dbus.adapters; print('dbus_fast' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
+
+
+# What runs in a child inside a container's mount namespace; the daemon's looks never load it.
+CHILD_SIDE = ["machined.inside.nsprobe", "machined.inside.machine_ops", "machined.inside.sessions"]
+
+
+@pytest.mark.parametrize("module", ["machined.inside.access", "machined.inside.looks", "machined.inside.machine_calls"])
+def test_the_looks_never_import_what_runs_in_children(module: str) -> None:
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m in {CHILD_SIDE!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"{module} imports {out.strip()}"
+
+
+def test_the_child_side_is_what_the_fork_server_preloads() -> None:
+    """The check can fail: the fork server loads the child side before it forks."""
+    from machined import forkserver
+
+    assert set(CHILD_SIDE) - {"machined.inside.sessions"} <= set(forkserver.PRELOAD)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from machined import nsprobe, worker
+from machined import worker
 from machined.errors import BusError
+from machined.inside import nsprobe
 from machined.worker import run_worker, run_worker_with_fd, send_fd
 
 REPO = Path(__file__).resolve().parents[2]
@@ -256,8 +257,8 @@ async def test_a_child_enters_a_namespace_through_the_pidfd() -> None:
 
 @needs_root
 async def test_looks_start_no_process_and_a_pty_comes_from_a_child() -> None:
-    from machined import inside
     from machined.envfile import read_os_release
+    from machined.inside import looks
     from machined.machine import Machine, MachineClass
     from machined.process import ProcessRef
 
@@ -271,22 +272,22 @@ async def test_looks_start_no_process_and_a_pty_comes_from_a_child() -> None:
                           leader_ref=ProcessRef.take(leader.pid))  # fmt: skip
         before = set(children_of(os.getpid()))
         server = worker.forkserver_pid()
-        assert await inside.container_os_release(machine) == read_os_release("/")
-        assert await inside.container_addresses(machine) == []  # only lo: host scope
-        root = await inside.open_root_directory(machine, 10)
+        assert await looks.container_os_release(machine) == read_os_release("/")
+        assert await looks.container_addresses(machine) == []  # only lo: host scope
+        root = await looks.open_root_directory(machine, 10)
         try:
             assert os.fstat(root).st_ino == os.stat(f"/proc/{leader.pid}/root").st_ino
         finally:
             os.close(root)
         assert set(children_of(os.getpid())) == before and worker.forkserver_pid() == server  # no process
-        master, path = await inside.open_pty(machine, 10)
+        master, path = await looks.open_pty(machine, 10)
         os.close(master)
         assert path.startswith("/dev/pts/")
         assert worker.forkserver_pid() is not None
         leader.kill()
         leader.wait()
         with pytest.raises(BusError) as e:
-            await inside.container_os_release(machine)
+            await looks.container_os_release(machine)
         assert e.value.name == "org.freedesktop.DBus.Error.UnixProcessIdUnknown"  # ESRCH
     finally:
         leader.kill()
@@ -348,9 +349,9 @@ async def test_addresses_of_a_container_and_of_the_host_as_ip_shows_them() -> No
     import ipaddress
     import socket
 
-    from machined import inside
-    from machined.access import MachineAccess
-    from machined.addresses import Address
+    from machined.inside import looks
+    from machined.inside.access import MachineAccess
+    from machined.inside.addresses import Address
     from machined.machine import Machine, MachineClass
     from machined.process import ProcessRef
 
@@ -373,7 +374,7 @@ async def test_addresses_of_a_container_and_of_the_host_as_ip_shows_them() -> No
         before = set(children_of(os.getpid()))
         own_ns = os.stat("/proc/self/ns/net").st_ino
         for _ in range(2):
-            got = await inside.container_addresses(container)
+            got = await looks.container_addresses(container)
             assert {(str(ipaddress.ip_address(a.address)), a.ifindex) for a in v4(got)} == _ip_addresses(*ns)
         assert [str(ipaddress.ip_address(a.address)) for a in got][0] == "192.0.2.7"
         assert os.stat("/proc/thread-self/ns/net").st_ino == own_ns  # the daemon's threads stay home

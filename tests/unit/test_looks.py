@@ -16,18 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from machined import inside, personality, worker
-from machined.addresses import read_addresses
+from machined import personality, worker
 from machined.errors import BusError, errno_error_name
-from machined.inside import OS_RELEASE_MAX, read_os_release_at
-from machined.lookthreads import LookThreads
+from machined.inside import looks
+from machined.inside.addresses import read_addresses
+from machined.inside.looks import OS_RELEASE_MAX, read_os_release_at
+from machined.inside.lookthreads import LookThreads
 
 
 @pytest.fixture(params=["openat2", "walk"])
 def root(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, int]]:
     """A tree with usr/lib/os-release; its paths resolved with openat2() or, as where a seccomp
     filter says ENOSYS to it, component by component."""
-    monkeypatch.setattr(inside, "_openat2", [request.param == "openat2"])
+    monkeypatch.setattr(looks, "_openat2", [request.param == "openat2"])
     (tmp_path / "etc").mkdir()
     (tmp_path / "usr/lib").mkdir(parents=True)
     (tmp_path / "usr/lib/os-release").write_text('ID=fallback\nNAME="Fallback"\n')

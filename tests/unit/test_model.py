@@ -50,8 +50,8 @@ def test_interfaces_have_252_signatures() -> None:
 
 
 def test_every_introspected_method_has_a_handler(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from machined.access import MachineAccess
     from machined.dbus import adapters
+    from machined.inside.access import MachineAccess
     from machined.manager import MachineManager
     from machined.statefile import StateDir
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from machined.addresses import Address
 from machined.errors import BusError
+from machined.inside.addresses import Address
 from machined.machine import Machine, MachineClass, Timestamp, host_machine
 from machined.manager import MachineManager
 from machined.statefile import StateDir

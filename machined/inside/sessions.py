@@ -14,7 +14,6 @@ from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
 from machined.clients.bus import call_method
-from machined.shell import LOGIN_SHELL_SCRIPT, shell_command  # noqa: F401  (where they used to be)
 
 
 def shell_properties(user: str, pty_path: str, path: str, argv: list[str], env: list[str]) -> list[list[Any]]:

@@ -2,7 +2,7 @@
 
 These functions run in a worker child (:mod:`machined.worker`): they join the
 container's mount namespace, which must never happen in the daemon itself, through
-the leader's pidfd (*leader_fd*, see :mod:`machined.nsprobe`).
+the leader's pidfd (*leader_fd*, see :mod:`machined.inside.nsprobe`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 from machined.errors import BusError, errno_error_name
 from machined.fs import libc
 from machined.fs.copy import CopyOptions, copy_tree_at
-from machined.nsprobe import CLONE_NEWNS, join_mount_namespace, open_leader_file, setns
+from machined.inside.nsprobe import CLONE_NEWNS, join_mount_namespace, open_leader_file, setns
 
 # ----- copying ----------------------------------------------------------------------------
 

@@ -3,8 +3,8 @@ terminals (PTY, login, shell), the root directory, copies and bind mounts.
 
 Free of D-Bus like :mod:`machined.manager`, whose registry and service-manager
 port it uses. Anything that must enter a container's namespaces runs in a
-worker child or the container's helper (:mod:`machined.inside`,
-:mod:`machined.nsprobe`, :mod:`machined.machine_ops`) under a deadline, and gets
+worker child or the container's helper (:mod:`machined.inside.looks`,
+:mod:`machined.inside.nsprobe`, :mod:`machined.inside.machine_ops`) under a deadline, and gets
 in through the leader's pidfd; long copies count against the shared limit of 64
 operations.
 """
@@ -14,10 +14,11 @@ from __future__ import annotations
 import errno
 import os
 
-from machined import errors, idmap, inside, pty
-from machined.addresses import Address
+from machined import errors, idmap
 from machined.envfile import read_os_release
 from machined.errors import BusError
+from machined.inside import looks, pty
+from machined.inside.addresses import Address
 from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
 from machined.worker import LIMITS_EXCEEDED, run_worker, run_worker_with_fd
@@ -41,7 +42,7 @@ class MachineAccess:
             return
         if machine.machine_class is not MachineClass.CONTAINER:
             raise BusError(errors.NOT_SUPPORTED, "Requesting IP address data is only supported on container machines.")
-        if inside.same_netns(machine.leader):
+        if looks.same_netns(machine.leader):
             raise BusError(errors.NO_PRIVATE_NETWORKING, f"Machine {machine.name} does not use private networking")
 
     def check_may_enter(self, machine: Machine, what: str) -> None:
@@ -55,8 +56,8 @@ class MachineAccess:
         self.check_addresses(machine)
         self.check_may_enter(machine, "addresses")
         if machine.is_host:
-            return await inside.host_addresses()
-        return await inside.container_addresses(machine)
+            return await looks.host_addresses()
+        return await looks.container_addresses(machine)
 
     def check_os_release(self, machine: Machine) -> None:
         """What GetOSRelease refuses without looking (a VM), raised at once."""
@@ -69,7 +70,7 @@ class MachineAccess:
         try:
             if machine.is_host:
                 return read_os_release("/")  # a small local file: quicker than a thread hop
-            return await inside.container_os_release(machine)
+            return await looks.container_os_release(machine)
         except FileNotFoundError:
             raise BusError(errors.FAILED, "Machine does not contain OS release information") from None
 
@@ -82,7 +83,7 @@ class MachineAccess:
             return 0
         if machine.machine_class is not MachineClass.CONTAINER:
             raise BusError(errors.NOT_SUPPORTED, "UID/GID shift may only be determined for container machines.")
-        shift = inside.uid_shift(machine.leader)
+        shift = looks.uid_shift(machine.leader)
         if shift is None:
             raise BusError(
                 errors.NOT_SUPPORTED, f"Machine {machine.name} uses a complex UID/GID mapping, cannot determine shift"
@@ -101,9 +102,9 @@ class MachineAccess:
     async def copy(self, machine: Machine, copy_from: bool, src: str, dest: str, replace: bool) -> None:
         shift = await self.uid_shift(machine)
         host_path, container_path = (dest, src) if copy_from else (src, dest)
-        with inside.leader_pidfd(machine) as leader_fd:
+        with looks.leader_pidfd(machine) as leader_fd:
             await self.manager.operations.run(
-                "machined.machine_ops:copy", "Too many ongoing copies.", fds={"leader_fd": leader_fd},
+                "machined.inside.machine_ops:copy", "Too many ongoing copies.", fds={"leader_fd": leader_fd},
                 leader=machine.leader, copy_from=copy_from, host_path=host_path,
                 container_path=container_path, uid_shift=shift, replace=replace,
             )  # fmt: skip
@@ -112,9 +113,9 @@ class MachineAccess:
         if await self.uid_shift(machine) != 0:
             raise BusError(errors.NOT_SUPPORTED, "Can't bind mount on container with user namespacing applied.")
         try:
-            with inside.leader_pidfd(machine) as leader_fd:
+            with looks.leader_pidfd(machine) as leader_fd:
                 await run_worker(
-                    "machined.machine_ops:bind_mount", SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
+                    "machined.inside.machine_ops:bind_mount", SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
                     leader=machine.leader, name=machine.name, source=src, destination=dest, read_only=read_only,
                     mkdir=mkdir,
                 )  # fmt: skip
@@ -166,7 +167,7 @@ class MachineAccess:
         self._require_host_or_container(machine)
         if machine.is_host:
             return pty.open_master()
-        return await inside.open_pty(machine, SESSION_TIMEOUT)
+        return await looks.open_pty(machine, SESSION_TIMEOUT)
 
     async def open_login(self, machine: Machine) -> tuple[int, str]:
         self._require_host_or_container(machine)
@@ -179,10 +180,10 @@ class MachineAccess:
                 os.close(master)
                 raise
             return master, path
-        with inside.leader_pidfd(machine) as leader_fd:
+        with looks.leader_pidfd(machine) as leader_fd:
             path, fd = await run_worker_with_fd(
-                "machined.nsprobe:open_login", SESSION_TIMEOUT, fds={"leader_fd": leader_fd}, leader=machine.leader,
-                name=machine.name,
+                "machined.inside.nsprobe:open_login", SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
+                leader=machine.leader, name=machine.name,
             )  # fmt: skip
         return fd, path
 
@@ -202,9 +203,9 @@ class MachineAccess:
                 os.close(master)
                 raise
             return master, pty_path
-        with inside.leader_pidfd(machine) as leader_fd:
+        with looks.leader_pidfd(machine) as leader_fd:
             pty_path, fd = await run_worker_with_fd(
-                "machined.nsprobe:open_shell", SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
+                "machined.inside.nsprobe:open_shell", SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
                 leader=machine.leader, name=machine.name, user=user, path=path, argv=argv, env=env,
             )  # fmt: skip
         return fd, pty_path
@@ -214,4 +215,4 @@ class MachineAccess:
             return os.open("/", os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
         if machine.machine_class is not MachineClass.CONTAINER:
             raise BusError(errors.NOT_SUPPORTED, "Opening the root directory is only supported on container machines.")
-        return await inside.open_root_directory(machine, SESSION_TIMEOUT)
+        return await looks.open_root_directory(machine, SESSION_TIMEOUT)

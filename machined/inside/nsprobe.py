@@ -1,8 +1,8 @@
 """Functions that work inside a container's mount namespace; each runs in a child of its own.
 
 Never in the daemon's own process, which never enters a container's mount namespace
-(the looks that need no child are :mod:`machined.inside`'s). A PTY, a login, a shell
-(and, in :mod:`machined.machine_ops`, copies and binds) enter in a child started for
+(the looks that need no child are :mod:`machined.inside.looks`'s). A PTY, a login, a shell
+(and, in :mod:`machined.inside.machine_ops`, copies and binds) enter in a child started for
 them, which exits afterwards.
 
 Every entry goes through the leader's pidfd, which the daemon pinned at
@@ -28,10 +28,10 @@ from typing import Any
 # Everything is imported before entering a container: its root need not contain this project.
 from dbus_fast import Message
 
-from machined import pty, sessions
 from machined.errors import BusError, errno_error_name
 from machined.fs.libc import CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUSER, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, prctl, setns
-from machined.inside import pidfd_pid
+from machined.inside import pty, sessions
+from machined.inside.looks import pidfd_pid
 from machined.worker import send_fd
 
 SIGKILL = 9

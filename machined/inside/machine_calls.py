@@ -1,5 +1,5 @@
 """Calls on a machine's inside that both front-ends make, in upstream's order: check the
-arguments, have the caller authorized, act through :class:`~machined.access.MachineAccess`.
+arguments, have the caller authorized, act through :class:`~machined.inside.access.MachineAccess`.
 
 Terminals (a PTY, a login prompt, a shell), the root directory, bind mounts and copies.
 Transport-neutral like :mod:`machined.lifecycle`: the caller is authorized through an
@@ -12,13 +12,13 @@ from __future__ import annotations
 import errno
 
 from machined import errors
-from machined.access import MachineAccess
 from machined.caller import Authorize
 from machined.envfile import env_is_valid
 from machined.errors import BusError
+from machined.inside.access import MachineAccess
+from machined.inside.shell import shell_command
 from machined.machine import Machine, MachineClass
 from machined.naming import path_is_normalized_absolute
-from machined.shell import shell_command
 
 
 async def open_pty(access: MachineAccess, machine: Machine, authorize: Authorize) -> tuple[int, str]:

@@ -15,17 +15,17 @@ namespace:
 - addresses: a short-lived thread joins only the leader's network namespace (``setns()`` on
   its pidfd, which one thread of a threaded process may do), creates a NETLINK_ROUTE socket
   there, and goes back; the socket stays in the container's namespace, and the daemon dumps
-  the addresses on it (:func:`machined.addresses.read_addresses`). ``.host``'s are dumped on
+  the addresses on it (:func:`machined.inside.addresses.read_addresses`). ``.host``'s are dumped on
   a socket of the daemon's own namespace;
 - the root directory (OpenMachineRootDirectory): ``/proc/LEADER/root`` opened as a directory
   (as upstream's child opens ``/`` inside: read-only), checked after opening as above;
 - the UID shift: ``/proc/LEADER/{uid,gid}_map``.
 
 Whatever may block (a FUSE file whose server is stopped, a hung file system) runs in one
-of a few threads under a deadline (:mod:`machined.lookthreads`): only its caller gets an
+of a few threads under a deadline (:mod:`machined.inside.lookthreads`): only its caller gets an
 error, never the event loop and never another caller. Only a PTY needs the container's
-devpts from inside: it is opened by a child (:func:`machined.nsprobe.open_pty`) started
-for it, as login, shell, copies and binds are (:mod:`machined.access`).
+devpts from inside: it is opened by a child (:func:`machined.inside.nsprobe.open_pty`) started
+for it, as login, shell, copies and binds are (:mod:`machined.inside.access`).
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from machined import personality
-from machined.addresses import Address, netlink_socket, read_addresses
 from machined.envfile import parse_env_file
 from machined.errors import FAILED, BusError
 from machined.fs import libc
-from machined.lookthreads import threads
+from machined.inside.addresses import Address, netlink_socket, read_addresses
+from machined.inside.lookthreads import threads
 from machined.machine import Machine
 from machined.process import start_time
 
@@ -357,7 +357,7 @@ async def open_pty(machine: Machine, timeout: float) -> tuple[int, str]:
 
     with leader_pidfd(machine) as leader_fd:
         path, fd = await run_worker_with_fd(
-            "machined.nsprobe:open_pty", timeout, fds={"leader_fd": leader_fd}, leader=machine.leader
+            "machined.inside.nsprobe:open_pty", timeout, fds={"leader_fd": leader_fd}, leader=machine.leader
         )
     return fd, str(path)
 
