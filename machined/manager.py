@@ -29,6 +29,7 @@ from machined.cgroup import (
     cgroup_path_get_user_unit_full,
     pid_cgroup,
 )
+from machined.children.client import Operations
 from machined.errors import BusError
 from machined.events import NEW, REMOVED, Event, Events, Subscriber
 from machined.machine import Machine, MachineClass, Timestamp
@@ -37,7 +38,6 @@ from machined.process import ProcessRef
 from machined.registration import KillWho, RegistrationRequest
 from machined.registry import Registry
 from machined.statefile import StateDir
-from machined.worker import Operations
 
 log = logging.getLogger(__name__)
 

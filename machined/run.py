@@ -1,7 +1,7 @@
 """Run a command in a machine without a terminal (``machined run``; io.machined.Machine.Run).
 
 The daemon holds nothing for the command and never waits for it. It asks a child of the fork
-server (:func:`machined.worker.run_worker_with_fd`, target :func:`spawn`) to start a *runner*
+server (:func:`machined.children.client.run_worker_with_fd`, job ``RUN_SPAWN``: :func:`spawn`) to start a *runner*
 and hands the caller one end of a ``SOCK_SEQPACKET`` socket pair, the runner holding the
 other (the *control* socket). The runner, a process of its own (it outlives the job child):
 
@@ -64,21 +64,22 @@ _INT = struct.Struct("i")
 async def start(machine: Any, argv: list[str], user: str, environment: list[str], directory: str, detach: bool,
                 caller_pid: int) -> tuple[int, int]:  # fmt: skip
     """Start *argv* in *machine* (a container or ``.host``): (the runner's PID, the control socket)."""
+    from machined.children import jobs
+    from machined.children.client import run_worker_with_fd
     from machined.inside.looks import leader_pidfd
-    from machined.worker import run_worker_with_fd
 
     kwargs: dict[str, Any] = {"argv": argv, "user": user, "environment": environment, "directory": directory,
                               "detach": detach}  # fmt: skip
     if machine.is_host:
         fd = os.pidfd_open(caller_pid)
         try:
-            result, control = await run_worker_with_fd("machined.run:spawn", SPAWN_TIMEOUT, {"leader_fd": fd},
+            result, control = await run_worker_with_fd(jobs.RUN_SPAWN, SPAWN_TIMEOUT, {"leader_fd": fd},
                                                        leader=caller_pid, host=True, **kwargs)  # fmt: skip
         finally:
             os.close(fd)
     else:
         with leader_pidfd(machine) as fd:
-            result, control = await run_worker_with_fd("machined.run:spawn", SPAWN_TIMEOUT, {"leader_fd": fd},
+            result, control = await run_worker_with_fd(jobs.RUN_SPAWN, SPAWN_TIMEOUT, {"leader_fd": fd},
                                                        leader=machine.leader, host=False, **kwargs)  # fmt: skip
     return int(result), control
 
@@ -90,8 +91,8 @@ def spawn(leader: int, leader_fd: int, fd_socket: int, host: bool, argv: list[st
           environment: list[str], directory: str, detach: bool) -> int:  # fmt: skip
     """Fork the runner; return its PID once it is ready in the machine (or raise its error);
     hand the daemon the caller's end of the control socket."""
+    from machined.children.wire import send_fd
     from machined.inside.nsprobe import open_leader_file
-    from machined.worker import send_fd
 
     with os.fdopen(open_leader_file(leader, leader_fd, "cgroup", os.O_RDONLY), encoding="utf-8") as f:
         procs = cgroup_procs_files(f.read(), _cgroup_mounts())

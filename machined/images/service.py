@@ -4,7 +4,7 @@ Each checks its arguments, has the caller authorized (the adapter passes an
 :data:`Authorize` that asks polkit) and does the work off the event loop, in
 upstream's order and with its errors. Where the work runs:
 
-- in a worker child, at most 64 at once with the machines' copies (``Operations``,
+- in a child (:mod:`machined.children`), at most 64 at once with the machines' copies (``Operations``,
   then ``LimitsExceeded``): Remove, Clone and CleanPool (long; no deadline, as
   upstream), and the metadata of disk images (systemd-dissect needs loop devices
   and mounts; with a deadline);
@@ -21,11 +21,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from machined import errors, personality
+from machined.children import jobs
+from machined.children.client import Operations
 from machined.errors import BusError
 from machined.images import metadata, pool
 from machined.images import operations as ops
 from machined.images.pool import Image
-from machined.worker import LIMITS_EXCEEDED, Operations
+from machined.limits import LIMITS_EXCEEDED
 
 # (polkit action id without its prefix, details) → returns if the caller may, raises if not.
 Authorize = Callable[[str, dict[str, str]], Awaitable[None]]
@@ -35,9 +37,6 @@ UINT64_MAX = pool.UINT64_MAX
 # Reading a disk image's metadata dissects it in a child; a wedged image costs its caller this long.
 METADATA_TIMEOUT = 20.0
 CLEAN_MODES = ("all", "hidden")
-
-_OPS = "machined.images.operations:"
-_READ_METADATA = "machined.images.metadata:read_metadata_in_child"
 
 
 def check_name(name: str) -> None:
@@ -93,7 +92,7 @@ class ImageService:
     async def remove(self, img: Image, authorize: Authorize) -> None:
         self._check_operation_slot()
         await authorize("manage-images", {"image": img.name, "verb": "remove"})
-        await self.operations.run(_OPS + "remove_in_child", image=img.fields(), v262=personality.is_262())
+        await self.operations.run(jobs.REMOVE_IMAGE, image=img.fields(), v262=personality.is_262())
 
     async def rename(self, img: Image, new_name: str, authorize: Authorize) -> Image:
         """Rename *img*; the image as renamed (what a following change applies to)."""
@@ -105,7 +104,7 @@ class ImageService:
         self._check_operation_slot()
         check_name(new_name)
         await authorize("manage-images", {"image": img.name, "verb": "clone", "new_name": new_name})
-        await self.operations.run(_OPS + "clone_in_child", image=img.fields(), new_name=new_name,
+        await self.operations.run(jobs.CLONE_IMAGE, image=img.fields(), new_name=new_name,
                                   read_only=read_only, v262=personality.is_262())  # fmt: skip
 
     async def mark_read_only(self, img: Image, read_only: bool, authorize: Authorize) -> None:
@@ -129,7 +128,7 @@ class ImageService:
         if mode not in CLEAN_MODES:
             raise BusError(errors.INVALID_ARGS, f"Unknown mode '{mode}'.")
         await authorize("manage-machines", {"verb": "clean_pool", "mode": mode})
-        removed = await self.operations.run(_OPS + "clean_pool", mode=mode, v262=personality.is_262())
+        removed = await self.operations.run(jobs.CLEAN_POOL, mode=mode, v262=personality.is_262())
         return [(name, size) for name, size in removed]
 
     # ----- reading -----------------------------------------------------------------------
@@ -142,7 +141,7 @@ class ImageService:
                 raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
             if img.is_tree:
                 return await asyncio.to_thread(metadata.read_metadata, img)
-            read: dict[str, Any] = await self.operations.run(_READ_METADATA, timeout=METADATA_TIMEOUT, shared=True,
+            read: dict[str, Any] = await self.operations.run(jobs.READ_METADATA, timeout=METADATA_TIMEOUT, shared=True,
                                                              image=img.fields())  # fmt: skip
             return read
         except OSError as e:

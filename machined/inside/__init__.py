@@ -5,6 +5,6 @@ reads them itself through the leader it pinned by pidfd (``looks``), blocking re
 threads under deadlines (``lookthreads``), addresses from one rtnetlink dump (``addresses``).
 What needs the container's mount namespace (a PTY from its devpts, login, shell, copies,
 binds) runs in a child started for it (``nsprobe``, ``machine_ops``, ``pty``, ``sessions``,
-``shell``; children come from :mod:`machined.worker`). ``access`` is the one entry the
+``shell``; children come from :mod:`machined.children`). ``access`` is the one entry the
 front-ends use, ``machine_calls`` the calls both make on a machine's inside.
 """

@@ -3,8 +3,8 @@ terminals (PTY, login, shell), the root directory, copies and bind mounts.
 
 Free of D-Bus like :mod:`machined.manager`, whose registry and service-manager
 port it uses. Anything that must enter a container's namespaces runs in a
-worker child or the container's helper (:mod:`machined.inside.looks`,
-:mod:`machined.inside.nsprobe`, :mod:`machined.inside.machine_ops`) under a deadline, and gets
+child (:mod:`machined.children`; :mod:`machined.inside.nsprobe`, :mod:`machined.inside.machine_ops`)
+under a deadline (the looks need none: :mod:`machined.inside.looks`), and gets
 in through the leader's pidfd; long copies count against the shared limit of 64
 operations.
 """
@@ -15,13 +15,15 @@ import errno
 import os
 
 from machined import errors, idmap
+from machined.children import jobs
+from machined.children.client import run_worker, run_worker_with_fd
 from machined.envfile import read_os_release
 from machined.errors import BusError
 from machined.inside import looks, pty
 from machined.inside.addresses import Address
+from machined.limits import LIMITS_EXCEEDED
 from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
-from machined.worker import LIMITS_EXCEEDED, run_worker, run_worker_with_fd
 
 # How long a container may take to answer for a PTY, login, shell or mount before its caller gets an error.
 SESSION_TIMEOUT = 20.0
@@ -104,7 +106,7 @@ class MachineAccess:
         host_path, container_path = (dest, src) if copy_from else (src, dest)
         with looks.leader_pidfd(machine) as leader_fd:
             await self.manager.operations.run(
-                "machined.inside.machine_ops:copy", "Too many ongoing copies.", fds={"leader_fd": leader_fd},
+                jobs.COPY, "Too many ongoing copies.", fds={"leader_fd": leader_fd},
                 leader=machine.leader, copy_from=copy_from, host_path=host_path,
                 container_path=container_path, uid_shift=shift, replace=replace,
             )  # fmt: skip
@@ -115,7 +117,7 @@ class MachineAccess:
         try:
             with looks.leader_pidfd(machine) as leader_fd:
                 await run_worker(
-                    "machined.inside.machine_ops:bind_mount", SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
+                    jobs.BIND_MOUNT, SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
                     leader=machine.leader, name=machine.name, source=src, destination=dest, read_only=read_only,
                     mkdir=mkdir,
                 )  # fmt: skip
@@ -182,7 +184,7 @@ class MachineAccess:
             return master, path
         with looks.leader_pidfd(machine) as leader_fd:
             path, fd = await run_worker_with_fd(
-                "machined.inside.nsprobe:open_login", SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
+                jobs.OPEN_LOGIN, SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
                 leader=machine.leader, name=machine.name,
             )  # fmt: skip
         return fd, path
@@ -205,7 +207,7 @@ class MachineAccess:
             return master, pty_path
         with looks.leader_pidfd(machine) as leader_fd:
             pty_path, fd = await run_worker_with_fd(
-                "machined.inside.nsprobe:open_shell", SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
+                jobs.OPEN_SHELL, SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
                 leader=machine.leader, name=machine.name, user=user, path=path, argv=argv, env=env,
             )  # fmt: skip
         return fd, pty_path

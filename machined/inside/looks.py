@@ -353,12 +353,11 @@ async def open_root_directory(machine: Machine, timeout: float) -> int:
 async def open_pty(machine: Machine, timeout: float) -> tuple[int, str]:
     """A PTY master allocated inside the container (its devpts), and its slave's path there:
     by a child started for it."""
-    from machined.worker import run_worker_with_fd
+    from machined.children import jobs
+    from machined.children.client import run_worker_with_fd
 
     with leader_pidfd(machine) as leader_fd:
-        path, fd = await run_worker_with_fd(
-            "machined.inside.nsprobe:open_pty", timeout, fds={"leader_fd": leader_fd}, leader=machine.leader
-        )
+        path, fd = await run_worker_with_fd(jobs.OPEN_PTY, timeout, fds={"leader_fd": leader_fd}, leader=machine.leader)
     return fd, str(path)
 
 

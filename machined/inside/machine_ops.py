@@ -1,6 +1,6 @@
 """Copying files into and out of a container, and bind mounting host paths into it.
 
-These functions run in a worker child (:mod:`machined.worker`): they join the
+These functions run in a worker child (:mod:`machined.children`): they join the
 container's mount namespace, which must never happen in the daemon itself, through
 the leader's pidfd (*leader_fd*, see :mod:`machined.inside.nsprobe`).
 """

@@ -28,11 +28,11 @@ from typing import Any
 # Everything is imported before entering a container: its root need not contain this project.
 from dbus_fast import Message
 
+from machined.children.wire import send_fd
 from machined.errors import BusError, errno_error_name
 from machined.fs.libc import CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUSER, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, prctl, setns
 from machined.inside import pty, sessions
 from machined.inside.looks import pidfd_pid
-from machined.worker import send_fd
 
 SIGKILL = 9
 
@@ -293,7 +293,7 @@ def open_shell(leader: int, leader_fd: int, fd_socket: int, name: str, user: str
 
 
 def rehearse() -> None:
-    """In a spare, before its job comes (see :func:`machined.worker.rehearse`): build the
+    """In a spare, before its job comes (see :func:`machined.children.child.rehearse`): build the
     messages of a login and parse a reply, without effect."""
     hello = Message(destination=DBUS, path=DBUS_PATH, interface=DBUS, member="Hello", serial=1)._marshall(True)
     Message(destination="org.freedesktop.systemd1", path="/org/freedesktop/systemd1",

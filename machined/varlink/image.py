@@ -16,9 +16,9 @@ from machined.errors import BusError
 from machined.images import pool
 from machined.images.pool import Image
 from machined.images.service import INT64_MAX, UINT64_MAX, ImageService
+from machined.limits import LIMITS_EXCEEDED
 from machined.manager import MachineManager
 from machined.varlink.server import Call, VarlinkError, invalid_parameter
-from machined.worker import LIMITS_EXCEEDED
 
 IFACE = "io.systemd.MachineImage."
 NO_SUCH_IMAGE = IFACE + "NoSuchImage"

@@ -23,6 +23,7 @@ from machined.caller import Authorize
 from machined.errors import BusError
 from machined.inside import machine_calls
 from machined.inside.access import MachineAccess
+from machined.limits import LIMITS_EXCEEDED
 from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
 from machined.naming import HOST_MACHINE_NAME, hostname_is_valid, path_is_normalized_absolute, path_is_valid_absolute
@@ -30,7 +31,6 @@ from machined.process import ProcessRef
 from machined.registration import SIGNAL_MAX, validate_registration, vsock_cid_is_regular
 from machined.varlink.interfaces import IO_SYSTEMD_MACHINE, IO_SYSTEMD_SERVICE, PRODUCT, URL, VENDOR
 from machined.varlink.server import Call, Reply, Service, VarlinkError, invalid_parameter
-from machined.worker import LIMITS_EXCEEDED
 
 log = logging.getLogger(__name__)
 

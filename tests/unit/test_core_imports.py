@@ -13,7 +13,7 @@ import pytest
 CORE = [
     "machined.manager", "machined.registry", "machined.machine", "machined.inside.access", "machined.lifecycle",
     "machined.images.pool", "machined.images.lock", "machined.images.metadata", "machined.images.operations",
-    "machined.images.service", "machined.fs", "machined.fs.copy", "machined.worker", "machined.limits",
+    "machined.images.service", "machined.fs", "machined.fs.copy", "machined.children.client", "machined.children.jobs", "machined.limits",
     "machined.caller", "machined.errors", "machined.statefile", "machined.naming", "machined.cgroup",
     "machined.registration", "machined.userdb",
     # the varlink front-end needs no D-Bus either (its polkit client is handed in by the daemon)
@@ -55,6 +55,24 @@ def test_the_looks_never_import_what_runs_in_children(module: str) -> None:
 
 def test_the_child_side_is_what_the_fork_server_preloads() -> None:
     """The check can fail: the fork server loads the child side before it forks."""
-    from machined import forkserver
+    from machined.children import forkserver
 
     assert set(CHILD_SIDE) - {"machined.inside.sessions"} <= set(forkserver.PRELOAD)
+
+
+def test_every_job_names_a_function_that_exists() -> None:
+    """A job moved or renamed fails here, not in a child at run time."""
+    import importlib
+
+    from machined.children import jobs
+
+    for job in jobs.ALL:
+        assert callable(getattr(importlib.import_module(job.module), job.function, None)), job.target
+    assert len({job.target for job in jobs.ALL}) == len(jobs.ALL)
+
+
+def test_the_daemon_side_of_the_fork_never_imports_the_child_side() -> None:
+    code = "import sys, machined.children.client; print(sorted(m for m in sys.modules if m.startswith('machined.children')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(["machined.children", "machined.children.client", "machined.children.jobs",
+                               "machined.children.wire"])  # fmt: skip

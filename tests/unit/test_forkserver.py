@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from machined import worker
+from machined.children import client
+from machined.children.client import run_worker, run_worker_with_fd
+from machined.children.jobs import PING, Job
+from machined.children.wire import send_fd
 from machined.errors import BusError
 from machined.inside import nsprobe
-from machined.worker import run_worker, run_worker_with_fd, send_fd
 
 REPO = Path(__file__).resolve().parents[2]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
@@ -82,23 +84,23 @@ async def wait_for_file(path: Path) -> int:
 
 
 async def test_children_come_from_the_fork_server_which_keeps_spares() -> None:
-    assert await run_worker("tests.unit.test_forkserver:parent") == worker.forkserver_pid()
-    server = worker.forkserver_pid()
+    assert await run_worker(Job("tests.unit.test_forkserver", "parent")) == client.forkserver_pid()
+    server = client.forkserver_pid()
     assert server is not None and state_and_name(server)[1] == "machined-fork"
     for _ in range(200):  # spares are asked for as they are taken
-        if len(worker._server.stock) == worker.SPARES:
+        if len(client._server.stock) == client.SPARES:
             break
         await asyncio.sleep(0.01)
     names = [state_and_name(p)[1] for p in children_of(server)]
-    assert names.count("machined-spare") == worker.SPARES
+    assert names.count("machined-spare") == client.SPARES
 
 
 async def test_a_dead_fork_server_fails_its_children_and_is_started_again(tmp_path: Path) -> None:
-    await run_worker("os:getpid")
-    first = worker.forkserver_pid()
+    await run_worker(PING)
+    first = client.forkserver_pid()
     assert first is not None
     job = asyncio.ensure_future(
-        run_worker("tests.unit.test_forkserver:pid_then_nap", 30, path=str(tmp_path / "pid"), seconds=30)
+        run_worker(Job("tests.unit.test_forkserver", "pid_then_nap"), 30, path=str(tmp_path / "pid"), seconds=30)
     )
     child = os.pidfd_open(await wait_for_file(tmp_path / "pid"))
     try:
@@ -109,12 +111,12 @@ async def test_a_dead_fork_server_fails_its_children_and_is_started_again(tmp_pa
         assert exited(child, 5), "the child outlived its fork server"
     finally:
         os.close(child)
-    assert await run_worker("tests.unit.test_forkserver:parent") == worker.forkserver_pid() != first
+    assert await run_worker(Job("tests.unit.test_forkserver", "parent")) == client.forkserver_pid() != first
 
 
 async def test_the_deadline_kills_the_child_and_nothing_is_left(tmp_path: Path) -> None:
     job = asyncio.ensure_future(
-        run_worker("tests.unit.test_forkserver:pid_then_nap", 1.0, path=str(tmp_path / "pid"), seconds=30)
+        run_worker(Job("tests.unit.test_forkserver", "pid_then_nap"), 1.0, path=str(tmp_path / "pid"), seconds=30)
     )
     pid = await wait_for_file(tmp_path / "pid")
     child = os.pidfd_open(pid)
@@ -131,10 +133,10 @@ async def test_the_deadline_kills_the_child_and_nothing_is_left(tmp_path: Path) 
         await asyncio.sleep(0.01)
     assert state_and_name(pid)[0] == "gone"
     for _ in range(200):
-        if worker.children.running == 0:
+        if client.children.running == 0:
             break
         await asyncio.sleep(0.01)
-    assert worker.children.running == 0  # its slot came back
+    assert client.children.running == 0  # its slot came back
 
 
 async def test_fds_go_both_ways(tmp_path: Path) -> None:
@@ -144,7 +146,7 @@ async def test_fds_go_both_ways(tmp_path: Path) -> None:
     os.close(w)
     try:
         result, fd = await run_worker_with_fd(
-            "tests.unit.test_forkserver:read_and_hand_back", 10, fds={"source": r}, path=str(tmp_path / "f")
+            Job("tests.unit.test_forkserver", "read_and_hand_back"), 10, fds={"source": r}, path=str(tmp_path / "f")
         )
     finally:
         os.close(r)  # the caller's own: the worker passed a copy
@@ -155,10 +157,10 @@ async def test_fds_go_both_ways(tmp_path: Path) -> None:
 
 
 async def test_no_zombies_after_many_children(tmp_path: Path) -> None:
-    await asyncio.gather(*(run_worker("os:getpid") for _ in range(20)))
+    await asyncio.gather(*(run_worker(PING) for _ in range(20)))
     with pytest.raises(BusError):
-        await run_worker("tests.unit.test_forkserver:pid_then_nap", 0.3, path=str(tmp_path / "p"), seconds=30)
-    server = worker.forkserver_pid()
+        await run_worker(Job("tests.unit.test_forkserver", "pid_then_nap"), 0.3, path=str(tmp_path / "p"), seconds=30)
+    server = client.forkserver_pid()
     assert server is not None
     for _ in range(300):
         kids = [state_and_name(p) for p in children_of(server)]
@@ -166,15 +168,15 @@ async def test_no_zombies_after_many_children(tmp_path: Path) -> None:
             break
         await asyncio.sleep(0.01)
     assert all(state != "Z" and name == "machined-spare" for state, name in kids), kids
-    assert len(kids) <= worker.SPARES + 1
+    assert len(kids) <= client.SPARES + 1
 
 
 async def test_the_exec_path_when_the_fork_server_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    broken = worker._ForkServer()
+    broken = client._ForkServer()
     broken.failed_at = time.monotonic()  # just failed: the exec path serves for a while
-    monkeypatch.setattr(worker, "_server", broken)
-    assert await run_worker("tests.unit.test_forkserver:parent") == os.getpid()
-    (result, fd) = await run_worker_with_fd("tests.unit.test_forkserver:read_and_hand_back", 30,
+    monkeypatch.setattr(client, "_server", broken)
+    assert await run_worker(Job("tests.unit.test_forkserver", "parent")) == os.getpid()
+    (result, fd) = await run_worker_with_fd(Job("tests.unit.test_forkserver", "read_and_hand_back"), 30,
                                             fds={"source": os.open("/dev/null", os.O_RDONLY)}, path="/dev/null")  # fmt: skip
     os.close(fd)
     assert result == ""
@@ -183,11 +185,11 @@ async def test_the_exec_path_when_the_fork_server_cannot_start(monkeypatch: pyte
 def test_the_fork_server_and_its_children_go_with_the_daemon() -> None:
     script = (
         "import asyncio, os\n"
-        "from machined import worker\n"
+        "from machined.children import client, jobs\n"
         "async def main():\n"
-        "    await worker.run_worker('os:getpid')\n"
+        "    await client.run_worker(jobs.PING)\n"
         "    await asyncio.sleep(0.5)\n"  # spares come
-        "    print(worker.forkserver_pid(), flush=True)\n"
+        "    print(client.forkserver_pid(), flush=True)\n"
         "    os._exit(0)\n"
         "asyncio.run(main())\n"
     )
@@ -205,19 +207,19 @@ async def test_the_fork_server_lingers_then_goes_with_its_spares(monkeypatch: py
     """It does not stand by: once its last child has exited it stays FORKSERVER_LINGER seconds
     (an operation meanwhile keeps it), then it and its spares exit; the next operation starts
     another."""
-    monkeypatch.setattr(worker, "FORKSERVER_LINGER", 0.5)
-    assert await run_worker("tests.unit.test_forkserver:parent") == worker.forkserver_pid()
-    first = worker.forkserver_pid()
+    monkeypatch.setattr(client, "FORKSERVER_LINGER", 0.5)
+    assert await run_worker(Job("tests.unit.test_forkserver", "parent")) == client.forkserver_pid()
+    first = client.forkserver_pid()
     assert first is not None
     await asyncio.sleep(0.3)
-    assert await run_worker("tests.unit.test_forkserver:parent") == first  # still there: re-armed
+    assert await run_worker(Job("tests.unit.test_forkserver", "parent")) == first  # still there: re-armed
     await asyncio.sleep(0.3)
-    assert worker.forkserver_pid() == first
+    assert client.forkserver_pid() == first
     spares = children_of(first)
     pidfds = [os.pidfd_open(p) for p in [first, *spares]]
     try:
         for _ in range(300):  # (the event loop must run for the timer to fire)
-            if worker.forkserver_pid() is None:
+            if client.forkserver_pid() is None:
                 break
             await asyncio.sleep(0.01)
         for pidfd in pidfds:
@@ -225,13 +227,13 @@ async def test_the_fork_server_lingers_then_goes_with_its_spares(monkeypatch: py
     finally:
         for pidfd in pidfds:
             os.close(pidfd)
-    assert worker.forkserver_pid() is None
+    assert client.forkserver_pid() is None
     for _ in range(200):  # reaped
         if state_and_name(first)[0] == "gone":
             break
         await asyncio.sleep(0.01)
     assert state_and_name(first)[0] == "gone"
-    assert await run_worker("tests.unit.test_forkserver:parent") == worker.forkserver_pid() != first
+    assert await run_worker(Job("tests.unit.test_forkserver", "parent")) == client.forkserver_pid() != first
 
 
 @needs_root
@@ -246,7 +248,9 @@ async def test_a_child_enters_a_namespace_through_the_pidfd() -> None:
         theirs = os.stat(f"/proc/{leader.pid}/ns/net").st_ino
         pidfd = os.pidfd_open(leader.pid)
         try:
-            ns = await run_worker("tests.unit.test_forkserver:net_namespace_through", 10, fds={"leader_fd": pidfd})
+            ns = await run_worker(
+                Job("tests.unit.test_forkserver", "net_namespace_through"), 10, fds={"leader_fd": pidfd}
+            )
         finally:
             os.close(pidfd)
         assert ns == theirs != own
@@ -271,7 +275,7 @@ async def test_looks_start_no_process_and_a_pty_comes_from_a_child() -> None:
         machine = Machine(name="t", machine_class=MachineClass.CONTAINER, leader=leader.pid,
                           leader_ref=ProcessRef.take(leader.pid))  # fmt: skip
         before = set(children_of(os.getpid()))
-        server = worker.forkserver_pid()
+        server = client.forkserver_pid()
         assert await looks.container_os_release(machine) == read_os_release("/")
         assert await looks.container_addresses(machine) == []  # only lo: host scope
         root = await looks.open_root_directory(machine, 10)
@@ -279,11 +283,11 @@ async def test_looks_start_no_process_and_a_pty_comes_from_a_child() -> None:
             assert os.fstat(root).st_ino == os.stat(f"/proc/{leader.pid}/root").st_ino
         finally:
             os.close(root)
-        assert set(children_of(os.getpid())) == before and worker.forkserver_pid() == server  # no process
+        assert set(children_of(os.getpid())) == before and client.forkserver_pid() == server  # no process
         master, path = await looks.open_pty(machine, 10)
         os.close(master)
         assert path.startswith("/dev/pts/")
-        assert worker.forkserver_pid() is not None
+        assert client.forkserver_pid() is not None
         leader.kill()
         leader.wait()
         with pytest.raises(BusError) as e:

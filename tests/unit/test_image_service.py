@@ -12,6 +12,9 @@ import pytest
 from dbus_fast import Message
 
 from machined import errors
+from machined.children import jobs
+from machined.children.client import Operations
+from machined.children.jobs import Job
 from machined.dbus import images as bus_images
 from machined.dbus.introspection import load_interface
 from machined.dbus.objects import BusObject, Call, Dispatcher
@@ -19,7 +22,7 @@ from machined.errors import BusError
 from machined.images import metadata, pool, service
 from machined.images.pool import Image
 from machined.images.service import METADATA_TIMEOUT, ImageService
-from machined.worker import LIMITS_EXCEEDED, Operations
+from machined.limits import LIMITS_EXCEEDED
 
 MANAGER_IFACE = "org.freedesktop.machine1.Manager"
 
@@ -29,13 +32,13 @@ class RecordingOperations(Operations):
 
     def __init__(self, limit: int = 64) -> None:
         super().__init__(limit)
-        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.calls: list[tuple[Job, dict[str, Any]]] = []
         self.result: Any = None
 
-    async def run(self, target: str, limit_message: str = "Too many ongoing operations.", **kwargs: Any) -> Any:
+    async def run(self, job: Job, limit_message: str = "Too many ongoing operations.", **kwargs: Any) -> Any:
         if self.running >= self.limit:
             raise BusError(LIMITS_EXCEEDED, limit_message)
-        self.calls.append((target, kwargs))
+        self.calls.append((job, kwargs))
         return self.result
 
 
@@ -73,7 +76,7 @@ def test_clone_checks_the_cap_then_the_name_then_asks_polkit() -> None:
     run(svc.clone(IMG, "copy", True, polkit))
     assert polkit.asked == [("manage-images", {"image": "img", "verb": "clone", "new_name": "copy"})]
     target, kwargs = ops.calls[0]
-    assert target == "machined.images.operations:clone_in_child"
+    assert target == jobs.CLONE_IMAGE
     assert Image(**kwargs["image"]) == IMG and kwargs["new_name"] == "copy" and kwargs["read_only"] is True
 
 
@@ -118,7 +121,7 @@ def test_disk_image_metadata_is_an_operation_with_a_deadline() -> None:
     svc = ImageService(ops)
     assert run(svc.metadata(RAW))["hostname"] == "h"
     target, kwargs = ops.calls[0]
-    assert target == "machined.images.metadata:read_metadata_in_child"
+    assert target == jobs.READ_METADATA
     assert kwargs["timeout"] == METADATA_TIMEOUT and Image(**kwargs["image"]) == RAW
     ops.running = ops.limit
     with pytest.raises(BusError) as e:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from machined.children import jobs
+from machined.children.client import run_worker
 from machined.fs import attrs, libc
 from machined.images import lock, metadata, operations, pool
 from machined.images.lock import LockFile, image_name_lock, image_path_lock
 from machined.images.pool import Image, image_name_is_valid
-from machined.worker import run_worker
 
 
 @pytest.mark.parametrize(
@@ -344,7 +345,7 @@ def test_rename_noreplace(tmp_path: Path) -> None:
 
 def test_worker_reports_errno_of_an_operation() -> None:
     with pytest.raises(OSError) as e:
-        asyncio.run(run_worker("machined.images.operations:remove_in_child", image=pool.host_image().fields()))
+        asyncio.run(run_worker(jobs.REMOVE_IMAGE, image=pool.host_image().fields()))
     assert e.value.errno == errno.EROFS
 
 

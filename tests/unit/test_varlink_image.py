@@ -76,7 +76,7 @@ async def test_update_clone_remove(images) -> None:  # type: ignore[no-untyped-d
     assert await client.one(IFACE + "Clone", {"name": "img2"}) == invalid("newName")  # mandatory
     assert await client.one(IFACE + "Clone", {"name": "img2", "newName": "img3", "readOnly": True}) == {}
     assert await client.one(IFACE + "Remove", {"name": "img2"}) == {}
-    assert [(target.rsplit(":", 1)[1], kwargs.get("new_name")) for target, kwargs in ops.calls] == [
+    assert [(job.function, kwargs.get("new_name")) for job, kwargs in ops.calls] == [
         ("clone_in_child", "img3"),
         ("remove_in_child", None),
     ]

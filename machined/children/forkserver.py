@@ -1,9 +1,9 @@
 """The fork server: one single-threaded process that forks a child per operation.
 
 The daemon starts it at an operation that needs a child, and lets it go once it has been
-without children for a few seconds (``python -m machined.forkserver FD``,
-FD one end of a SOCK_SEQPACKET socketpair; see :mod:`machined.worker`). It imports
-what the operations need once, says ``ready``, and then waits. It holds no event
+without children for a few seconds (``python -m machined.children.forkserver FD``,
+FD one end of a SOCK_SEQPACKET socketpair; see :mod:`machined.children`). It imports
+what the jobs need once, says ``ready``, and then waits. It holds no event
 loop, no bus connection and no thread, so forking it is safe.
 
 For each ``spare`` message it forks a child, a *spare*, with one end of a new
@@ -13,7 +13,7 @@ not fork). The daemon asks for spares ahead of time, so that an operation waits
 for no fork: it writes its request (and the request's fds) straight to a spare.
 A child closes what is the server's, asks for SIGKILL when the server dies
 (PR_SET_PDEATHSIG), waits for its request and runs it once with
-:func:`machined.worker.serve_job`, then exits. The server reaps each child as soon
+:func:`machined.children.child.serve_job`, then exits. The server reaps each child as soon
 as the child's pidfd turns readable. When the control socket closes (the daemon
 is gone), it kills its children and exits.
 """
@@ -29,12 +29,15 @@ import signal
 import socket
 import sys
 
+from machined.children.child import serve_job, set_name
+from machined.children.wire import close_all, send_with_fds
 from machined.fs.libc import PR_SET_PDEATHSIG, prctl
 
-# What the children run, imported once here (before any child enters a container, whose
-# root need not contain this project). The worker protocol comes first.
+# What the children run (the modules of machined.children.jobs), imported once here (before
+# any child enters a container, whose root need not contain this project). The child's side
+# of the protocol comes first.
 PRELOAD = (
-    "machined.worker",
+    "machined.children.child",
     "machined.inside.nsprobe",
     "machined.inside.machine_ops",
     "machined.images.operations",
@@ -48,9 +51,6 @@ CHILD_NAME = b"machined-job"  # running one
 
 class Server:
     def __init__(self, ctl: socket.socket) -> None:
-        from machined import worker
-
-        self.worker = worker
         self.ctl = ctl
         self.pid = os.getpid()
         self.children: dict[int, int] = {}  # pidfd -> pid
@@ -105,9 +105,9 @@ class Server:
             try:
                 ours.close()
                 if self._leave_server():
-                    self.worker.set_name(SPARE_NAME)
+                    set_name(SPARE_NAME)
                     self._rehearse()
-                    self.worker.serve_job(theirs.detach(), lambda: self.worker.set_name(CHILD_NAME))
+                    serve_job(theirs.detach(), lambda: set_name(CHILD_NAME))
                     code = 0
             finally:
                 os._exit(code)
@@ -128,14 +128,14 @@ class Server:
     def _leave_server(self) -> bool:
         """In a new child: drop what is the server's; False if the server died meanwhile."""
         self.ctl.close()
-        self.worker._close_all(self.children)
+        close_all(self.children)
         os.dup2(self.devnull, 2)
         os.close(self.devnull)
         prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
         return os.getppid() == self.pid
 
     def _rehearse(self) -> None:
-        """What jobs run, run once without effect (see :func:`machined.worker.rehearse`)."""
+        """What jobs run, run once without effect (see :func:`machined.children.child.rehearse`)."""
         for name in PRELOAD:
             rehearse = getattr(sys.modules.get(name), "rehearse", None)
             if rehearse is not None:
@@ -146,7 +146,7 @@ class Server:
 
     def _answer(self, message: dict[str, int | None], fds: list[int] | None = None) -> None:
         try:
-            self.worker._send_with_fds(self.ctl, json.dumps(message).encode(), fds or [])
+            send_with_fds(self.ctl, json.dumps(message).encode(), fds or [])
         except OSError:
             pass  # the daemon is gone: the next read says so
 
@@ -169,13 +169,12 @@ class Server:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m machined.forkserver FD", file=sys.stderr)
+        print("usage: python -m machined.children.forkserver FD", file=sys.stderr)
         return 2
     ctl = socket.socket(fileno=int(argv[0]))
-    import machined.lean  # noqa: F401  (as the daemon: no OpenSSL, some 5 MiB less to fork)
-    from machined import worker  # the first of PRELOAD
+    import machined.lean  # noqa: F401  (before the jobs' modules: no OpenSSL, some 5 MiB less to fork)
 
-    worker.set_name(NAME)
+    set_name(NAME)
     for module in PRELOAD:
         try:
             importlib.import_module(module)

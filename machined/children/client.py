@@ -1,45 +1,6 @@
-"""Run functions in child processes, with deadlines; the daemon never enters a namespace itself.
+"""The daemon's side of the fork: children for jobs, under limits and deadlines.
 
-Work that enters another namespace (setns affects a whole thread, and the daemon
-is threaded), or that takes long (copies, image removal), runs in a child. The
-children come from a fork server (:mod:`machined.forkserver`): one
-single-threaded process, started at first use, that has imported what the
-operations need. It forks children ahead of time, *spares* that wait for a job,
-and hands each to the daemon as a pidfd and one end of a stream socketpair, the
-child's *job socket*; the daemon keeps a few in stock and asks for more as it
-takes them. So an operation pays neither for a new interpreter nor for a fork,
-and its request goes straight to its child. If the fork server cannot start,
-the same protocol runs in ``python -m machined.worker --job FD`` instead (an
-interpreter per call).
-
-On the job socket the daemon writes the request ``{"target": "MODULE:FUNCTION",
-"kwargs": {...}, "names": [...], ...}`` with fds attached (a leader's pidfd, …,
-passed to the function as keyword arguments under *names*) and shuts its side
-down. The child calls the function, may hand fds back (:func:`send_fd`), writes
-``{"result": ...}`` or ``{"errno": N, "message": ...}`` or ``{"error": NAME,
-"message": ...}`` and exits. Through the child's pidfd the daemon kills it when
-the deadline passes or the caller goes away, and learns when it has exited. A
-child that dies or hangs costs only its caller an error; so does the death of
-the fork server (its children die with it), which is started again at the next
-operation.
-
-The fork server does not stand by: it is started by the first operation that
-needs a child (looks need none, see :mod:`machined.inside.looks`) and, once no child of
-it is left, lingers :data:`FORKSERVER_LINGER` seconds for the next one (a shell
-right after a copy), then exits with its spares. While no operation runs, the
-daemon is the service's only process.
-
-Every child, and every request to a helper, counts against one limit,
-:data:`children` (64 at once, served root first and round-robin across users;
-one unprivileged user runs at most 4 at once and queues at most 64 more, then
-gets ``LimitsExceeded``). A child's slot is given back when the child has
-exited. Children serving unprivileged users run at a lower CPU priority, so
-that a flood never slows the daemon itself. Identical read-only probes in
-flight at the same time share one child. A deadline covers the wait for a slot
-too.
-
-:class:`Operations` caps how many long-running children run at once (64, as
-upstream's ``OPERATIONS_MAX``) and refuses more at once, as upstream does.
+See :mod:`machined.children` for the whole; :mod:`machined.children.child` is the other side.
 """
 
 from __future__ import annotations
@@ -48,7 +9,6 @@ import array
 import asyncio
 import contextlib
 import errno
-import importlib
 import json
 import logging
 import os
@@ -62,6 +22,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from machined import caller, errors
+from machined.children.jobs import Job
+from machined.children.wire import ANCBUF, close_all, fds_from, request
 from machined.errors import BusError
 from machined.limits import LIMITS_EXCEEDED, FairLimiter
 
@@ -71,7 +33,6 @@ CHILDREN_PER_USER = 4
 CHILDREN_QUEUE_MAX = 64
 UNPRIVILEGED_NICENESS = 10
 OUTPUT_MAX = 16 << 20  # bytes a child may answer with
-FDS_MAX = 16  # fds one message may carry
 FORKSERVER_START_TIMEOUT = 30.0
 FORKSERVER_RETRY = 5.0  # after a failed start, calls take the exec path this long before the next try
 SPARES = 2  # children the fork server forks ahead, each waiting for a job
@@ -80,8 +41,7 @@ FORKSERVER_LINGER = 5.0  # seconds the fork server stays once its last child has
 DIED = "Child died abnormally."
 
 __all__ = [
-    "LIMITS_EXCEEDED", "Operations", "children", "forkserver_pid", "run_worker", "run_worker_with_fd", "send_fd",
-    "serve_job",
+    "LIMITS_EXCEEDED", "Operations", "children", "forkserver_pid", "run_worker", "run_worker_with_fd",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -91,43 +51,6 @@ children = FairLimiter(
 )
 _shared: dict[str, asyncio.Future[Any]] = {}
 _live: set[Child] = set()  # children not yet known to be gone
-
-_ANCBUF = socket.CMSG_SPACE(FDS_MAX * array.array("i").itemsize)
-
-
-# ----- fds over unix sockets ---------------------------------------------------------------
-
-
-def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            got = array.array("i")
-            got.frombytes(data[: len(data) - len(data) % got.itemsize])
-            fds.extend(got)
-    return fds
-
-
-def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    sock.sendmsg([data], ancillary)
-
-
-def _close_all(fds: Any) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def send_fd(fd_socket: int, fd: int) -> None:
-    """In a child: hand *fd* to the daemon (see :func:`run_worker_with_fd`)."""
-    sock = socket.socket(fileno=os.dup(fd_socket))
-    try:
-        _send_with_fds(sock, b"\0", [fd])  # one NUL per fd; the outcome follows
-    finally:
-        sock.close()
 
 
 # ----- the daemon's side ---------------------------------------------------------------------
@@ -156,12 +79,12 @@ class _Reader:
     def _readable(self) -> None:
         while True:
             try:
-                data, ancdata, flags, _ = self.sock.recvmsg(1 << 16, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+                data, ancdata, flags, _ = self.sock.recvmsg(1 << 16, ANCBUF, socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # e.g. ECONNRESET: the child went away without reading the request
                 data, ancdata, flags = b"", [], 0
-            self.fds.extend(_fds_from(ancdata))
+            self.fds.extend(fds_from(ancdata))
             if data and not flags & socket.MSG_CTRUNC and len(self.data) + len(data) <= OUTPUT_MAX:
                 self.data += data
                 continue
@@ -192,7 +115,7 @@ class _Reader:
         self.stop()
         if not self.future.done() and not self.loop.is_closed():
             self.future.cancel()
-        _close_all(self.take_fds())
+        close_all(self.take_fds())
 
 
 class Child:
@@ -296,7 +219,7 @@ _Spare = tuple[int, int, socket.socket]  # pid, pidfd, our end of its job socket
 
 
 class _ForkServer:
-    """The daemon's end of :mod:`machined.forkserver`, started at first use.
+    """The daemon's end of :mod:`machined.children.forkserver`, started at first use.
 
     The server forks *spares*, children waiting for a job, and hands each to the daemon
     (its pidfd and the daemon's end of its job socket). The daemon keeps :data:`SPARES`
@@ -348,7 +271,7 @@ class _ForkServer:
         try:
             try:
                 popen = subprocess.Popen(  # noqa: ASYNC220 (vfork and exec: no wait on the child)
-                    [sys.executable, "-m", "machined.forkserver", str(theirs.fileno())],
+                    [sys.executable, "-m", "machined.children.forkserver", str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 )  # fmt: skip
             finally:
@@ -492,14 +415,14 @@ class _ForkServer:
     def _control(self) -> None:
         while self.ctl is not None:
             try:
-                data, ancdata, _, _ = self.ctl.recvmsg(4096, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+                data, ancdata, _, _ = self.ctl.recvmsg(4096, ANCBUF, socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 data, ancdata = b"", []
-            fds = _fds_from(ancdata)
+            fds = fds_from(ancdata)
             if not data:
-                _close_all(fds)
+                close_all(fds)
                 self._died()
                 return
             try:
@@ -507,13 +430,13 @@ class _ForkServer:
                 pid = int(message.get("pid", 0))
                 code = int(message.get("errno", 0))
             except (ValueError, TypeError, AttributeError):
-                _close_all(fds)
+                close_all(fds)
                 continue
             self.asked = max(self.asked - 1, 0)
             if pid and len(fds) == 2:
                 self._give((pid, fds[0], socket.socket(fileno=fds[1])))
                 continue
-            _close_all(fds)
+            close_all(fds)
             while self.waiting:  # it could not fork: one waiting caller learns why
                 waiter = self.waiting.popleft()
                 if not waiter.done():
@@ -594,7 +517,7 @@ def _spawn() -> Child:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "machined.worker", "--job", str(theirs.fileno())],
+            [sys.executable, "-m", "machined.children.child", "--job", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -638,14 +561,6 @@ async def _start_child(request: bytes, fds: list[int]) -> Child:
     raise AssertionError("unreachable")
 
 
-def _request(target: str, kwargs: Mapping[str, Any], names: list[str], nice: int = 0,
-             fd_socket: bool = False) -> bytes:  # fmt: skip
-    """A child's request; its fds come with it, in the order of *names*."""
-    return json.dumps(
-        {"target": target, "kwargs": dict(kwargs), "names": names, "nice": nice, "fd_socket": fd_socket}
-    ).encode()
-
-
 def _decode(data: bytes) -> Any:
     """A child's outcome: its result, or its error raised."""
     try:
@@ -668,19 +583,19 @@ def _own(fds: Mapping[str, int] | None) -> dict[str, int]:
     return {name: os.dup(fd) for name, fd in (fds or {}).items()}
 
 
-async def run_worker_with_fd(target: str, timeout: float | None = None, fds: Mapping[str, int] | None = None,
+async def run_worker_with_fd(job: Job, timeout: float | None = None, fds: Mapping[str, int] | None = None,
                              **kwargs: Any) -> tuple[Any, int]:  # fmt: skip
     """Like :func:`run_worker`; the function gets ``fd_socket`` and sends one fd back over it."""
-    result, got = await _run_limited(target, timeout, _own(fds), kwargs, True)
+    result, got = await _run_limited(job, timeout, _own(fds), kwargs, True)
     if not got:
         raise BusError(errors.FAILED, "Child failed.")
-    _close_all(got[1:])
+    close_all(got[1:])
     return result, got[0]
 
 
-async def run_worker(target: str, timeout: float | None = None, fds: Mapping[str, int] | None = None,
+async def run_worker(job: Job, timeout: float | None = None, fds: Mapping[str, int] | None = None,
                      shared: bool = False, **kwargs: Any) -> Any:  # fmt: skip
-    """Call ``MODULE:FUNCTION(**kwargs)`` in a child; return its result or raise its error.
+    """Run *job* (``function(**kwargs)``) in a child; return its result or raise its error.
 
     *fds* (name → fd) are passed to the function as keyword arguments, as its own fds;
     they are copied at once, the caller keeps its own. With *shared*, a call identical to
@@ -688,11 +603,11 @@ async def run_worker(target: str, timeout: float | None = None, fds: Mapping[str
     (for read-only probes without fds).
     """
     if not shared or fds:
-        result, got = await _run_limited(target, timeout, _own(fds), kwargs, False)
-        _close_all(got)
+        result, got = await _run_limited(job, timeout, _own(fds), kwargs, False)
+        close_all(got)
         return result
-    key = target + json.dumps(kwargs, sort_keys=True)
-    return await _coalesced(key, lambda: _run_limited(target, timeout, {}, kwargs, False))
+    key = job.target + json.dumps(kwargs, sort_keys=True)
+    return await _coalesced(key, lambda: _run_limited(job, timeout, {}, kwargs, False))
 
 
 async def _coalesced(key: str, start: Callable[[], Any]) -> Any:
@@ -708,7 +623,7 @@ async def _coalesced(key: str, start: Callable[[], Any]) -> Any:
 
         future.add_done_callback(forget)
     result, got = await asyncio.shield(future)
-    _close_all(got)  # none: calls that hand fds back are never shared
+    close_all(got)  # none: calls that hand fds back are never shared
     return result
 
 
@@ -723,18 +638,18 @@ async def _deadline(work: Awaitable[_T], timeout: float | None) -> _T:
         raise BusError.from_errno(errno.ETIMEDOUT, "Timed out waiting for the child process") from None
 
 
-async def _run_limited(target: str, timeout: float | None, fds: dict[str, int], kwargs: dict[str, Any],
+async def _run_limited(job: Job, timeout: float | None, fds: dict[str, int], kwargs: dict[str, Any],
                        want_fd: bool) -> tuple[Any, list[int]]:  # fmt: skip
     """Run one child under the limit and the deadline; *fds* are ours (closed here)."""
     try:
         user = await caller.current_uid()
         nice = UNPRIVILEGED_NICENESS if user not in (None, 0) else 0
-        request = _request(target, kwargs, list(fds), nice, want_fd)
+        message = request(job.target, kwargs, list(fds), nice, want_fd)
 
         async def run() -> tuple[Any, list[int]]:
             release = await children.acquire(user, of_caller=False)
             try:
-                child = await _start_child(request, list(fds.values()))
+                child = await _start_child(message, list(fds.values()))
             except BaseException:
                 release()
                 raise
@@ -751,12 +666,12 @@ async def _run_limited(target: str, timeout: float | None, fds: dict[str, int], 
             try:
                 return _decode(data), got
             except BaseException:
-                _close_all(got)
+                close_all(got)
                 raise
 
         return await _deadline(run(), timeout)
     finally:
-        _close_all(fds.values())
+        close_all(fds.values())
 
 
 class Operations:
@@ -766,101 +681,14 @@ class Operations:
         self.limit = limit
         self.running = 0
 
-    async def run(self, target: str, limit_message: str = "Too many ongoing operations.", **kwargs: Any) -> Any:
+    async def run(self, job: Job, limit_message: str = "Too many ongoing operations.", **kwargs: Any) -> Any:
         if self.running >= self.limit:
             raise BusError(LIMITS_EXCEEDED, limit_message)
         self.running += 1
         try:
-            return await run_worker(target, **kwargs)
+            return await run_worker(job, **kwargs)
         finally:
             self.running -= 1
 
 
 # ----- the child's side ----------------------------------------------------------------------
-
-
-def set_name(name: bytes) -> None:
-    """This process's name (comm, as ps shows it); for children."""
-    from machined.fs.libc import PR_SET_NAME, prctl
-
-    prctl(PR_SET_NAME, name)
-
-
-def _outcome(func: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return {"result": func(**kwargs)}
-    except BusError as e:
-        return {"error": e.name, "message": e.message}
-    except OSError as e:
-        return {"errno": e.errno or errno.EIO, "message": e.strerror or str(e)}
-
-
-def _target(target: str) -> Callable[..., Any]:
-    module_name, _, func_name = target.partition(":")
-    return getattr(importlib.import_module(module_name), func_name)  # type: ignore[no-any-return]
-
-
-def rehearse() -> None:
-    """In a spare, before its job comes: run what every job runs, without effect.
-
-    A spare shares its memory with the fork server until it writes to it, and Python
-    writes to every object it uses (reference counts): the copies of those pages are
-    made now, while the spare waits, rather than while its caller does.
-    """
-    request = json.loads(_request("os:getpid", {"a": 1, "b": "c", "l": [1]}, ["x"]))
-    json.dumps(_outcome(_target(request["target"]), {}))
-    a, b = socket.socketpair()
-    a.setblocking(True)
-    _fds_from([])
-    a.close()
-    b.close()
-
-
-def serve_job(job_fd: int, on_request: Callable[[], None] | None = None) -> None:
-    """In a child: read the request (and its fds) from the job socket, run it, write the outcome.
-
-    *on_request* is called once the request has come (a spare waits for it).
-    """
-    sock = socket.socket(fileno=job_fd)
-    sock.setblocking(True)
-    chunks, fds = [], []
-    while True:
-        data, ancdata, _, _ = sock.recvmsg(1 << 16, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
-        fds.extend(_fds_from(ancdata))
-        if not data:
-            break
-        chunks.append(data)
-    if not chunks:
-        return  # the daemon let go of this spare
-    if on_request is not None:
-        on_request()
-    request = json.loads(b"".join(chunks))
-    if request.get("nice"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, int(request["nice"]))
-        except OSError:
-            pass
-    kwargs = dict(request.get("kwargs") or {})
-    names = request.get("names") or []
-    if len(names) != len(fds):
-        raise OSError(errno.EBADF, "fds lost on the way")
-    kwargs.update(zip(names, fds, strict=True))
-    if request.get("fd_socket"):
-        kwargs["fd_socket"] = job_fd
-    outcome = _outcome(_target(request["target"]), kwargs)
-    sock.sendall(json.dumps(outcome).encode())
-    sock.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The exec path: ``python -m machined.worker --job FD``."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] != "--job":
-        print("usage: python -m machined.worker --job FD", file=sys.stderr)
-        return 2
-    serve_job(int(argv[1]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
