@@ -24,6 +24,8 @@ import ctypes
 import logging
 import os
 
+from machined.fs.libc import libc
+
 log = logging.getLogger(__name__)
 
 UNIFIED = "unified"
@@ -103,14 +105,13 @@ def layout_from_fs_types(root: int | None, unified: int | None, systemd: int | N
     raise CgroupLayoutError(f"unknown file system type {root:#x} mounted on /sys/fs/cgroup")
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _STATFS_SIZE = 256  # struct statfs is 120 bytes on 64-bit Linux; room to spare
 
 
 def fs_type(path: str) -> int | None:
     """statfs(*path*).f_type, or None if *path* does not exist."""
     buf = ctypes.create_string_buffer(_STATFS_SIZE)
-    if _libc.statfs(os.fsencode(path), buf) != 0:
+    if libc.statfs(os.fsencode(path), buf) != 0:
         code = ctypes.get_errno()
         if code in (2, 20):  # ENOENT, ENOTDIR
             return None

@@ -7,7 +7,6 @@ from machined import lean  # noqa: F401  (first: asyncio and dbus-fast without O
 # isort: split
 import argparse
 import asyncio
-import ctypes
 import logging
 import os
 import socket
@@ -84,7 +83,8 @@ def return_large_buffers_to_the_system() -> None:
     for good; a fixed threshold keeps the daemon near its idle size after large calls.
     """
     try:
-        libc = ctypes.CDLL(None)
+        from machined.fs.libc import libc
+
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return  # not glibc

@@ -77,9 +77,9 @@ def return_free_memory() -> None:
     much of what it allocated (imports, state files read back, interface XML parsed), but glibc
     keeps free pages below the top of its heap. About 1.5 MiB at idle."""
     try:
-        import ctypes
+        from machined.fs.libc import libc
 
-        ctypes.CDLL(None).malloc_trim(0)
+        libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
 

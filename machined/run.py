@@ -283,6 +283,7 @@ def _runner(leader: int, leader_fd: int, host: bool, procs: list[str], argv: lis
 
 def _enter(leader: int, leader_fd: int) -> None:
     """Into the leader's namespaces and root, as root there (dumpable no more)."""
+    from machined.fs.libc import libc
     from machined.inside.nsprobe import open_leader_file, setns
 
     root = open_leader_file(leader, leader_fd, "root", os.O_RDONLY | os.O_DIRECTORY)
@@ -296,9 +297,7 @@ def _enter(leader: int, leader_fd: int) -> None:
             finally:
                 os.close(ns)
         setns(leader_fd, flags)
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
         os.fchdir(root)
         os.chroot(".")
         os.chdir("/")
