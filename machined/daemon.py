@@ -322,10 +322,10 @@ class Daemon:
         """Export metrics if asked to; prometheus_client is imported only then."""
         if self.metrics_listen is None and not self.metrics_textfile:
             return
-        from machined.children import client
+        from machined.children import limits
         from machined.metrics import Metrics
 
-        self.metrics = Metrics(self.manager, client.children, known_methods())
+        self.metrics = Metrics(self.manager, limits.children, known_methods())
         try:
             if self.metrics_listen is not None:
                 host, port = self.metrics_listen

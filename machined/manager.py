@@ -29,7 +29,7 @@ from machined.cgroup import (
     cgroup_path_get_user_unit_full,
     pid_cgroup,
 )
-from machined.children.client import Operations
+from machined.children.limits import Operations
 from machined.errors import BusError
 from machined.events import NEW, REMOVED, Event, Events, Subscriber
 from machined.machine import Machine, MachineClass, Timestamp

@@ -23,14 +23,10 @@ from typing import Any, TypeVar
 
 from machined import caller, errors
 from machined.children.jobs import Job
+from machined.children.limits import children
 from machined.children.wire import ANCBUF, close_all, fds_from, request
 from machined.errors import BusError
-from machined.limits import LIMITS_EXCEEDED, FairLimiter
 
-OPERATIONS_MAX = 64
-CHILDREN_MAX = 64
-CHILDREN_PER_USER = 4
-CHILDREN_QUEUE_MAX = 64
 UNPRIVILEGED_NICENESS = 10
 OUTPUT_MAX = 16 << 20  # bytes a child may answer with
 FORKSERVER_START_TIMEOUT = 30.0
@@ -40,15 +36,10 @@ FORKSERVER_LINGER = 5.0  # seconds the fork server stays once its last child has
 
 DIED = "Child died abnormally."
 
-__all__ = [
-    "LIMITS_EXCEEDED", "Operations", "children", "forkserver_pid", "run_worker", "run_worker_with_fd",
-]  # fmt: skip
+__all__ = ["forkserver_pid", "run_worker", "run_worker_with_fd"]
 
 log = logging.getLogger(__name__)
 
-children = FairLimiter(
-    "children", CHILDREN_MAX, CHILDREN_PER_USER, CHILDREN_QUEUE_MAX, "Too many ongoing operations, try again later."
-)
 _shared: dict[str, asyncio.Future[Any]] = {}
 _live: set[Child] = set()  # children not yet known to be gone
 
@@ -672,23 +663,6 @@ async def _run_limited(job: Job, timeout: float | None, fds: dict[str, int], kwa
         return await _deadline(run(), timeout)
     finally:
         close_all(fds.values())
-
-
-class Operations:
-    """Long-running children bound to pending requests, at most 64 at once."""
-
-    def __init__(self, limit: int = OPERATIONS_MAX) -> None:
-        self.limit = limit
-        self.running = 0
-
-    async def run(self, job: Job, limit_message: str = "Too many ongoing operations.", **kwargs: Any) -> Any:
-        if self.running >= self.limit:
-            raise BusError(LIMITS_EXCEEDED, limit_message)
-        self.running += 1
-        try:
-            return await run_worker(job, **kwargs)
-        finally:
-            self.running -= 1
 
 
 # ----- the child's side ----------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 
 from machined import errors, personality
 from machined.children import jobs
-from machined.children.client import Operations
+from machined.children.limits import Operations
 from machined.errors import BusError
 from machined.images import metadata, pool
 from machined.images import operations as ops

@@ -16,7 +16,6 @@ import os
 
 from machined import errors, idmap
 from machined.children import jobs
-from machined.children.client import run_worker, run_worker_with_fd
 from machined.envfile import read_os_release
 from machined.errors import BusError
 from machined.inside import looks, pty
@@ -114,6 +113,8 @@ class MachineAccess:
     async def bind_mount(self, machine: Machine, src: str, dest: str, read_only: bool, mkdir: bool) -> None:
         if await self.uid_shift(machine) != 0:
             raise BusError(errors.NOT_SUPPORTED, "Can't bind mount on container with user namespacing applied.")
+        from machined.children.client import run_worker  # (loaded at the first job, not at start)
+
         try:
             with looks.leader_pidfd(machine) as leader_fd:
                 await run_worker(
@@ -182,6 +183,8 @@ class MachineAccess:
                 os.close(master)
                 raise
             return master, path
+        from machined.children.client import run_worker_with_fd
+
         with looks.leader_pidfd(machine) as leader_fd:
             path, fd = await run_worker_with_fd(
                 jobs.OPEN_LOGIN, SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
@@ -205,6 +208,8 @@ class MachineAccess:
                 os.close(master)
                 raise
             return master, pty_path
+        from machined.children.client import run_worker_with_fd
+
         with looks.leader_pidfd(machine) as leader_fd:
             pty_path, fd = await run_worker_with_fd(
                 jobs.OPEN_SHELL, SESSION_TIMEOUT, fds={"leader_fd": leader_fd},

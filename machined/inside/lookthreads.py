@@ -9,7 +9,7 @@ passes gets ``Timeout``; the daemon and every other caller carry on. The job its
 stay blocked in its thread; identical jobs (same key: the same look at the same machine)
 join the one in flight instead of taking another thread, so one hostile container holds
 at most one thread per kind of look. Every job holds a slot of the fair limit on
-children (:data:`machined.children.client.children`: per user, round-robin, root first) from
+children (:data:`machined.children.limits.children`: per user, round-robin, root first) from
 when it is queued until its thread has finished it, as a child holds one until it has
 exited.
 
@@ -123,7 +123,7 @@ class LookThreads:
             del self._jobs[key]
 
     async def _submit(self, job: _Job) -> None:
-        from machined.children.client import children  # (the limit children and these threads share)
+        from machined.children.limits import children  # (the limit children and these threads share)
 
         try:
             user = await caller.current_uid()

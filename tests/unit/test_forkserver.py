@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from machined.children import client
+from machined.children import client, limits
 from machined.children.client import run_worker, run_worker_with_fd
 from machined.children.jobs import PING, Job
 from machined.children.wire import send_fd
@@ -133,10 +133,10 @@ async def test_the_deadline_kills_the_child_and_nothing_is_left(tmp_path: Path) 
         await asyncio.sleep(0.01)
     assert state_and_name(pid)[0] == "gone"
     for _ in range(200):
-        if client.children.running == 0:
+        if limits.children.running == 0:
             break
         await asyncio.sleep(0.01)
-    assert client.children.running == 0  # its slot came back
+    assert limits.children.running == 0  # its slot came back
 
 
 async def test_fds_go_both_ways(tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ from dbus_fast import Message
 
 from machined import errors
 from machined.children import jobs
-from machined.children.client import Operations
 from machined.children.jobs import Job
+from machined.children.limits import Operations
 from machined.dbus import images as bus_images
 from machined.dbus.introspection import load_interface
 from machined.dbus.objects import BusObject, Call, Dispatcher

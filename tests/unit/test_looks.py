@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from machined import personality
-from machined.children import client
+from machined.children import limits
 from machined.errors import BusError, errno_error_name
 from machined.inside import looks
 from machined.inside.addresses import read_addresses
@@ -144,13 +144,13 @@ async def test_a_blocked_look_costs_only_its_caller() -> None:
         stuck.wait(30)
         return "late"
 
-    before = client.children.running
+    before = limits.children.running
     t = time.monotonic()
     with pytest.raises(BusError) as e:
         await pool.run("hung", lambda: (blocked, lambda: None), 0.3)
     assert e.value.name == "org.freedesktop.DBus.Error.Timeout"
     assert 0.25 < time.monotonic() - t < 2
-    assert started.is_set() and client.children.running == before + 1
+    assert started.is_set() and limits.children.running == before + 1
     results = await asyncio.gather(*(pool.run(i, lambda i=i: (lambda: i * 2, lambda: None), 2) for i in range(20)))
     assert results == [i * 2 for i in range(20)]
     with pytest.raises(BusError):  # joined, not another thread
@@ -158,10 +158,10 @@ async def test_a_blocked_look_costs_only_its_caller() -> None:
     assert pool.threads() <= 4
     stuck.set()
     for _ in range(200):
-        if client.children.running == before:
+        if limits.children.running == before:
             break
         await asyncio.sleep(0.01)
-    assert client.children.running == before
+    assert limits.children.running == before
     assert await pool.run("hung", lambda: (lambda: "again", lambda: None), 2) == "again"
     await asyncio.sleep(1.0)
     assert pool.threads() == 0  # idle threads end

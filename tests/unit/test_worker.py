@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from machined.children.client import Operations, run_worker, run_worker_with_fd
+from machined.children.client import run_worker, run_worker_with_fd
 from machined.children.jobs import Job
+from machined.children.limits import Operations
 from machined.children.wire import send_fd
 from machined.errors import BusError
 
@@ -102,14 +103,14 @@ async def test_identical_probes_in_flight_share_one_child() -> None:
 
 
 async def test_one_unprivileged_user_runs_at_most_four_children_and_root_is_not_held_up() -> None:
-    from machined.children import client
+    from machined.children import limits
 
     peak = 0
 
     async def watch() -> None:
         nonlocal peak
         while True:
-            peak = max(peak, client.children._by_user.get(65534, 0))
+            peak = max(peak, limits.children._by_user.get(65534, 0))
             await asyncio.sleep(0.01)
 
     watcher = asyncio.ensure_future(watch())
@@ -121,11 +122,11 @@ async def test_one_unprivileged_user_runs_at_most_four_children_and_root_is_not_
     root_took = time.monotonic() - t
     assert await asyncio.gather(*flood) == ["rested"] * 12
     watcher.cancel()
-    assert peak == client.CHILDREN_PER_USER
+    assert peak == limits.CHILDREN_PER_USER
     assert root_took < 1.0  # root never waited for nobody's queue of three rounds of 0.5 s
     # A child's slot is given back when it has exited, just after its result came.
     for _ in range(200):
-        if client.children.running == 0:
+        if limits.children.running == 0:
             break
         await asyncio.sleep(0.01)
-    assert client.children.running == 0
+    assert limits.children.running == 0
