@@ -56,8 +56,8 @@ def _mask_line(text: str) -> str:
 def _same(real262: Sandbox, ours262: Sandbox, script: str, timeout: int = 240, retry_on: str = "") -> str:
     """*script*'s masked output, the same from both daemons (else the test fails with the diff).
     If it differs while *retry_on* shows in either (a resource other tests share and hold for a
-    while), it is run again, up to three times; still so, the test is skipped, saying why."""
-    for attempt in (1, 2, 3):
+    while), it is run once more; still so, the test is skipped, saying why."""
+    for attempt in (1, 2):
         outputs = []
         for sb in (real262, ours262):
             r = sb.run(["bash", "-c", PRELUDE + script], check=False, timeout=timeout)
@@ -65,8 +65,8 @@ def _same(real262: Sandbox, ours262: Sandbox, script: str, timeout: int = 240, r
         real, ours = outputs
         if ours == real or not retry_on or retry_on not in real + ours:
             break
-        if attempt == 3:
-            pytest.skip(f"{retry_on} in three runs (a resource shared with other tests was busy)")
+        if attempt == 2:
+            pytest.skip(f"{retry_on} in both runs (a resource shared with other tests was busy)")
     if ours != real:
         diff = "".join(difflib.unified_diff(real.splitlines(True), ours.splitlines(True), "real", "ours"))
         pytest.fail(f"outputs differ:\n{diff}")
@@ -227,11 +227,50 @@ def test_register_checks_as_262(real262: Sandbox, ours262: Sandbox) -> None:
     assert out.count('"name":"rg') >= 10, out  # some registrations are accepted
 
 
+IMAGES = r"""
+I=/run/systemd/machine/io.systemd.MachineImage
+cd /var/lib/machines
+# no loop device to be had at all (other tests hold them): say so, the test is skipped
+head -c 1048576 /dev/zero > probe.img; D=$(losetup -f --show probe.img 2>/dev/null) && losetup -d $D || echo NO-LOOP
+rm -f probe.img
+head -c 1048576 /dev/zero > zero.raw
+: > empty.raw
+head -c 1048576 /dev/urandom > rand.raw
+head -c 8388608 /dev/zero > ext4.raw; mkfs.ext4 -q ext4.raw
+head -c 8388608 /dev/zero > gpt.raw; echo 'label: gpt' | sfdisk -q gpt.raw
+head -c 8388608 /dev/zero > os.raw; mkfs.ext4 -q os.raw; mkdir -p /tmp/m; mount -o loop os.raw /tmp/m
+mkdir -p /tmp/m/etc; printf 'ID=test\nNAME=Test\n' > /tmp/m/etc/os-release; echo testhost > /tmp/m/etc/hostname; umount /tmp/m
+for n in zero empty rand ext4 gpt os; do for m in yes graceful; do
+  echo "> $n $m"; varlinkctl --json=short call $I io.systemd.MachineImage.List "{\"name\":\"$n\",\"acquireMetadata\":\"$m\"}" 2>&1 \
+    | sed -E 's/"(usage|usageExclusive)":[0-9]+/"\1":N/g'; echo "rc=$?"
+done; done
+# (262 dissects in a child; a second look at once may find the image still busy: EBUSY)
+for n in zero empty rand ext4 gpt os; do
+  sleep 1; echo "> $n"
+  busctl call org.freedesktop.machine1 /org/freedesktop/machine1 org.freedesktop.machine1.Manager GetImageOSRelease s $n 2>&1
+done
+rm -f /var/lib/machines/*.raw
+"""
+
+
+def test_image_metadata_errors_as_262(real262: Sandbox, ours262: Sandbox) -> None:
+    # (disk images need loop devices, which the sandboxes share with the host and its other
+    # tests: when none is free both daemons answer EBUSY, not necessarily at the same calls.
+    # Run before the looks below: after them, in the same sandboxes, loop devices were busy
+    # for both daemons every time; why is not known)
+    out = _same(real262, ours262, IMAGES, retry_on="EBUSY")
+    if "NO-LOOP" in out or ("EBUSY" in out and '"errnoName":"ENOPKG"' not in out):  # (alike: no loop device free)
+        pytest.skip("no loop device free: both daemons answered EBUSY throughout")
+    for errno_name in ("ENOPKG", "ENXIO", "ENOMEDIUM"):
+        assert f'"errnoName":"{errno_name}"' in out, out
+    assert '"hostname":"testhost"' in out, out
+
+
 LOOKS = r"""
 N="setpriv --reuid=nobody --regid=nogroup --clear-groups"
 M="org.freedesktop.machine1 /org/freedesktop/machine1 org.freedesktop.machine1.Manager"
 r() { echo "> $*" | sed "s/$N/N/; s/\b$P\b/P/g"; "$@" 2>&1 | sed -E '/CGroup:/,$d'; echo "rc=${PIPESTATUS[0]}"; }
-leader lk-l unshare --net --mount /bin/sleep 2990; P=$L
+leader lk-l unshare --net /bin/sleep 2990; P=$L
 for i in $(seq 50); do [ "$(readlink /proc/$P/ns/net)" != "$(readlink /proc/1/ns/net)" ] && break; sleep 0.1; done
 varlinkctl call $V io.systemd.Machine.Register "{\"name\":\"lk1\",\"class\":\"container\",\"leader\":$P}"
 leader lk-v /bin/sleep 2990; Q=$L
@@ -333,40 +372,6 @@ def test_resolve_record_for_several_machines_as_262(real262: Sandbox, ours262: S
     out = _same(real262, ours262, HOOK)
     assert '"name":"hb"},"address":[10,79,0,2]}' in out and '"name":"ha"},"address":[10,78,0,2]}' in out, out
     assert '"errnoName":"EOPNOTSUPP"' in out and '"addresses"' not in out, out
-
-
-IMAGES = r"""
-I=/run/systemd/machine/io.systemd.MachineImage
-cd /var/lib/machines
-head -c 1048576 /dev/zero > zero.raw
-: > empty.raw
-head -c 1048576 /dev/urandom > rand.raw
-head -c 8388608 /dev/zero > ext4.raw; mkfs.ext4 -q ext4.raw
-head -c 8388608 /dev/zero > gpt.raw; echo 'label: gpt' | sfdisk -q gpt.raw
-head -c 8388608 /dev/zero > os.raw; mkfs.ext4 -q os.raw; mkdir -p /tmp/m; mount -o loop os.raw /tmp/m
-mkdir -p /tmp/m/etc; printf 'ID=test\nNAME=Test\n' > /tmp/m/etc/os-release; echo testhost > /tmp/m/etc/hostname; umount /tmp/m
-for n in zero empty rand ext4 gpt os; do for m in yes graceful; do
-  echo "> $n $m"; varlinkctl --json=short call $I io.systemd.MachineImage.List "{\"name\":\"$n\",\"acquireMetadata\":\"$m\"}" 2>&1 \
-    | sed -E 's/"(usage|usageExclusive)":[0-9]+/"\1":N/g'; echo "rc=$?"
-done; done
-# (262 dissects in a child; a second look at once may find the image still busy: EBUSY)
-for n in zero empty rand ext4 gpt os; do
-  sleep 1; echo "> $n"
-  busctl call org.freedesktop.machine1 /org/freedesktop/machine1 org.freedesktop.machine1.Manager GetImageOSRelease s $n 2>&1
-done
-rm -f /var/lib/machines/*.raw
-"""
-
-
-def test_image_metadata_errors_as_262(real262: Sandbox, ours262: Sandbox) -> None:
-    # (disk images need loop devices, which the sandboxes share with the host and its other
-    # tests: when none is free both daemons answer EBUSY, not necessarily at the same calls)
-    out = _same(real262, ours262, IMAGES, retry_on="EBUSY")
-    if "EBUSY" in out and '"errnoName":"ENOPKG"' not in out:  # (alike, but no loop device was free at all)
-        pytest.skip("no loop device free: both daemons answered EBUSY throughout")
-    for errno_name in ("ENOPKG", "ENXIO", "ENOMEDIUM"):
-        assert f'"errnoName":"{errno_name}"' in out, out
-    assert '"hostname":"testhost"' in out, out
 
 
 HOST = r"""
