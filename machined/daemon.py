@@ -19,7 +19,7 @@ from dbus_fast.constants import NameFlag
 from machined import events, notify, personality
 from machined.clients.bus import call_bus_daemon
 from machined.clients.systemd1 import Systemd
-from machined.dbus import reader_fix, writer_fix
+from machined.dbus import internals
 from machined.dbus.introspection import STANDARD_INTERFACES_XML, load_interface
 from machined.dbus.logcontrol import LogControl
 from machined.dbus.objects import Dispatcher, new_signal
@@ -362,8 +362,7 @@ class Daemon:
         )
 
     async def _connect(self) -> MessageBus:
-        writer_fix.apply()
-        reader_fix.apply()
+        internals.install()  # dbus-fast's internals checked: our reader and writer, or its own
         try:
             if self.bus_address:
                 bus = MessageBus(bus_address=self.bus_address, negotiate_unix_fd=True)

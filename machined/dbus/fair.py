@@ -3,7 +3,7 @@
 dbus-daemon queues every message for our one connection in arrival order, so a peer that
 writes calls as fast as it can (NO_REPLY_EXPECTED ones cost it nothing: dbus-daemon bounds
 only calls awaiting a reply, 128 per connection) would put everybody else's calls behind all of
-its own. The bus reader takes what is waiting (machined.dbus.reader_fix) and the dispatcher
+its own. The bus reader takes what is waiting (machined.dbus.internals) and the dispatcher
 puts each method call in its sender's queue; calls are then served one per sender in turn,
 senders known to be root first, a bounded number per turn of the event loop.
 

@@ -27,12 +27,12 @@ from types import CoroutineType
 from typing import Any, Protocol, final
 
 from dbus_fast import Message, MessageFlag, MessageType, SignatureTree, Variant
-from dbus_fast._private.marshaller import Marshaller
 from dbus_fast.aio import MessageBus
 from dbus_fast.signature import get_signature_tree
 
 from machined import caller, errors
 from machined.clients.bus import call_bus_daemon
+from machined.dbus import internals
 from machined.dbus.fair import FairQueue, estimated_size
 from machined.dbus.introspection import Interface, Method, Property, introspect_xml
 from machined.errors import BusError
@@ -147,21 +147,6 @@ class MarshalledBody:
     def __init__(self, data: bytes, empty: list[Any]) -> None:
         self.data = data
         self.empty = empty
-
-
-class _MarshalledReturn(Message):
-    """A method return whose body is a :class:`MarshalledBody`: only the header is marshalled
-    (with the empty body in place of the real one, whose length and bytes are put in then)."""
-
-    marshalled: MarshalledBody
-
-    def _marshall(self, negotiate_unix_fd: bool) -> bytearray:
-        out: bytearray = Message._marshall(self, negotiate_unix_fd)
-        fields = int.from_bytes(out[12:16], "little")
-        header = out[: (16 + fields + 7) & ~7]
-        data = self.marshalled.data
-        header[4:8] = len(data).to_bytes(4, "little")
-        return header + data
 
 
 @dataclass(eq=False)
@@ -306,25 +291,6 @@ async def _await(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
 
-def _writer_is_known(bus: Any) -> bool:
-    """Whether dbus-fast's writer has the shape machined.dbus.writer_fix knows (its queue, the
-    message being written, the socket), so that a reply may be written past the queue."""
-    writer = getattr(bus, "_writer", None)
-    names = (
-        "buf",
-        "messages",
-        "offset",
-        "unix_fds",
-        "fut",
-        "sock",
-        "fd",
-        "loop",
-        "negotiate_unix_fd",
-        "write_callback",
-    )
-    return writer is not None and all(hasattr(writer, n) for n in names) and hasattr(bus, "next_serial")
-
-
 class Dispatcher:
     """Answers every method call that reaches our connection.
 
@@ -340,8 +306,8 @@ class Dispatcher:
         self.tree = tree
         self.machine_id = machine_id
         self._lookup_now = getattr(tree, "lookup_now", None)
-        # dbus-fast's writer as machined.dbus.writer_fix knows it: replies may bypass its queue.
-        self._direct_writes = _writer_is_known(bus)
+        # dbus-fast's writer as machined.dbus.internals knows it: replies may bypass its queue.
+        self._direct_writes = internals.direct_writes(bus)
         self._tasks: set[asyncio.Task[None]] = set()
         self.credentials = CredentialCache()
         # Calls wait until the registry is loaded, so nobody sees half of it.
@@ -527,28 +493,9 @@ class Dispatcher:
             self.observe(message.interface, message.member, reply.error_name, time.perf_counter() - started)
 
     def _send(self, reply: Message) -> asyncio.Future[None] | None:
-        """Write *reply* to the socket right away when nothing else waits to be written (the
-        common case: no future, no trip through dbus-fast's queue); else, or with descriptors
-        to pass, through dbus-fast's writer. None when written (or left to the writer)."""
-        bus = self.bus
-        writer = getattr(bus, "_writer", None)
-        if reply.unix_fds or writer is None or not self._direct_writes or writer.buf is not None or writer.messages:
-            return bus.send(reply)
-        reply.serial = bus.next_serial()
-        data = reply._marshall(writer.negotiate_unix_fd)
-        try:
-            written = writer.sock.send(data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            return bus.send(reply)  # the writer fails the connection as it does
-        if written < len(data):  # the rest when the socket takes it, before anything else
-            writer.buf = memoryview(data)
-            writer.offset = written
-            writer.unix_fds = None
-            writer.fut = None
-            writer.loop.add_writer(writer.fd, writer.write_callback)
-        return None
+        """Write *reply* (past dbus-fast's queue when nothing waits in it: machined.dbus.internals).
+        None when written (or left to the writer)."""
+        return internals.send(self.bus, reply, self._direct_writes)
 
     def _dispatch(self, call: Call) -> Message | _Later:
         """The reply, or how to get it when something on the way must wait."""
@@ -648,7 +595,7 @@ class Dispatcher:
             else:
                 selected = obj.interfaces
             properties = obj.properties
-            if target is not None and hasattr(target, "get_all_cache"):
+            if target is not None and hasattr(target, "get_all_cache") and internals.marshalling_known():
                 cached = _get_all_cached(msg, target, selected, properties)
                 if cached is not None:
                     return cached
@@ -713,11 +660,11 @@ def _get_all_cached(msg: Message, target: Any, selected: list[Interface],
                 if type(v) is CoroutineType:
                     v.close()
             return None
-        body = Marshaller(
+        body = internals.marshal_body(
             "a{sv}", [{p.name: Variant(p.type, v, False) for (_, p), v in zip(specs, values, strict=True)}]
-        ).marshall()
-        cache = target.get_all_cache = (key, MarshalledBody(bytes(body), _EMPTY_DICT))
-    reply = _MarshalledReturn(message_type=METHOD_RETURN, reply_serial=msg.serial, destination=msg.sender,
+        )
+        cache = target.get_all_cache = (key, MarshalledBody(body, _EMPTY_DICT))
+    reply = internals.MarshalledReturn(message_type=METHOD_RETURN, reply_serial=msg.serial, destination=msg.sender,
                               flags=NO_REPLY_EXPECTED, signature=_DICT, body=_EMPTY_DICT, validate=False)  # fmt: skip
     reply.marshalled = cache[1]
     return reply
@@ -787,7 +734,7 @@ def _method_return(msg: Message, spec: Method, result: Any) -> Message:
     if isinstance(result, FdReply):
         return _return(msg, spec.out_tree, result.body, result.fds)
     if isinstance(result, MarshalledBody):
-        reply = _MarshalledReturn(message_type=METHOD_RETURN, reply_serial=msg.serial, destination=msg.sender,
+        reply = internals.MarshalledReturn(message_type=METHOD_RETURN, reply_serial=msg.serial, destination=msg.sender,
                                   flags=NO_REPLY_EXPECTED, signature=spec.out_tree, body=result.empty,
                                   validate=False)  # fmt: skip
         reply.marshalled = result

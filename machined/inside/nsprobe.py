@@ -29,6 +29,7 @@ from typing import Any
 from dbus_fast import Message
 
 from machined.children.wire import send_fd
+from machined.dbus.internals import marshal
 from machined.errors import BusError, errno_error_name
 from machined.fs.libc import CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUSER, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, prctl, setns
 from machined.inside import pty, sessions
@@ -127,9 +128,7 @@ class ContainerBus:
         self.buffer = b""
         self.pending = b"\0AUTH EXTERNAL " + str(os.geteuid()).encode().hex().encode() + b"\r\n"
         self.pending += b"NEGOTIATE_UNIX_FD\r\nBEGIN\r\n"
-        self.pending += bytes(
-            Message(destination=DBUS, path=DBUS_PATH, interface=DBUS, member="Hello", serial=1)._marshall(True)
-        )
+        self.pending += marshal(Message(destination=DBUS, path=DBUS_PATH, interface=DBUS, member="Hello", serial=1))
         self.authenticated = False
 
     def close(self) -> None:
@@ -139,7 +138,7 @@ class ContainerBus:
              fds: list[int] | None = None) -> None:  # fmt: skip
         self.serial += 1
         serial = self.serial
-        data = bytes(
+        data = marshal(
             Message(
                 destination=destination,
                 path=path,
@@ -149,7 +148,7 @@ class ContainerBus:
                 body=body,
                 unix_fds=fds or [],
                 serial=serial,
-            )._marshall(True)
+            )
         )
         if fds and not self.authenticated:
             self.sock.sendall(self.pending)
@@ -295,9 +294,9 @@ def open_shell(leader: int, leader_fd: int, fd_socket: int, name: str, user: str
 def rehearse() -> None:
     """In a spare, before its job comes (see :func:`machined.children.child.rehearse`): build the
     messages of a login and parse a reply, without effect."""
-    hello = Message(destination=DBUS, path=DBUS_PATH, interface=DBUS, member="Hello", serial=1)._marshall(True)
-    Message(destination="org.freedesktop.systemd1", path="/org/freedesktop/systemd1",
-            interface="org.freedesktop.systemd1.Manager", member="StartUnit", signature="ss",
-            body=["container-getty@0.service", "replace"], serial=2)._marshall(True)  # fmt: skip
-    _Reply.parse(bytes(hello))
+    hello = marshal(Message(destination=DBUS, path=DBUS_PATH, interface=DBUS, member="Hello", serial=1))
+    marshal(Message(destination="org.freedesktop.systemd1", path="/org/freedesktop/systemd1",
+                    interface="org.freedesktop.systemd1.Manager", member="StartUnit", signature="ss",
+                    body=["container-getty@0.service", "replace"], serial=2))  # fmt: skip
+    _Reply.parse(hello)
     os.stat("/proc/self/ns/user")

@@ -105,8 +105,8 @@ FUZZER = r"""
 import asyncio, json, os, random, sys, time
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from machined.dbus import writer_fix  # the fuzzer's own big messages need it as much as the daemon
-writer_fix.apply()
+from machined.dbus import internals  # the fuzzer's own big messages need its writer as much as the daemon
+internals.install()
 
 random.seed(int(sys.argv[1]))
 CALLS = int(sys.argv[2])
