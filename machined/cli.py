@@ -307,7 +307,26 @@ def _event_line(event: dict[str, object]) -> str:
             f"{event.get('unit') or '-'}")  # fmt: skip
     if isinstance(changed, list) and changed:
         text += " changed=" + ",".join(str(c) for c in changed)
+    addresses = event.get("addresses")
+    if isinstance(addresses, list):
+        text += " addresses=" + (",".join(_address_text(a) for a in addresses if isinstance(a, dict)) or "-")
     return text
+
+
+def _address_text(address: dict[str, object]) -> str:
+    """One address of an event as ``ADDRESS%IFINDEX``."""
+    import ipaddress
+    import socket
+
+    raw = address.get("address")
+    try:
+        text = str(ipaddress.ip_address(bytes(raw))) if isinstance(raw, list) else "?"
+    except ValueError:
+        text = "?"
+    if address.get("family") == socket.AF_INET6 and not text.startswith("?"):
+        text = f"[{text}]"
+    index = address.get("ifindex")
+    return f"{text}%{index}" if index else text
 
 
 def events_main(argv: list[str]) -> int:
@@ -317,7 +336,7 @@ def events_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="machined events",
         description="Watch machines: first every current machine ('existing'), then one line per event "
-        "('new', 'state': opening, running, closing, 'changed': leader or unit, 'removed'), each with its "
+        "('new', 'state': opening, running, closing, 'changed': leader, unit or addresses, 'removed'), each with its "
         "sequence number and time, as io.machined.Machine.Watch reports them.",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line (the Watch replies)")

@@ -10,7 +10,9 @@ Kinds:
 
 * ``new``: a machine started (registered and its unit known);
 * ``state``: its state changed (opening → running → closing);
-* ``changed``: its leader or unit changed (``changed`` names which);
+* ``changed``: its leader or unit changed (``changed`` names which), or its addresses
+  (``changed`` is ``addresses``, the event carries the new list; reported only while somebody
+  watches them, by :mod:`machined.addrwatch`);
 * ``removed``: it is gone.
 
 Each event carries a sequence number (1, 2, 3… for the daemon's life, one per event,
@@ -26,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from machined.inside.addresses import Address
 from machined.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,8 @@ class Event:
     unit: str
     realtime: int  # µs since the epoch
     monotonic: int  # µs of CLOCK_MONOTONIC
-    changed: tuple[str, ...] = ()  # for "changed": which of "leader", "unit"
+    changed: tuple[str, ...] = ()  # for "changed": which of "leader", "unit"; or "addresses"
+    addresses: tuple[Address, ...] | None = None  # for "changed" addresses: the list now
 
 
 # Called with each event and the machine it is about (its record as it is now; for
@@ -110,12 +114,18 @@ class Events:
             return
         self._emit(REMOVED, machine)
 
+    def addresses_changed(self, machine: Machine, addresses: list[Address]) -> None:
+        """*machine*'s addresses are now *addresses*: a ``changed`` event naming ``addresses``."""
+        if machine.is_host or id(machine) in self._seen:
+            self._emit(CHANGED, machine, ("addresses",), tuple(addresses))
+
     def known(self, machine: Machine) -> bool:
         return id(machine) in self._seen
 
     # ----- emission ------------------------------------------------------------------------
 
-    def _emit(self, kind: str, machine: Machine, changed: tuple[str, ...] = ()) -> None:
+    def _emit(self, kind: str, machine: Machine, changed: tuple[str, ...] = (),
+              addresses: tuple[Address, ...] | None = None) -> None:  # fmt: skip
         self.sequence += 1
         event = Event(
             sequence=self.sequence,
@@ -129,6 +139,7 @@ class Events:
             realtime=time.clock_gettime_ns(time.CLOCK_REALTIME) // 1000,
             monotonic=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000,
             changed=changed,
+            addresses=addresses,
         )
         for subscriber in list(self._subscribers):
             try:

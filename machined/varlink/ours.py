@@ -6,12 +6,14 @@ does not offer:
 
 * ``Watch`` (with ``more``): first every current machine (``type: "existing"``), then one
   reply per event of :mod:`machined.events` (new, state, changed, removed), each with its
-  sequence number and timestamp. Anybody may watch (as anybody may list). Each watcher has
-  a bounded queue (:data:`QUEUE_MAX` events) and a small socket buffer: a watcher that does
-  not keep up is sent ``io.machined.Machine.Overflow`` (with the first sequence number it
-  will not get) instead of the events it missed, and is disconnected (at once if the notice
-  goes out, after :data:`OVERFLOW_GRACE` seconds if even that cannot be written). The daemon
-  never waits for a watcher: an event costs it one append per watcher.
+  sequence number and timestamp. While anybody watches, address changes are reported too
+  (:mod:`machined.addrwatch`): ``changed: ["addresses"]`` with the machine's ``addresses`` now,
+  as io.systemd.Machine.List shows them (an empty list when none is left). Anybody may watch
+  (as anybody may list). Each watcher has a bounded queue (:data:`QUEUE_MAX` events) and a
+  small socket buffer: a watcher that does not keep up is sent ``io.machined.Machine.Overflow``
+  (with the first sequence number it will not get) instead of the events it missed, and is
+  disconnected (at once if the notice goes out, after :data:`OVERFLOW_GRACE` seconds if even
+  that cannot be written). The daemon never waits for a watcher: an event costs it one append per watcher.
 
 Socket: /run/machined/io.machined.Machine (mode 0666), $XDG_RUNTIME_DIR/machined/… for
 ``machined --user`` (0600).
@@ -33,7 +35,7 @@ from machined.events import Event
 from machined.machine import Machine, MachineClass
 from machined.manager import MachineManager
 from machined.process import start_time
-from machined.varlink.idl import Enum, Error, Interface, Method, Struct, opt, req
+from machined.varlink.idl import Enum, Error, Field, Interface, Method, Struct, opt, req
 from machined.varlink.interfaces import PRODUCT, URL, VENDOR
 from machined.varlink.server import Call, Reply, Service, VarlinkError, invalid_parameter
 
@@ -51,6 +53,7 @@ SEND_BUFFER = 16 * 1024
 # How long an overflowing watcher's notice may wait for room in its socket before it is closed.
 OVERFLOW_GRACE = 30.0
 
+_ADDRESS = Struct((opt("ifindex", "int"), req("family", "int"), Field("address", "int", array=True)))
 _TIMESTAMP = Struct((req("realtime", "int"), req("monotonic", "int")))
 _EVENT_FIELDS = (
     req("sequence", "int"),
@@ -62,6 +65,7 @@ _EVENT_FIELDS = (
     opt("leader", "int"),
     opt("unit", "string"),
     opt("changed", "string", array=True),
+    opt("addresses", _ADDRESS, array=True),
     req("timestamp", _TIMESTAMP),
 )
 
@@ -104,6 +108,9 @@ def event_parameters(event: Event) -> dict[str, Any]:
         out["unit"] = event.unit
     if event.changed:
         out["changed"] = list(event.changed)
+    if event.addresses is not None:  # as io.systemd.Machine.List shows them
+        out["addresses"] = [{**({"ifindex": a.ifindex} if a.ifindex > 0 else {}), "family": a.family,
+                             "address": list(a.address)} for a in event.addresses]  # fmt: skip
     out["timestamp"] = {"realtime": event.realtime, "monotonic": event.monotonic}
     return out
 
@@ -153,6 +160,9 @@ class OursService:
         self.polkit = polkit
         self.bus = bus
         self.watchers: dict[Watcher, socket.socket] = {}
+        from machined.addrwatch import AddressWatch
+
+        self.addresses = AddressWatch(manager)  # started by the first watcher, stopped after the last
         self._unsubscribe = manager.events.subscribe(self._on_event)
         self.service = Service(vendor=VENDOR, product=PRODUCT, version=_version(), url=URL)
         self.service.add_interface(INTERFACE)
@@ -161,6 +171,7 @@ class OursService:
 
     def close(self) -> None:
         self._unsubscribe()
+        self.addresses.stop()
 
     def _on_event(self, event: Event, machine: Machine) -> None:
         if not self.watchers:
@@ -183,6 +194,7 @@ class OursService:
         from machined.events import snapshot
 
         current = [snapshot(m, sequence) for m in self.manager.machines() if m.is_host or events.known(m)]
+        self.addresses.start()
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         except OSError:
@@ -208,6 +220,8 @@ class OursService:
                 watcher.wakeup = None
         finally:
             self.watchers.pop(watcher, None)
+            if not self.watchers:
+                self.addresses.stop()
             if watcher.abort is not None:
                 watcher.abort.cancel()
             loop.remove_reader(fd)

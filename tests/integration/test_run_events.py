@@ -14,6 +14,7 @@ import sys
 
 from machined.sandbox import Sandbox
 from machined.sandbox.containers import BASH_FUNCTIONS
+from tests.integration262.test_run_events262 import ADDRESSES, check_address_events
 
 M = f"{sys.executable} -m machined"
 SOCKET = "/run/machined/io.machined.Machine"
@@ -143,3 +144,11 @@ def test_nobody_is_refused_as_upstream_refuses_its_shell(ours: Sandbox, real: Sa
     assert json.loads(_value(ours_out, "run")) == {"error": expected}, ours_out
     watch = json.loads(_value(ours_out, "watch"))
     assert watch["parameters"]["type"] == "existing" and watch["continues"] is True, ours_out
+
+
+def test_address_changes_are_events_while_watched(ours: Sandbox) -> None:
+    """As under 262 (test_run_events262): a burst of three addresses in a container's own network
+    namespace makes one event, a removal another; the daemon's fds go back to their base."""
+    out = _run(ours, ADDRESSES, timeout=120)
+    events = [json.loads(line) for line in ours.run(["cat", "/tmp/ad.json"]).stdout.splitlines()]
+    check_address_events(out, events)

@@ -300,3 +300,64 @@ def test_nobody_is_refused_as_upstream_refuses_its_shell_and_may_watch(real262: 
                  "error NotSupported()"):  # fmt: skip
         assert line in ours, ours
     assert "/run/machined" not in real
+
+
+# A watcher, a container with a network namespace of its own: three addresses added at once (one
+# burst), one removed; the daemon's fds before, while and after watching.
+ADDRESSES = r"""
+systemd-run --quiet --unit=ad-ns systemd-nspawn -q -D / --volatile=yes --private-network -M adns /bin/sleep 2996
+until_listed adns
+D=$(systemctl show -P MainPID machined.service)
+L=$(machinectl show -p Leader --value adns)
+# (a first watcher, so that what the varlink server keeps once used is in the base: its epoll
+# instance for the hang-ups of callers whose calls run)
+timeout 1 $M events --json >/dev/null; sleep 0.5
+echo "fds-before=$(ls /proc/$D/fd | wc -l)"
+$M events --json > /tmp/ad.json 2>&1 & W=$!
+for _ in $(seq 100); do grep -q '"adns"' /tmp/ad.json && break; sleep 0.05; done
+sleep 0.5
+echo "fds-watching=$(ls /proc/$D/fd | wc -l)"
+nsenter -t $L -n ip -batch - <<'IP'
+link add v0 type veth peer name v1
+addr add 10.9.8.7/24 dev v0
+addr add 10.9.8.8/24 dev v0
+addr add 10.9.8.9/24 dev v1
+IP
+echo "add-rc=$?"
+for _ in $(seq 100); do grep -q '10, 9, 8, 9\|10,9,8,9' /tmp/ad.json && break; sleep 0.05; done
+sleep 0.5
+nsenter -t $L -n ip addr del 10.9.8.9/24 dev v1; echo "del-rc=$?"
+sleep 1
+echo "ifindex=$(nsenter -t $L -n ip -o link show v0 | cut -d: -f1) $(nsenter -t $L -n ip -o link show v1 | cut -d: -f1)"
+kill $W; wait $W 2>/dev/null
+sleep 0.5
+echo "fds-after=$(ls /proc/$D/fd | wc -l)"
+machinectl terminate adns; gone adns
+"""
+
+
+def check_address_events(out: str, events: list[dict[str, object]]) -> None:
+    """The address events a watcher saw of ADDRESSES's container (262 and 252 alike)."""
+    assert _value(out, "add-rc") == "0" and _value(out, "del-rc") == "0", out
+    v0, v1 = (int(i) for i in _value(out, "ifindex").split())
+    changes = [e for e in events if e.get("name") == "adns" and e.get("changed") == ["addresses"]]
+    seen = [[(a.get("ifindex"), a["family"], ".".join(map(str, a["address"]))) for a in e["addresses"]]  # type: ignore[attr-defined]
+            for e in changes]  # fmt: skip
+    three = [(v0, 2, "10.9.8.7"), (v0, 2, "10.9.8.8"), (v1, 2, "10.9.8.9")]
+    # the burst (a link and three addresses from one process): one event (two if the reads fell
+    # between its notices), the last with all three; then the one removed
+    three.sort(key=lambda a: a[0])  # (ordered as List orders them: by interface, then address)
+    assert 2 <= len(seen) <= 3 and seen[-2] == three, (seen, out)
+    assert seen[-1] == [a for a in three if a[2] != "10.9.8.9"], (seen, out)
+    assert all(e["type"] == "changed" and e["state"] == "running" and e["class"] == "container" for e in changes)
+    numbers = [e["sequence"] for e in events if e.get("type") != "existing"]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers  # type: ignore[call-overload]
+    # a socket more while watched, none left after
+    before, watching, after = (int(_value(out, f"fds-{w}")) for w in ("before", "watching", "after"))
+    assert watching > before and after == before, out
+
+
+def test_address_changes_are_events_while_watched(ours262: Sandbox) -> None:
+    out = _run(ours262, ADDRESSES, timeout=120)
+    events = [json.loads(line) for line in ours262.run(["cat", "/tmp/ad.json"]).stdout.splitlines()]
+    check_address_events(out, events)

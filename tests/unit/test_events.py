@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
+from machined.addrwatch import AddressWatch, subscribe_addresses
 from machined.events import Event
+from machined.inside.addresses import Address
 from machined.machine import Machine, MachineClass, Timestamp, host_machine
 from machined.manager import MachineManager
 from machined.registration import RegistrationRequest
@@ -309,3 +311,113 @@ def test_the_event_core_and_our_interface_load_no_dbus() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ----- address changes (machined.addrwatch) ---------------------------------------------------
+
+
+class FakeNetwork:
+    """Each machine's "netlink socket" is one end of a datagram socket pair (the test writes
+    notices on the other end); its addresses are what the test sets."""
+
+    def __init__(self) -> None:
+        self.peers: dict[str, socket.socket] = {}
+        self.ours: dict[str, socket.socket] = {}
+        self.addresses: dict[str, list[Address]] = {}
+        self.reads = 0
+
+    async def opener(self, machine: Machine) -> socket.socket:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        a.setblocking(False)
+        self.peers[machine.name], self.ours[machine.name] = b, a
+        return a
+
+    async def reader(self, machine: Machine) -> list[Address]:
+        self.reads += 1
+        return list(self.addresses.get(machine.name, []))
+
+    def notify(self, name: str, count: int = 1) -> None:
+        for _ in range(count):
+            self.peers[name].send(b"\x14\0\0\0 RTM_NEWADDR")
+
+
+def _addr(ifindex: int, last: int) -> Address:
+    return Address(socket.AF_INET, 0, ifindex, bytes((10, 0, 0, last)))
+
+
+async def test_address_changes_one_event_per_burst_only_while_watched(manager: MachineManager, leader: Any) -> None:
+    net = FakeNetwork()
+    watch = AddressWatch(manager, coalesce=0.02, opener=net.opener, reader=net.reader, eligible=lambda m: True)
+    seen: list[Event] = []
+    manager.events.subscribe(lambda e, m: seen.append(e))
+    machine = await manager.create(request("a", leader.pid), [])
+    await until(lambda: machine.state == "running")
+    assert not net.ours  # nobody watches: no socket
+    net.addresses["a"] = [_addr(2, 1)]
+    watch.start()
+    await until(lambda: "a" in net.ours and net.reads == 2)  # .host's and a's baselines
+    before = len(seen)
+    net.addresses["a"] = [_addr(2, 1), _addr(3, 2), _addr(3, 3)]
+    net.notify("a", 5)  # a burst: one read, one event
+    await until(lambda: len(seen) > before)
+    await asyncio.sleep(0.1)
+    assert [(e.kind, e.name, e.changed, e.addresses) for e in seen[before:]] == [
+        ("changed", "a", ("addresses",), (_addr(2, 1), _addr(3, 2), _addr(3, 3)))
+    ]
+    assert seen[-1].sequence == seen[before - 1].sequence + 1
+    params = ours.event_parameters(seen[-1])
+    assert params["changed"] == ["addresses"]
+    assert params["addresses"][1] == {"ifindex": 3, "family": socket.AF_INET, "address": [10, 0, 0, 2]}
+    # a notice that changes nothing (the list is the same): no event
+    net.notify("a")
+    await asyncio.sleep(0.1)
+    assert len(seen) == before + 1
+    # the last address gone: an empty list
+    net.addresses["a"] = []
+    net.notify("a")
+    await until(lambda: len(seen) == before + 2)
+    assert seen[-1].addresses == () and ours.event_parameters(seen[-1])["addresses"] == []
+    # the machine goes: its socket is closed; the watch stops: .host's too
+    await manager.terminate(machine)
+    await until(lambda: net.ours["a"].fileno() == -1)
+    assert net.ours[".host"].fileno() != -1
+    watch.stop()
+    assert net.ours[".host"].fileno() == -1 and not watch.sources
+
+
+async def test_the_first_watcher_opens_the_sockets_and_the_last_one_closes_them(
+    manager: MachineManager, served: tuple[str, ours.OursService]
+) -> None:
+    path, service = served
+    net = FakeNetwork()
+    service.addresses = AddressWatch(manager, coalesce=0.01, opener=net.opener, reader=net.reader,
+                                     eligible=lambda m: True)  # fmt: skip
+    clients = [Client(path) for _ in range(2)]
+    for c in clients:
+        c.send({"method": "io.machined.Machine.Watch", "more": True})
+        assert (await c.read() or {})["parameters"]["name"] == ".host"
+    await until(lambda: net.reads == 1)
+    assert list(net.ours) == [".host"]
+    net.addresses[".host"] = [_addr(1, 9)]
+    net.notify(".host", 3)
+    for c in clients:
+        r = await c.read()
+        assert r is not None and r["parameters"]["type"] == "changed"
+        assert r["parameters"]["changed"] == ["addresses"]
+        assert r["parameters"]["addresses"] == [{"ifindex": 1, "family": socket.AF_INET, "address": [10, 0, 0, 9]}]
+    clients[0].close()
+    await until(lambda: len(service.watchers) == 1)
+    assert net.ours[".host"].fileno() != -1  # one watcher is left
+    clients[1].close()
+    await until(lambda: not service.watchers)
+    assert net.ours[".host"].fileno() == -1 and not service.addresses.sources
+
+
+def test_a_real_netlink_socket_is_subscribed_to_the_address_groups() -> None:
+    from machined.inside.addresses import netlink_socket
+
+    with netlink_socket() as sock:
+        subscribe_addresses(sock)
+        assert sock.getblocking() is False
+        with pytest.raises(BlockingIOError):
+            sock.recv(65536)  # nothing yet (and never a block)
