@@ -58,13 +58,14 @@ import asyncio
 import logging
 import os
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from dbus_fast import Message, MessageType
+from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import message_bus as _aio
 
 log = logging.getLogger(__name__)
@@ -315,6 +316,94 @@ class MarshalledReturn(Message):
         header[4:8] = len(data).to_bytes(4, "little")
         header += data
         return header
+
+
+_FIXED = {"y": ("B", 1), "b": ("I", 4), "n": ("h", 2), "q": ("H", 2), "i": ("i", 4), "u": ("I", 4), "x": ("q", 8),
+          "t": ("Q", 8), "d": ("d", 8), "h": ("I", 4)}  # fmt: skip
+_ALIGN = {**{c: size for c, (_, size) in _FIXED.items()}, "s": 4, "o": 4, "a": 4, "(": 8, "{": 8}
+
+
+def unmarshal_body(signature: str, data: bytes) -> list[Any]:
+    """A little-endian body back to values as dbus-fast gives them (structs as tuples, variants as
+    Variant), without dbus-fast's internals: the fallback for replies marshalled ahead when
+    dbus-fast's marshalling is not as expected."""
+    pos = 0
+
+    def complete(sig: str, i: int) -> int:  # the end of the complete type starting at sig[i]
+        c = sig[i]
+        if c == "a":
+            return complete(sig, i + 1)
+        if c in "({":
+            depth, i = 1, i + 1
+            while depth:
+                depth += {"(": 1, "{": 1, ")": -1, "}": -1}.get(sig[i], 0)
+                i += 1
+            return i
+        return i + 1
+
+    def types(sig: str) -> list[str]:
+        out, i = [], 0
+        while i < len(sig):
+            end = complete(sig, i)
+            out.append(sig[i:end])
+            i = end
+        return out
+
+    def align(n: int) -> None:
+        nonlocal pos
+        pos += -pos % n
+
+    def read(sig: str) -> Any:
+        nonlocal pos
+        c = sig[0]
+        if c in _FIXED:
+            code, size = _FIXED[c]
+            align(size)
+            (value,) = struct.unpack_from("<" + code, data, pos)
+            pos += size
+            return bool(value) if c == "b" else value
+        if c in "sog":
+            if c == "g":
+                n = data[pos]
+                pos += 1
+            else:
+                align(4)
+                n = int.from_bytes(data[pos : pos + 4], "little")
+                pos += 4
+            text = data[pos : pos + n].decode()
+            pos += n + 1
+            return text
+        if c == "v":
+            inner = read("g")
+            return Variant(inner, read(inner), False)
+        if c == "(":
+            align(8)
+            return tuple(read(t) for t in types(sig[1:-1]))
+        if c == "a":
+            align(4)
+            n = int.from_bytes(data[pos : pos + 4], "little")
+            pos += 4
+            element = sig[1:]
+            if element == "y":  # bytes, as dbus-fast gives them
+                pos += n
+                return bytes(data[pos - n : pos])
+            align(_ALIGN.get(element[0], 1))  # the first element's padding, even with none
+            end = pos + n
+            if element[0] == "{":
+                key, value = types(element[1:-1])
+                entries: dict[Any, Any] = {}
+                while pos < end:
+                    align(8)
+                    k = read(key)
+                    entries[k] = read(value)
+                return entries
+            items = []
+            while pos < end:
+                items.append(read(element))
+            return items
+        raise ValueError(f"unknown type {sig!r}")
+
+    return [read(t) for t in types(signature)]
 
 
 def _marshalling_as_expected() -> bool:

@@ -734,6 +734,8 @@ def _method_return(msg: Message, spec: Method, result: Any) -> Message:
     if isinstance(result, FdReply):
         return _return(msg, spec.out_tree, result.body, result.fds)
     if isinstance(result, MarshalledBody):
+        if not internals.marshalling_known():  # dbus-fast's own path: the values, marshalled by it
+            return _return(msg, spec.out_tree, internals.unmarshal_body(spec.out_signature, result.data))
         reply = internals.MarshalledReturn(message_type=METHOD_RETURN, reply_serial=msg.serial, destination=msg.sender,
                                   flags=NO_REPLY_EXPECTED, signature=spec.out_tree, body=result.empty,
                                   validate=False)  # fmt: skip

@@ -13,7 +13,7 @@ import socket
 from functools import partial
 from typing import Any
 
-from dbus_fast import Message, MessageType
+from dbus_fast import Message, MessageFlag, MessageType, Variant
 
 from machined.dbus import internals
 
@@ -232,10 +232,10 @@ async def test_marshalling_of_another_shape_makes_get_all_marshal_each_time(monk
         def marshall(self) -> bytearray:
             return bytearray(b"B")
 
+    manager = manager_with(tmp_path, ["a", "b-2"])
     monkeypatch.setattr(internals, "Marshaller", OtherMarshaller)
     assert internals.install() == {"reader": True, "writer": True, "marshalling": False}
     assert not internals.marshalling_known()
-    manager = manager_with(tmp_path, ["a"])
     dispatcher, bus = dispatcher_for(manager)
     dispatcher._on_message(incoming(MANAGER + "/machine/a", "org.freedesktop.DBus.Properties", "GetAll", "s",
                                     [MACHINE_IFACE]))  # fmt: skip
@@ -243,6 +243,47 @@ async def test_marshalling_of_another_shape_makes_get_all_marshal_each_time(monk
     assert got["Name"].value == "a" and got["State"].value == "running" and len(got) == 11
     machine = manager.registry.get("a")
     assert machine is not None and machine.get_all_cache is None  # the stock path: nothing marshalled ahead
+
+    # ListMachines' rows, marshalled ahead by the adapters: decoded and marshalled by dbus-fast.
+    dispatcher._on_message(incoming(MANAGER, "org.freedesktop.machine1.Manager", "ListMachines"))
+    assert bus.wire[-1] == marshalled_by_dbus_fast(rows_of(manager), serial=bus.sent[-1].serial)
+    assert type(bus.sent[-1]) is Message
+
+
+def rows_of(manager: Any) -> list[tuple[str, str, str, str]]:
+    return [(m.name, m.machine_class.value, m.service, m.object_path) for m in manager.machines()]
+
+
+def marshalled_by_dbus_fast(rows: list[Any], serial: int) -> bytes:
+    reply = Message(message_type=MessageType.METHOD_RETURN, reply_serial=7, destination=":1.99",
+                    flags=MessageFlag.NO_REPLY_EXPECTED, signature="a(ssso)", body=[rows], serial=serial)  # fmt: skip
+    return bytes(reply._marshall(True))
+
+
+BODIES = [
+    ("a(ssso)", [[["a", "vm", "", "/x/a"], ["b-2", "container", "svc \u00e9", "/x/b_2d2"]]]),
+    ("a(ssso)", [[]]),
+    ("a{sv}", [{"Name": Variant("s", "a"), "Id": Variant("ay", b"\x01" * 16), "Leader": Variant("u", 7),
+                "Timestamp": Variant("t", 1 << 40), "NetworkInterfaces": Variant("ai", [3, -4]),
+                "Ok": Variant("b", True), "Pair": Variant("(uu)", [1, 2]), "None": Variant("as", []),
+                "Ratio": Variant("d", 0.5), "Sig": Variant("g", "a{sv}"), "Nested": Variant("v", Variant("o", "/p"))}]),
+    ("sa{ss}yqnx", ["x", {"k": "v", "": ""}, 255, 65535, -2, -(1 << 40)]),
+]  # fmt: skip
+
+
+def test_bodies_marshalled_ahead_decode_to_what_dbus_fast_reads() -> None:
+    """The fallback's decoder against dbus-fast's own unmarshaller, on the bodies replies carry."""
+    from tests.unit.test_dispatch import unmarshal
+
+    for signature, body in BODIES:
+        wire = bytes(
+            Message(message_type=MessageType.METHOD_RETURN, reply_serial=1, signature=signature, body=body, serial=2)
+            ._marshall(True)
+        )  # fmt: skip
+        data = wire[-len(internals.marshal_body(signature, body)) :] if body != [[]] else wire[-4:]
+        decoded = internals.unmarshal_body(signature, data)
+        assert decoded == unmarshal(wire).body, signature
+        assert internals.marshal_body(signature, decoded) == internals.marshal_body(signature, body)
 
 
 def test_marshal_gives_what_dbus_fast_sends() -> None:
