@@ -27,8 +27,10 @@ Core module: no D-Bus, no varlink. The parts that run in the child import nothin
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
+import logging
 import os
 import select
 import signal
@@ -38,6 +40,8 @@ import time
 from typing import Any
 
 from machined.errors import BusError
+
+log = logging.getLogger(__name__)
 
 SPAWN_TIMEOUT = 20.0  # the runner's start, namespaces and user lookup
 FDS_TIMEOUT = 30.0  # how long a runner waits for the caller's descriptors
@@ -82,6 +86,181 @@ async def start(machine: Any, argv: list[str], user: str, environment: list[str]
             result, control = await run_worker_with_fd(jobs.RUN_SPAWN, SPAWN_TIMEOUT, {"leader_fd": fd},
                                                        leader=machine.leader, host=False, **kwargs)  # fmt: skip
     return int(result), control
+
+
+# ----- .host as another user: a transient service of PID 1 -------------------------------------------
+
+HOST_RUNS_MAX = 128  # commands started this way whose end the daemon waits for, at once
+_host_runs: set[asyncio.Task[None]] = set()
+EXIT_CHDIR, EXIT_EXEC, EXIT_USER = 200, 203, 217  # systemd's exit statuses of a failed start (exec, chdir, user)
+CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
+
+
+def is_host_user(user: str) -> bool:
+    """Whether ``.host`` as *user* goes through PID 1: any user but root (machined's unit may not
+    change UIDs: its capability bounding set is upstream's, without CAP_SETUID)."""
+    return user not in ("", "root", "0")
+
+
+Properties = list[tuple[str, str, Any]]  # (name, D-Bus signature, value)
+
+
+def host_unit_properties(argv: list[str], user: str, environment: list[str], directory: str) -> Properties:
+    """The transient service that runs *argv* on the host as *user*: the caller's descriptors
+    (0, 1, 2 of the call's fds), its environment and directory; ended with its caller."""
+    props: Properties = [
+        ("Description", "s", f"machined run as {user}: {argv[0]}"[:200]),
+        ("Type", "s", "exec"),
+        ("User", "s", user),
+        ("StandardInputFileDescriptor", "h", 0),
+        ("StandardOutputFileDescriptor", "h", 1),
+        ("StandardErrorFileDescriptor", "h", 2),
+        ("WorkingDirectory", "s", directory or "-~"),
+        ("IgnoreSIGPIPE", "b", False),
+        ("KillMode", "s", "mixed"),
+        ("CollectMode", "s", "inactive-or-failed"),
+    ]
+    if environment:
+        props.append(("Environment", "as", list(environment)))
+    # (ExecStartEx: its arguments as given, no $VARIABLE expanded by PID 1)
+    props.append(("ExecStartEx", "a(sasas)", [(argv[0], list(argv), ["no-env-expand"])]))
+    return props
+
+
+def host_outcome(code: int, status: int, result: str, argv: list[str], directory: str) -> dict[str, Any]:
+    """The control message for a service that ended with ExecMainCode *code*, ExecMainStatus
+    *status* and Result *result*, as the runner words the same outcomes."""
+    if code in (CLD_KILLED, CLD_DUMPED):
+        return {"signal": status}
+    if code == CLD_EXITED:
+        if status == EXIT_EXEC:
+            return {"error": f"{argv[0]}: could not be executed (status 203/EXEC)", "exit": 127}
+        if status == EXIT_CHDIR:
+            return {"error": f"{directory or '~'}: could not change into the directory (status 200/CHDIR)", "exit": 126}
+        return {"exit": status}
+    if result and result != "success":  # it never ran (PID 1 could not find or start it)
+        return {"error": f"{argv[0]}: could not be started ({result})", "exit": 127}
+    return {}  # (the client says it ended without a status)
+
+
+async def _lookup_host_user(user: str) -> None:
+    import pwd
+
+    def lookup() -> None:
+        if user.isdigit():
+            pwd.getpwuid(int(user))
+        else:
+            pwd.getpwnam(user)
+
+    try:
+        await asyncio.to_thread(lookup)  # (NSS may ask a network service: never in the event loop)
+    except (KeyError, OverflowError, ValueError):
+        raise BusError(NO_SUCH_USER, f"No user '{user}'") from None
+
+
+async def start_on_host(systemd: Any, argv: list[str], user: str, environment: list[str], directory: str,
+                        detach: bool) -> int:  # fmt: skip
+    """Start *argv* on the host as *user* through PID 1 (as upstream starts host shells); return the
+    caller's end of the control socket (its protocol is the runner's). The daemon keeps the other
+    end and one task per command, no process: it waits for the caller's descriptors, starts the
+    service with them, and sends its exit status when PID 1 says it ended; a caller that goes
+    away first stops the service, unless *detach*."""
+    from machined.limits import LIMITS_EXCEEDED
+
+    if not hasattr(systemd, "run_service"):
+        raise BusError("org.freedesktop.DBus.Error.NotSupported", "No service manager to start the command")
+    if len(_host_runs) >= HOST_RUNS_MAX:
+        raise BusError(LIMITS_EXCEEDED, "Too many commands running on the host")
+    await _lookup_host_user(user)
+    theirs, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    mine.setblocking(False)
+    task = asyncio.get_running_loop().create_task(_host_run(systemd, mine, argv, user, environment, directory, detach))
+    _host_runs.add(task)
+    task.add_done_callback(_host_runs.discard)
+    fd = theirs.detach()
+    return fd
+
+
+async def _receive_stdio_async(control: socket.socket) -> list[int] | None:
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[list[int] | None] = loop.create_future()
+
+    def ready() -> None:
+        try:
+            data, ancdata, _, _ = control.recvmsg(4096, socket.CMSG_SPACE(3 * _INT.size), socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, ancdata = b"", []
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(x for (x,) in _INT.iter_unpack(payload[: len(payload) - len(payload) % _INT.size]))
+        if len(fds) != 3 or data != b"stdio":
+            for fd in fds:
+                os.close(fd)
+            fds = []
+        if not got.done():
+            got.set_result(fds or None)
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    loop.add_reader(control.fileno(), ready)
+    try:
+        return await asyncio.wait_for(got, FDS_TIMEOUT)
+    except TimeoutError:
+        return None
+    finally:
+        loop.remove_reader(control.fileno())
+
+
+async def _host_run(systemd: Any, control: socket.socket, argv: list[str], user: str, environment: list[str],
+                    directory: str, detach: bool) -> None:  # fmt: skip
+    loop = asyncio.get_running_loop()
+    name = f"machined-run-{os.urandom(8).hex()}.service"
+    try:
+        fds = await _receive_stdio_async(control)
+        if fds is None:
+            return
+        props = host_unit_properties(argv, user, environment, directory)
+
+        def close_fds() -> None:  # (once PID 1 has them: we must not hold the caller's pipes open)
+            while fds:
+                os.close(fds.pop())
+
+        try:
+            if detach:
+                await systemd.run_service(name, props, fds, wait=False, sent=close_fds)
+                return
+            service = loop.create_task(systemd.run_service(name, props, fds, sent=close_fds))
+            service.add_done_callback(lambda _t: close_fds())  # (cancelled before it started)
+        except BaseException:
+            close_fds()
+            raise
+        hangup = loop.create_task(loop.sock_recv(control, 1))  # b"" (or an error) once the caller is gone
+        try:
+            await asyncio.wait({service, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not service.done():
+                service.cancel()  # the caller went away: the service is stopped
+            hangup.cancel()
+        if service.cancelled():
+            return
+        try:
+            code, status, result = service.result()
+        except Exception as e:
+            message: dict[str, Any] = {"error": f"The service manager could not start the command: {e}", "exit": 125}
+        else:
+            message = host_outcome(code, status, result, argv, directory)
+        try:
+            control.send(json.dumps(message).encode())
+        except OSError:
+            pass
+    except Exception:
+        log.exception("machined run on the host failed")
+    finally:
+        control.close()
 
 
 # ----- in the fork server's child -----------------------------------------------------------------

@@ -32,7 +32,7 @@ import errno
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from dbus_fast import Message, MessageType, Variant
@@ -199,6 +199,86 @@ class Systemd:
         body = [name, "fail", [[key, Variant(sig, value)] for key, sig, value in properties], []]
         job: str = (await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))", body, job=True))[0]
         return job
+
+    async def run_service(self, name: str, properties: list[tuple[str, str, Any]], unix_fds: list[int],
+                          wait: bool = True, sent: Callable[[], None] | None = None
+                          ) -> tuple[int, int, str]:  # fmt: skip
+        """Start the transient service *name* (mode "fail"; *properties* as for
+        :meth:`start_transient_unit`, ``h`` values indexes into *unix_fds*) and, with *wait*,
+        wait for it to end: (ExecMainCode, ExecMainStatus, Result) as PID 1 reports them, (0, 0,
+        "") if it could not tell. Without *wait*: (0, 0, "") once it was queued.
+
+        Waiting holds no process and no thread: the unit is referenced (``AddRef``: PID 1 keeps it
+        until we have read how it ended, or until our connection goes), its ``PropertiesChanged``
+        signals (matched already) wake us, its ``ActiveState`` is read after each. Cancelled while
+        waiting: the unit is stopped. Its reference is dropped in any case. *sent* is called once
+        PID 1 answered the start (the descriptors may then be closed)."""
+        path = unit_object_path(name)
+        changed = asyncio.Event()
+
+        def handler(msg: Message) -> bool:
+            if msg.message_type is MessageType.SIGNAL and msg.path == path and msg.member == "PropertiesChanged":
+                if self.owner is not None and msg.sender == self.owner:
+                    changed.set()
+            return False
+
+        body = [name, "fail", [[key, Variant(sig, value)] for key, sig, value in properties]
+                + ([["AddRef", Variant("b", True)]] if wait else []), []]  # fmt: skip
+        if not wait:
+            try:
+                await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))", body, unix_fds, job=True)
+            finally:
+                if sent is not None:
+                    sent()
+            return 0, 0, ""
+        self.bus.add_message_handler(handler)
+        referenced = False
+        try:
+            try:
+                await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))", body, unix_fds, job=True)
+                referenced = True
+            finally:
+                if sent is not None:
+                    sent()
+            while True:
+                changed.clear()
+                try:  # (inactive with its start job still queued has not begun yet)
+                    (job,) = await self._call(path, "org.freedesktop.DBus.Properties", "Get", "ss",
+                                              ["org.freedesktop.systemd1.Unit", "Job"])  # fmt: skip
+                    (state,) = await self._call(path, "org.freedesktop.DBus.Properties", "Get", "ss",
+                                                ["org.freedesktop.systemd1.Unit", "ActiveState"])  # fmt: skip
+                except BusError as e:
+                    if e.name in (NO_SUCH_UNIT, LOAD_FAILED, errors.UNKNOWN_OBJECT):
+                        return 0, 0, ""
+                    raise
+                if state.value in ("inactive", "failed") and not job.value[0]:
+                    break
+                await changed.wait()
+            (values,) = await self._call(path, "org.freedesktop.DBus.Properties", "GetAll", "s",
+                                         ["org.freedesktop.systemd1.Service"])  # fmt: skip
+            code, status, result = (values.get(key) for key in ("ExecMainCode", "ExecMainStatus", "Result"))
+            return (int(code.value) if code is not None else 0, int(status.value) if status is not None else 0,
+                    str(result.value) if result is not None else "")  # fmt: skip
+        except asyncio.CancelledError:
+            if referenced:
+                self._spawn(self._stop_quietly(name))
+            raise
+        finally:
+            self.bus.remove_message_handler(handler)
+            if referenced:
+                self._spawn(self._unref(path))
+
+    async def _stop_quietly(self, unit: str) -> None:
+        try:
+            await self.stop_unit(unit)
+        except BusError as e:
+            log.debug("Could not stop %s: %s", unit, e.message)
+
+    async def _unref(self, path: str) -> None:
+        try:
+            await self._call(path, "org.freedesktop.systemd1.Unit", "Unref")
+        except BusError as e:
+            log.debug("Could not unreference %s: %s", path, e.message)
 
     async def stop_unit(self, unit: str) -> str:
         """StopUnit(unit, "fail"); "" when the unit does not exist (nothing to stop)."""

@@ -262,8 +262,12 @@ class OursService:
         await authorize("host-shell" if machine.is_host else "shell",
                         {"machine": machine.name, "user": user or "root", "program": command[0]})  # fmt: skip
         try:
-            pid, control = await run.start(machine, command, user, environment, directory,
-                                           params.get("detach") is True, call.peer.pid_value)  # fmt: skip
+            if machine.is_host and run.is_host_user(user):  # PID 1 starts it (see run.start_on_host)
+                pid, control = 0, await run.start_on_host(self.manager.systemd, command, user, environment, directory,
+                                                          params.get("detach") is True)  # fmt: skip
+            else:
+                pid, control = await run.start(machine, command, user, environment, directory,
+                                               params.get("detach") is True, call.peer.pid_value)  # fmt: skip
         except BusError as e:
             if e.name.startswith(IFACE):
                 raise VarlinkError(e.name) from None

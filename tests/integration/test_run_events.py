@@ -14,7 +14,7 @@ import sys
 
 from machined.sandbox import Sandbox
 from machined.sandbox.containers import BASH_FUNCTIONS
-from tests.integration262.test_run_events262 import ADDRESSES, check_address_events
+from tests.integration262.test_run_events262 import ADDRESSES, HOST_USER, check_address_events, check_host_user
 
 M = f"{sys.executable} -m machined"
 SOCKET = "/run/machined/io.machined.Machine"
@@ -152,3 +152,9 @@ def test_address_changes_are_events_while_watched(ours: Sandbox) -> None:
     out = _run(ours, ADDRESSES, timeout=120)
     events = [json.loads(line) for line in ours.run(["cat", "/tmp/ad.json"]).stdout.splitlines()]
     check_address_events(out, events)
+
+
+def test_run_on_the_host_as_another_user_through_pid1(ours: Sandbox) -> None:
+    """As under 262: .host as nobody, started by PID 1 (a transient service with the caller's
+    descriptors); statuses, a signal, the caller killed, --detach."""
+    check_host_user(_run(ours, HOST_USER, timeout=120))

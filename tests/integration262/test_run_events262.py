@@ -222,7 +222,7 @@ echo "rp18 host-uid=$(awk '/^Uid:/{print $2}' /proc/$C/status) shift=$(awk '{pri
 # terminate ends a command running in the machine
 machinectl terminate rp18; wait; gone rp18; echo "after-terminate=$(pgrep -c -f '^sleep 3005')"
 echo "host=$($M run .host -- sh -c 'echo $(id -u)')"
-$M run --uid=daemon .host -- true; echo "host-uid-rc=$?"
+echo "host-uid=$($M run --uid=daemon .host -- id -un)"
 $M run rp18 -- true; echo "gone-rc=$?"
 # a VM is refused, clearly
 systemd-run --quiet --unit=run-vm sleep 2998; V=$(systemctl show -p MainPID --value run-vm)
@@ -255,9 +255,8 @@ def test_run_in_a_booted_and_a_plain_container(ours262: Sandbox) -> None:
     assert int(shift) > 0 and int(host_uid) == int(shift) + 1, out
     assert _value(out, "after-terminate") == "0", out
     assert _value(out, "host") == "0" and _value(out, "gone-rc") == "125", out
-    # (machined's unit has upstream's bounding set, without CAP_SETUID: another user only where the
-    # machine has its own user namespace; README, "Limits")
-    assert _value(out, "host-uid-rc") == "125" and "machined run: daemon: Operation not permitted" in out, out
+    # (another user on .host: PID 1 starts it, machined's unit cannot change UIDs; see test_run_on_the_host_...)
+    assert _value(out, "host-uid") == "daemon", out
     assert _value(out, "vm-rc") == "125" and "'rvm' is a virtual machine" in out, out
     assert _value(out, "enoent-rc") == "127" and "/nonexistent: No such file or directory" in out, out
     assert _value(out, "nouser-rc") == "125" and "No user 'nosuch' in machine 'rb18'" in out, out
@@ -361,3 +360,45 @@ def test_address_changes_are_events_while_watched(ours262: Sandbox) -> None:
     out = _run(ours262, ADDRESSES, timeout=120)
     events = [json.loads(line) for line in ours262.run(["cat", "/tmp/ad.json"]).stdout.splitlines()]
     check_address_events(out, events)
+
+
+# .host as another user: PID 1 runs the command (a transient service with the caller's
+# descriptors), machined waits for its end without a process of its own.
+HOST_USER = r"""
+echo "hu-id=$($M run --uid=nobody .host -- id -u)"
+echo "hu-env=$($M run --uid=nobody --setenv=FOO=bar --chdir=/tmp .host -- sh -c 'echo $FOO.$(pwd).$USER')"
+echo "hu-stdin=$(echo piped-in | $M run --uid=nobody .host -- cat)"
+$M run --uid=nobody .host -- sh -c 'echo to-out; echo to-err >&2; exit 7' >/tmp/hu.out 2>/tmp/hu.err
+echo "hu-rc7=$? out=$(cat /tmp/hu.out) err=$(cat /tmp/hu.err)"
+$M run --uid=65534 .host -- sh -c 'kill -USR1 $$'; echo "hu-rcsig=$?"
+$M run --uid=nosuchuser .host -- true; echo "hu-nouser-rc=$?"
+$M run --uid=nobody .host -- /nonexistent; echo "hu-enoent-rc=$?"
+$M run --uid=nobody .host -- sleep 2991 & R=$!
+for _ in $(seq 100); do pgrep -u nobody -f '^sleep 2991' >/dev/null && break; sleep 0.05; done
+D=$(systemctl show -P MainPID machined.service)
+echo "hu-running=$(pgrep -c -u nobody -f '^sleep 2991') daemon-children=$(pgrep -c -P $D)"
+kill -9 $R; wait $R 2>/dev/null; sleep 2
+echo "hu-left=$(pgrep -c -f '^sleep 2991') units=$(systemctl list-units --all --no-legend 'machined-run-*' | wc -l)"
+$M run --detach --uid=nobody .host -- sleep 2990; echo "hu-detach-rc=$?"
+sleep 1; echo "hu-detached=$(pgrep -c -u nobody -f '^sleep 2990')"
+systemctl stop 'machined-run-*'
+sleep 0.5; echo "hu-units=$(systemctl list-units --all --no-legend 'machined-run-*' | wc -l)"
+"""
+
+
+def check_host_user(out: str) -> None:
+    assert _value(out, "hu-id") == "65534", out
+    assert _value(out, "hu-env") == "bar./tmp.nobody", out
+    assert _value(out, "hu-stdin") == "piped-in", out
+    assert _value(out, "hu-rc7") == "7 out=to-out err=to-err", out
+    assert _value(out, "hu-rcsig") == str(128 + 10), out
+    assert _value(out, "hu-nouser-rc") == "125" and "No user 'nosuchuser' in machine '.host'" in out, out
+    assert _value(out, "hu-enoent-rc") == "127", out
+    assert _value(out, "hu-running") == "1 daemon-children=0", out  # (PID 1's child, not ours)
+    assert _value(out, "hu-left") == "0 units=0", out
+    assert _value(out, "hu-detach-rc") == "0" and _value(out, "hu-detached") == "1", out
+    assert _value(out, "hu-units") == "0", out
+
+
+def test_run_on_the_host_as_another_user_through_pid1(ours262: Sandbox) -> None:
+    check_host_user(_run(ours262, HOST_USER, timeout=120))

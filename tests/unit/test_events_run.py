@@ -3,6 +3,11 @@ and visible here) and who it runs as (the machine's own /etc/passwd and /etc/gro
 
 from __future__ import annotations
 
+import array
+import asyncio
+import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -83,3 +88,97 @@ def test_users_from_the_machine_files(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(BusError) as e:
         run.lookup_user("mallory")
     assert e.value.name == "io.machined.Machine.NoSuchUser"
+
+
+# ----- .host as another user: PID 1 runs it ----------------------------------------------------
+
+
+class FakePid1:
+    """run_service as PID 1 would answer it: ends when told (or is cancelled: stopped)."""
+
+    def __init__(self, outcome: tuple[int, int, str] = (1, 7, "exit-code")) -> None:
+        self.outcome = outcome
+        self.calls: list[tuple[str, list[tuple[str, str, object]], int, bool]] = []
+        self.end = asyncio.Event()
+        self.stopped = False
+
+    async def run_service(self, name: str, properties: list[tuple[str, str, object]], unix_fds: list[int],
+                          wait: bool = True, sent: object = None) -> tuple[int, int, str]:  # fmt: skip
+        self.calls.append((name, properties, len(unix_fds), wait))
+        if callable(sent):
+            sent()
+        if not wait:
+            return 0, 0, ""
+        try:
+            await self.end.wait()
+        except asyncio.CancelledError:
+            self.stopped = True
+            raise
+        return self.outcome
+
+
+def _client(fd: int) -> socket.socket:
+    control = socket.socket(fileno=fd)
+    r, w = os.pipe()
+    control.sendmsg([b"stdio"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w, w]))])
+    os.close(r)
+    os.close(w)
+    return control
+
+
+async def _until(predicate: object) -> None:
+    for _ in range(500):
+        if callable(predicate) and predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+async def test_host_user_status_comes_from_the_service_and_a_caller_gone_stops_it() -> None:
+    pid1 = FakePid1()
+    control = _client(await run.start_on_host(pid1, ["sh", "-c", "exit 7"], "nobody", ["A=1"], "", False))
+    await _until(lambda: pid1.calls)
+    name, props, nfds, wait = pid1.calls[0]
+    assert name.startswith("machined-run-") and name.endswith(".service") and nfds == 3 and wait
+    p = {k: v for k, _, v in props}
+    assert p["User"] == "nobody" and p["Environment"] == ["A=1"] and p["WorkingDirectory"] == "-~"
+    assert p["ExecStartEx"] == [("sh", ["sh", "-c", "exit 7"], ["no-env-expand"])]
+    assert (p["StandardInputFileDescriptor"], p["StandardOutputFileDescriptor"], p["StandardErrorFileDescriptor"]) == (
+        0, 1, 2)  # fmt: skip
+    pid1.end.set()
+    loop = asyncio.get_running_loop()
+    control.setblocking(False)
+    assert json.loads(await asyncio.wait_for(loop.sock_recv(control, 4096), 5)) == {"exit": 7}
+    control.close()
+    # the caller goes away first: the service is stopped (cancelled), nothing is sent
+    pid1 = FakePid1()
+    control = _client(await run.start_on_host(pid1, ["sleep", "100"], "nobody", [], "/tmp", False))
+    await _until(lambda: pid1.calls)
+    control.close()
+    await _until(lambda: pid1.stopped)
+    await _until(lambda: not run._host_runs)
+    # --detach: started without waiting
+    pid1 = FakePid1()
+    control = _client(await run.start_on_host(pid1, ["sleep", "100"], "nobody", [], "", True))
+    await _until(lambda: pid1.calls)
+    assert pid1.calls[0][3] is False
+    control.close()
+
+
+async def test_host_user_unknown_is_no_such_user() -> None:
+    with pytest.raises(BusError) as e:
+        await run.start_on_host(FakePid1(), ["true"], "no-such-user-here", [], "", False)
+    assert e.value.name == run.NO_SUCH_USER
+
+
+def test_host_outcomes_as_the_runner_words_them() -> None:
+    argv = ["/x"]
+    assert run.host_outcome(1, 0, "success", argv, "") == {"exit": 0}
+    assert run.host_outcome(1, 7, "exit-code", argv, "") == {"exit": 7}
+    assert run.host_outcome(2, 10, "signal", argv, "") == {"signal": 10}
+    assert run.host_outcome(3, 6, "core-dump", argv, "") == {"signal": 6}
+    assert run.host_outcome(1, 203, "exit-code", argv, "")["exit"] == 127
+    assert run.host_outcome(1, 200, "exit-code", argv, "/nope")["exit"] == 126
+    assert run.host_outcome(0, 0, "resources", argv, "")["exit"] == 127
+    assert run.host_outcome(0, 0, "success", argv, "") == {}
+    assert run.is_host_user("nobody") and not run.is_host_user("") and not run.is_host_user("root")
