@@ -11,7 +11,8 @@ is one of the daemon's namespace. Each socket is watched with ``loop.add_reader`
 An RTM_NEWADDR/RTM_DELADDR is not parsed: it says the addresses changed. The first one starts
 a timer of :data:`COALESCE` seconds (not restarted by the next ones: a veth coming up adds
 several addresses, which make one event); then the addresses are read once, as
-GetMachineAddresses reads them, and an ``addresses`` change is emitted if they differ from those
+GetMachineAddresses reads them (a read of its own, never joined to one of GetMachineAddresses
+in flight), and an ``addresses`` change is emitted if they differ from those
 last seen. Notices that arrive during the read make another read after it. A socket whose
 buffer overflowed (ENOBUFS: notices were lost) counts as a notice.
 
@@ -66,7 +67,7 @@ async def open_socket(machine: Machine) -> socket.socket:
     if machine.is_host:
         sock = netlink_socket()
     else:
-        sock = await looks._in_thread(machine, "address-events", lambda _leader, pidfd: looks._netlink_socket_in(pidfd),
+        sock = await looks._in_thread(machine, "address-socket", lambda _leader, pidfd: looks._netlink_socket_in(pidfd),
                                       looks.PROBE_TIMEOUT, lambda s: s.close())  # fmt: skip
     try:
         subscribe_addresses(sock)
@@ -77,12 +78,21 @@ async def open_socket(machine: Machine) -> socket.socket:
 
 
 async def read_addresses(machine: Machine) -> list[Address]:
-    """*machine*'s addresses, read as GetMachineAddresses reads them."""
+    """*machine*'s addresses, read as GetMachineAddresses reads them, by a read of our own (never
+    joined to a GetMachineAddresses in flight, which may have dumped them before the change)."""
     from machined.inside import looks
+    from machined.inside.addresses import read_addresses as dump
+    from machined.inside.lookthreads import threads
 
     if machine.is_host:
-        return await looks.host_addresses()
-    return await looks.container_addresses(machine)
+        return await threads.run(("address-events", ".host"),
+                                 lambda: (lambda: dump(None, looks.PROBE_TIMEOUT), _nothing),
+                                 looks.PROBE_TIMEOUT)  # fmt: skip
+    return await looks._in_thread(machine, "address-events", looks._addresses_of, looks.PROBE_TIMEOUT)
+
+
+def _nothing() -> None:
+    pass
 
 
 def own_network(machine: Machine) -> bool:

@@ -215,6 +215,17 @@ async def _receive_stdio_async(control: socket.socket) -> list[int] | None:
         loop.remove_reader(control.fileno())
 
 
+async def _gone(control: socket.socket) -> None:
+    """Returns once the caller closed its end of *control* (what it sends meanwhile is dropped)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            if not await loop.sock_recv(control, 1):
+                return
+        except OSError:
+            return
+
+
 async def _host_run(systemd: Any, control: socket.socket, argv: list[str], user: str, environment: list[str],
                     directory: str, detach: bool) -> None:  # fmt: skip
     loop = asyncio.get_running_loop()
@@ -238,7 +249,7 @@ async def _host_run(systemd: Any, control: socket.socket, argv: list[str], user:
         except BaseException:
             close_fds()
             raise
-        hangup = loop.create_task(loop.sock_recv(control, 1))  # b"" (or an error) once the caller is gone
+        hangup = loop.create_task(_gone(control))
         try:
             await asyncio.wait({service, hangup}, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -145,6 +145,9 @@ async def test_host_user_status_comes_from_the_service_and_a_caller_gone_stops_i
     assert p["ExecStartEx"] == [("sh", ["sh", "-c", "exit 7"], ["no-env-expand"])]
     assert (p["StandardInputFileDescriptor"], p["StandardOutputFileDescriptor"], p["StandardErrorFileDescriptor"]) == (
         0, 1, 2)  # fmt: skip
+    control.send(b"more")  # (not a hang-up: dropped)
+    await asyncio.sleep(0.05)
+    assert not pid1.stopped
     pid1.end.set()
     loop = asyncio.get_running_loop()
     control.setblocking(False)
