@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import sys
 
 from machined.sandbox import Sandbox
@@ -18,6 +19,9 @@ from tests.integration262.test_run_events262 import ADDRESSES, HOST_USER, check_
 
 M = f"{sys.executable} -m machined"
 SOCKET = "/run/machined/io.machined.Machine"
+# the booted container's name, new each run: its veth (ve-NAME) lives in the host's network, shared
+# by every sandbox on the machine
+BOOTED = f"rb{secrets.token_hex(2)}"
 
 
 def _run(sb: Sandbox, script: str, timeout: float = 300) -> str:
@@ -72,8 +76,8 @@ kill $W
 
 
 def test_events_and_run_in_a_booted_and_a_plain_container(ours: Sandbox) -> None:
-    out = _run(ours, SCENARIO)
-    for c in ("rb18", "rp18"):
+    out = _run(ours, SCENARIO.replace("rb18", BOOTED))
+    for c in (BOOTED, "rp18"):
         assert f"{c} stdin=piped-in" in out, out
         assert f"{c} rc0=0 out=to-out err=to-err" in out, out
         assert f"{c} rc7=7" in out and f"{c} rcsig={128 + 15}" in out, out
@@ -89,13 +93,13 @@ def test_events_and_run_in_a_booted_and_a_plain_container(ours: Sandbox) -> None
     events = [json.loads(line) for line in ours.run(["cat", "/tmp/ev.json"]).stdout.splitlines()]
     stream = [e for e in events if e["type"] != "existing"]
     assert [e["sequence"] for e in stream] == list(range(stream[0]["sequence"], stream[0]["sequence"] + len(stream)))
-    for name in ("rb18", "rp18"):
+    for name in (BOOTED, "rp18"):
         life = [(e["type"], e["state"]) for e in stream if e["name"] == name]
         assert life == [("new", "opening"), ("state", "running"), ("state", "closing"), ("removed", "closing")], (
             name, life,
         )  # fmt: skip
-    booted = next(e for e in stream if e["name"] == "rb18")
-    assert booted["unit"] == "machine-rb18.scope" and booted["service"] == "systemd-nspawn", booted
+    booted = next(e for e in stream if e["name"] == BOOTED)
+    assert booted["unit"] == f"machine-{BOOTED}.scope" and booted["service"] == "systemd-nspawn", booted
 
 
 # A raw varlink call by the system's python (an unprivileged user cannot run the project's).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import sys
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from machined.sandbox.containers import BASH_FUNCTIONS
 M = f"{sys.executable} -m machined"
 LOADCLIENT = f"{sys.executable} {Path(__file__).parents[1] / 'integration' / 'loadclient.py'}"
 SOCKET = "/run/machined/io.machined.Machine"
+# the booted container's name, new each run: its veth (ve-NAME) lives in the host's network, shared
+# by every sandbox on the machine
+BOOTED = f"rb{secrets.token_hex(2)}"
 NOBODY = "setpriv --reuid=65534 --regid=65534 --clear-groups"
 
 
@@ -236,8 +240,8 @@ machinectl terminate rvm; stop_container rb18
 
 
 def test_run_in_a_booted_and_a_plain_container(ours262: Sandbox) -> None:
-    out = _run(ours262, RUN, timeout=300)
-    for c in ("rb18", "rp18"):
+    out = _run(ours262, RUN.replace("rb18", BOOTED), timeout=300)
+    for c in (BOOTED, "rp18"):
         assert f"{c} stdin=piped-in" in out, out
         assert f"{c} rc0=0 out=to-out err=to-err" in out, out
         assert f"{c} rc7=7" in out and f"{c} rcsig={128 + 10}" in out, out
@@ -259,7 +263,7 @@ def test_run_in_a_booted_and_a_plain_container(ours262: Sandbox) -> None:
     assert _value(out, "host-uid") == "daemon", out
     assert _value(out, "vm-rc") == "125" and "'rvm' is a virtual machine" in out, out
     assert _value(out, "enoent-rc") == "127" and "/nonexistent: No such file or directory" in out, out
-    assert _value(out, "nouser-rc") == "125" and "No user 'nosuch' in machine 'rb18'" in out, out
+    assert _value(out, "nouser-rc") == "125" and f"No user 'nosuch' in machine '{BOOTED}'" in out, out
 
 
 UNPRIVILEGED = r"""
