@@ -166,11 +166,31 @@ def main(argv: list[str] | None = None) -> int:
         "$XDG_RUNTIME_DIR/systemd/machine/io.systemd.Machine, machines' scopes in the user's service manager, "
         "state files in $XDG_RUNTIME_DIR/systemd/machines, images in the user's directories",
     )
+    parser.add_argument(
+        "--register-oci",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="register podman's and docker's containers as machines (default: off, or RegisterOCI= in the "
+        "configuration file)",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help="configuration file (default: /etc/machined/machined.conf, if it exists)",
+    )
     parser.add_argument("--version", action="version", version=f"machined {__version__}")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     return_large_buffers_to_the_system()
     try:
+        from machined import config
+
+        try:
+            conf = config.load(args.config or config.CONFIG_FILE, required=args.config is not None)
+        except config.ConfigError as e:
+            raise StartupError(str(e)) from None
+        register_oci = conf.register_oci if args.register_oci is None else args.register_oci
         user = None
         if args.user:
             from machined.userscope import UserScopeError, from_environment
@@ -189,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_interval=args.metrics_interval,
             personality=args.personality,
             user=user,
+            register_oci=register_oci and user is None,
         )
         return asyncio.run(daemon.run())
     except StartupError as e:

@@ -35,6 +35,7 @@ from machined.varlink import VarlinkServer
 
 if TYPE_CHECKING:
     from machined.metrics import Metrics
+    from machined.oci.watcher import OciWatcher
     from machined.varlink.ours import OursService
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class Daemon:
                  userdb_socket: str = USERDB_SOCKET, metrics_listen: tuple[str, int] | None = None,
                  metrics_textfile: str | None = None, metrics_interval: float = 15.0,
                  machine_socket: str | None = None, personality: str = personality.AUTO,
-                 user: UserScope | None = None) -> None:  # fmt: skip
+                 user: UserScope | None = None, register_oci: bool = False) -> None:  # fmt: skip
         # The per-user instance (262's --user): the user's bus, sockets, state and images.
         self.user = user
         if user is not None:
@@ -145,6 +146,9 @@ class Daemon:
         self.metrics_textfile = metrics_textfile
         self.metrics_interval = metrics_interval
         self.metrics: Metrics | None = None
+        # --register-oci: podman's and docker's containers as machines (machined.oci, loaded only then).
+        self.register_oci = register_oci
+        self.oci: OciWatcher | None = None
 
     async def run(self) -> int:
         """Serve until SIGTERM or until the bus goes away; exit status 0 either way, as 252
@@ -162,6 +166,11 @@ class Daemon:
             self._start_metrics()
             await systemd.connect(self.manager)
             await self._decide_personality(systemd)
+            if self.register_oci:
+                from machined.oci.watcher import OciWatcher
+
+                self.oci = OciWatcher(self.manager, list_units=systemd.list_units_by_patterns)
+                await systemd.watch_unit_new()
             tree = MachinedTree(self.manager, self.log_control)
             dispatcher = Dispatcher(self.bus, tree, self.machine_id)
             if self.metrics is not None:
@@ -172,6 +181,9 @@ class Daemon:
             if self.metrics is not None:  # machines recovered from state files are no registrations
                 self.manager.events.subscribe(_count_in(self.metrics))
             self.manager.start_gc()
+            if self.oci is not None:
+                await self.oci.scan()
+                log.info("Registering podman's and docker's containers as machines.")
             await self._start_userdb()
             await self._start_machine_varlink()
             await self._start_resolve_hook()
@@ -188,6 +200,8 @@ class Daemon:
             if watchdog is not None:
                 watchdog.cancel()
             await self.manager.stop_gc()
+            if self.oci is not None:
+                self.oci.close()
             if self.userdb is not None:
                 await self.userdb.stop()
             if self.machine_varlink is not None:

@@ -75,6 +75,9 @@ class Machine:
     # The cgroup below the unit the machine lives in (262's per-user instance: a varlink
     # registration of a leader in the user's manager is in a subgroup of user@UID.service).
     subgroup: str = ""
+    # "podman" or "docker" for a container registered from its runtime's scope (--register-oci):
+    # its scope is the runtime's, never stopped by machined; "" for every other machine.
+    runtime: str = ""
     # Its Properties.GetAll reply body as last marshalled, with the values it was made of.
     get_all_cache: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
 

@@ -72,6 +72,21 @@ class ServiceManager(Protocol):
                           env: list[str]) -> None: ...  # fmt: skip
 
 
+class ExternalMachines(Protocol):
+    """Machines of containers that a runtime runs (``--register-oci``: :mod:`machined.oci`).
+
+    The manager hands it the units systemd announces that no machine has, the machines read back
+    at start, and the terminate of such a machine; it tells it when a container's machine loses
+    its name to an ordinary registration, and when one goes."""
+
+    def adopt(self, machine: Machine) -> None: ...
+    def unit_seen(self, unit: str) -> None: ...
+    async def terminate(self, machine: Machine) -> None: ...
+    async def evicted(self, machine: Machine) -> None: ...
+    def forget(self, machine: Machine) -> None: ...
+    def reloaded(self) -> None: ...
+
+
 Announce = Callable[[str, Machine], None]  # ("MachineNew" | "MachineRemoved", machine)
 
 
@@ -152,6 +167,8 @@ class MachineManager:
         # machine may live in a cgroup below its unit (its subgroup), watched through its leader.
         self.user_scope = False
         self._leader_watches: dict[int, int] = {}  # machine identity → its leader's pidfd
+        # Containers' machines found from their runtimes' scopes (--register-oci); None: off.
+        self.external: ExternalMachines | None = None
 
     # ----- lookups -------------------------------------------------------------------
 
@@ -252,8 +269,29 @@ class MachineManager:
             self._in_progress.discard(id(machine))
         return machine
 
-    async def _add(self, req: RegistrationRequest) -> Machine:
+    async def register_external(self, req: RegistrationRequest, unit: str, runtime: str) -> Machine:
+        """A runtime's container (--register-oci): registered as RegisterMachine registers, with
+        the runtime's scope *unit* as its unit (never a new scope, never a subgroup)."""
+        machine = await self._add(req, external=True)
+        try:
+            machine.unit = unit
+            machine.runtime = runtime
+            await self._start(machine, [])
+        except BaseException:
+            self._drop_unstarted(machine)
+            raise
+        finally:
+            self._in_progress.discard(id(machine))
+        return machine
+
+    async def _add(self, req: RegistrationRequest, external: bool = False) -> Machine:
         existing = self.registry.get(req.name)
+        if existing is not None and existing.runtime and not external and self.external is not None:
+            # An ordinary registration wins over a container's machine of that name: the
+            # container is registered again under its fallback name.
+            await self.finalize(existing)
+            self._spawn(self.external.evicted(existing))
+            existing = self.registry.get(req.name)
         if existing is not None:
             if not await self._provably_dead(existing):
                 raise BusError(errors.MACHINE_EXISTS, f"Machine '{req.name}' already exists")
@@ -379,6 +417,12 @@ class MachineManager:
         """machine_stop(): ask systemd to stop the unit; removal follows through GC."""
         if machine.machine_class not in (MachineClass.CONTAINER, MachineClass.VM):
             raise errors.not_supported()
+        if machine.runtime:
+            # A runtime's container: its runtime stops it, or the call is refused (never its scope).
+            if self.external is None:
+                raise BusError.from_errno(errno.EOPNOTSUPP)
+            await self.external.terminate(machine)
+            return
         if machine.subgroup:
             # 262 does not stop a unit that holds more than the machine: it asks the supervisor
             # (nspawn...) to end it, with SIGTERM (ESRCH once the supervisor is gone).
@@ -450,6 +494,8 @@ class MachineManager:
             machine.leader_ref.release()
         if machine.supervisor_ref is not None:
             machine.supervisor_ref.release()
+        if machine.runtime and self.external is not None:
+            self.external.forget(machine)
 
     async def unregister(self, machine: Machine) -> None:
         await self.finalize(machine)
@@ -491,6 +537,13 @@ class MachineManager:
         machine = self.registry.by_unit(unit)
         if machine is not None:
             self.queue_gc(machine)
+        elif self.external is not None:
+            self.external.unit_seen(unit)
+
+    def unit_new(self, unit: str) -> None:
+        """A unit was loaded (UnitNew, matched only with --register-oci)."""
+        if self.external is not None and self.registry.by_unit(unit) is None:
+            self.external.unit_seen(unit)
 
     def manager_reloaded(self) -> None:
         """systemd reloaded, reexecuted or came back to the bus: signals may have been lost.
@@ -502,6 +555,8 @@ class MachineManager:
         self._spawn(self._recheck_start_jobs())
         if self._abandoned:
             self._spawn(self.reap_abandoned())
+        if self.external is not None:
+            self.external.reloaded()
 
     async def _recheck_start_jobs(self) -> None:
         assert self.systemd is not None
@@ -627,7 +682,7 @@ class MachineManager:
         # asks systemd twice even when nothing was stopped; its calls block, so the second
         # answer is the first one again: we ask again only after stopping.
         may = await self.may_gc(machine, drop_not_started, known)
-        if may and not machine.stopping and not machine.subgroup:
+        if may and not machine.stopping and not machine.subgroup and not machine.runtime:
             try:
                 await self.terminate(machine)
             except BusError as e:
@@ -656,6 +711,8 @@ class MachineManager:
                 machine.supervisor_ref = ref if ref.pidfd is not None and ref.is_alive() else None
                 if machine.supervisor_ref is None:
                     ref.release()
+            if self.external is not None:
+                self.external.adopt(machine)
             self.registry.add(machine)
             loaded.append(machine)
         self.gc_passes += 1

@@ -71,6 +71,10 @@ MATCH_RULES = [
 ]
 
 
+# Only with --register-oci: units appearing (a container runtime's scopes).
+UNIT_NEW_RULE = f"type='signal',sender='{SYSTEMD}',path='{SYSTEMD_PATH}',interface='{SYSTEMD_MANAGER}',member='UnitNew'"
+
+
 def unit_object_path(unit: str) -> str:
     return UNIT_PATH_PREFIX + bus_label_escape(unit)
 
@@ -78,6 +82,7 @@ def unit_object_path(unit: str) -> str:
 class SystemdListener(Protocol):
     def job_removed(self, job: str, unit: str, result: str) -> None: ...
     def unit_changed(self, unit: str) -> None: ...
+    def unit_new(self, unit: str) -> None: ...
     def manager_reloaded(self) -> None: ...
 
 
@@ -107,6 +112,15 @@ class Systemd:
         except BusError:
             self.owner = None
         await self.subscribe()
+
+    async def watch_unit_new(self) -> None:
+        """Follow UnitNew too (--register-oci only: one more match rule)."""
+        await call_bus_daemon(self.bus, "AddMatch", "s", [UNIT_NEW_RULE])
+
+    async def list_units_by_patterns(self, patterns: list[str]) -> list[tuple[str, str]]:
+        """(name, active state) of the loaded units matching *patterns* (ListUnitsByPatterns)."""
+        (rows,) = await self._manager_call("ListUnitsByPatterns", "asas", [[], patterns])
+        return [(row[0], row[3]) for row in rows]
 
     async def subscribe(self) -> None:
         try:
@@ -389,6 +403,8 @@ class Systemd:
                 self.listener.job_removed(job, unit, result)
             elif msg.member == "UnitRemoved" and msg.signature == "so":
                 self.listener.unit_changed(msg.body[0])
+            elif msg.member == "UnitNew" and msg.signature == "so":
+                self.listener.unit_new(msg.body[0])
             elif msg.member == "Reloading" and msg.signature == "b":
                 if not msg.body[0]:
                     self._resubscribe()
