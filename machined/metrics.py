@@ -183,6 +183,16 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily(
             "machined_machines", "Registered machines, .host included.", value=len(self.manager.registry)
         )
+        if self.manager.external is not None:  # --register-oci
+            counts = {"podman": 0, "docker": 0}
+            for machine in self.manager.machines():
+                if machine.runtime in counts:
+                    counts[machine.runtime] += 1
+            oci = GaugeMetricFamily("machined_oci_machines", "Machines of podman's and docker's containers.",
+                                    labels=["runtime"])  # fmt: skip
+            for runtime, count in counts.items():
+                oci.add_metric([runtime], count)
+            yield oci
 
     def _waiting(self) -> int:
         for _ in range(3):

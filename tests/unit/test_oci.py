@@ -513,3 +513,23 @@ def test_hostile_names_never_reach_a_state_file(tmp_path: Path) -> None:
         assert hostname_is_valid(name) and name != ".host" and "/" not in name and "\n" not in name
         StateDir(str(tmp_path)).save(Machine(name=name, machine_class=MachineClass.CONTAINER, unit=ref.scope))
     assert all("\n" not in p.name and p.parent == tmp_path for p in tmp_path.iterdir())
+
+
+async def test_metrics_count_containers_per_runtime(tmp_path: Path, leaders: list[int]) -> None:
+    from prometheus_client import generate_latest
+
+    from machined.limits import FairLimiter
+    from machined.metrics import Metrics
+
+    manager, _systemd, readers, watcher, _ = make(tmp_path)
+    readers[PODMAN].facts[PID] = Facts("web", leaders[0])
+    readers[DOCKER].facts[DID] = Facts("/d1", leaders[1])
+    manager.unit_new(f"libpod-{PID}.scope")
+    manager.unit_new(f"docker-{DID}.scope")
+    await watcher.settle()
+    metrics = Metrics(manager, FairLimiter("t", 4))
+    text = generate_latest(metrics.registry).decode()
+    assert 'machined_oci_machines{runtime="podman"} 1.0' in text
+    assert 'machined_oci_machines{runtime="docker"} 1.0' in text
+    manager.external = None  # off: no such metric at all
+    assert "machined_oci_machines" not in generate_latest(metrics.registry).decode()
