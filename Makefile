@@ -12,7 +12,8 @@ RUNDIR := .run
 # the Debian forky root of the systemd-262 sandbox).
 DEBS := systemd systemd-container systemd-userdbd dbus polkitd libnss-mymachines libglib2.0-bin libsystemd-dev pkg-config \
         gcc python3-dev python3-venv util-linux mount procps iproute2 hostname \
-        btrfs-progs fdisk e2fsprogs debootstrap
+        btrfs-progs fdisk e2fsprogs debootstrap \
+        podman docker.io crun runc
 
 .PHONY: run shell stop test unit lint deps clean
 

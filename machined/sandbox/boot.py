@@ -66,8 +66,10 @@ def _write_file(path: str, content: str | None, mode: int, symlink: str | None) 
 def boot(spec: dict[str, Any]) -> None:
     """Set up the namespace described by *spec* and exec systemd (never returns)."""
     tmpfs: list[dict[str, Any]] = spec["tmpfs"]
+    overlays: list[str] = spec.get("overlays", [])
     for entry in tmpfs:
-        os.makedirs(entry["path"], exist_ok=True)
+        if not any(_under(entry["path"], top) for top in overlays):  # (those are made in the overlay)
+            os.makedirs(entry["path"], exist_ok=True)
     for bind in spec["binds"]:
         if not os.path.exists(bind["dst"]):
             raise SystemExit(f"sandbox: bind target {bind['dst']} does not exist on this host")
@@ -89,7 +91,19 @@ def boot(spec: dict[str, Any]) -> None:
         if any(_under(path, entry["path"]) for entry in tmpfs) and os.path.isdir(path):
             preserved.append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
 
+    # Host directories made writable in the sandbox only: an overlay each, the host's
+    # directory below and a private tmpfs above (e.g. /var/lib for the container runtimes).
+    if overlays:
+        staging = spec["overlay_staging"]
+        _mount("-t", "tmpfs", "-o", "mode=700", "tmpfs", staging)
+        for i, path in enumerate(overlays):
+            upper, work = f"{staging}/{i}/upper", f"{staging}/{i}/work"
+            os.makedirs(upper)
+            os.makedirs(work)
+            _mount("-t", "overlay", "-o", f"lowerdir={path},upperdir={upper},workdir={work}", "overlay", path)
+
     for entry in tmpfs:
+        os.makedirs(entry["path"], exist_ok=True)
         _mount("-t", "tmpfs", "-o", entry["options"], "tmpfs", entry["path"])
 
     for path, fd in preserved:

@@ -247,10 +247,19 @@ def bus_limit_files(bus_limits: dict[str, int], unit_dir: str) -> list[dict[str,
     ]
 
 
-def our_unit_text(python: str) -> str:
-    """The project's service unit with ExecStart pointed at this interpreter."""
+def our_unit_text(python: str, args: builtins.list[str] | tuple[str, ...] = ()) -> str:
+    """The project's service unit with ExecStart pointed at this interpreter (and *args*
+    added to machined's command line, e.g. ``--register-oci``)."""
     text = unit_file("machined.service").read_text(encoding="utf-8")  # package data: works from a wheel
-    return re.sub(r"(?m)^ExecStart=.*$", f"ExecStart={python} -m machined", text)
+    extra = "".join(f" {_unit_quote(a)}" for a in args)
+    return re.sub(r"(?m)^ExecStart=.*$", lambda _: f"ExecStart={python} -m machined{extra}", text)
+
+
+def _unit_quote(arg: str) -> str:
+    """*arg* as one word of a unit file's command line (only plain words: a sandbox's options)."""
+    if not re.fullmatch(r"[A-Za-z0-9_./=:,+@-]+", arg):
+        raise SandboxError(f"machined argument {arg!r}: only letters, digits and _./=:,+@- here")
+    return arg
 
 
 class Sandbox:
@@ -265,12 +274,18 @@ class Sandbox:
         boot_timeout: float = 60.0,
         cgroup: str | None = None,
         systemd: str = "252",
+        machined_args: builtins.list[str] | tuple[str, ...] = (),
+        oci: bool = False,
     ) -> None:
         """*cgroup*: ``hybrid`` or ``unified`` (see :func:`sandbox_layout`; None: the default).
 
         *systemd*: ``252`` boots the host's systemd on the host's file systems (read-only);
         ``262`` boots the cached Debian forky root (built on first use) as an overlay, always
-        on cgroup2 only (see :mod:`machined.sandbox.forky`)."""
+        on cgroup2 only (see :mod:`machined.sandbox.forky`).
+
+        *machined_args*: added to our daemon's command line in its unit (``impl="ours"``).
+        *oci*: podman and docker usable inside, their state on the sandbox's tmpfs
+        (:mod:`machined.sandbox.oci`)."""
         if impl not in ("ours", "real"):
             raise SandboxError(f"unknown implementation '{impl}' (ours or real)")
         if cgroup is not None and cgroup not in LAYOUTS:
@@ -279,7 +294,11 @@ class Sandbox:
             raise SandboxError(f"unknown systemd '{systemd}' ({' or '.join(SYSTEMD_VERSIONS)})")
         if systemd == "262" and cgroup == "hybrid":
             raise SandboxError("systemd 262 supports cgroup2 only: a 262 sandbox is always unified")
+        if machined_args and impl != "ours":
+            raise SandboxError("machined_args are for our daemon (impl='ours')")
         self.info = SandboxInfo(id=secrets.token_hex(4), impl=impl, systemd=systemd)
+        self.machined_args = tuple(machined_args)
+        self.oci = oci
         self.requested_cgroup = cgroup
         self.bus_limits = bus_limits or {}
         self.machines_size = machines_size
@@ -322,6 +341,8 @@ class Sandbox:
         sb.machines_size = ""
         sb.boot_timeout = 60.0
         sb.requested_cgroup = sb.info.cgroup
+        sb.machined_args = ()
+        sb.oci = False
         sb._launcher = None
         sb._root = None
         return sb
@@ -502,11 +523,23 @@ class Sandbox:
         binds: list[dict[str, Any]] = []
         if self.info.impl == "ours":
             files.append({"path": f"{unit_dir}/systemd-machined.service", "symlink": "/dev/null"})
-            files.append({"path": f"{unit_dir}/machined.service", "content": our_unit_text(sys.executable)})
+            files.append(
+                {"path": f"{unit_dir}/machined.service", "content": our_unit_text(sys.executable, self.machined_args)}
+            )
             files.append({"path": f"{unit_dir}/dbus-org.freedesktop.machine1.service", "symlink": "machined.service"})
             for name, dst in POLICY_FILES.items():
                 binds.append({"src": str(file_path(interface_file(name))), "dst": dst})
         files += bus_limit_files(self.bus_limits, unit_dir)
+        overlays: list[str] = []
+        if self.oci:
+            from machined.sandbox import oci
+
+            for d in oci.OVERLAID_DIRS:
+                if not os.path.isdir(d):
+                    raise SandboxError(f"{d} is missing: podman and docker.io are not installed ('make deps')")
+            overlays = list(oci.OVERLAID_DIRS)
+            (self.state_dir / oci.OVERLAY_STAGING).mkdir()  # mounted on in the sandbox only
+            files += oci.config_files()
         tmpfs = [
             {"path": "/run", "options": "mode=755,nosuid,nodev,size=256m"},
             {"path": "/tmp", "options": "mode=1777,nosuid,nodev,size=512m"},
@@ -516,7 +549,11 @@ class Sandbox:
             {"path": "/var/log/journal", "options": "mode=2755,size=64m"},
             {"path": "/dev/shm", "options": "mode=1777,nosuid,nodev,size=64m"},
         ]
+        if self.oci:
+            tmpfs += oci.storage_tmpfs()
         return {
+            "overlays": overlays,
+            "overlay_staging": str(self.state_dir / "oci"),
             "tmpfs": tmpfs,
             "binds": binds,
             "files": files,
@@ -547,9 +584,9 @@ class Sandbox:
                 self._launcher.kill()
                 self._launcher.wait()
         self._remove_cgroups()
-        staging = self.state_dir / "root"
-        if os.path.ismount(staging):  # never on the host (it is mounted in the sandbox's namespace)
-            raise SandboxError(f"{staging} is mounted on the host: not removing {self.state_dir}")
+        for staging in (self.state_dir / "root", self.state_dir / "oci"):
+            if os.path.ismount(staging):  # never on the host (it is mounted in the sandbox's namespace)
+                raise SandboxError(f"{staging} is mounted on the host: not removing {self.state_dir}")
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def _remove_cgroups(self, timeout: float = 10.0) -> None:

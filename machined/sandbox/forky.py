@@ -65,6 +65,11 @@ EXTRA_MASKED_UNITS = (
     "sys-fs-fuse-connections.mount",
 )
 
+# podman's DHCP proxy for netavark (the sandboxes have no network for it) and, outside
+# ``oci=True`` sandboxes, docker's and containerd's units.
+NETAVARK_UNITS = ("netavark-dhcp-proxy.socket", "netavark-dhcp-proxy.service")
+OCI_UNITS = ("docker.socket", "docker.service", "containerd.service")
+
 DEV_NODES = (
     "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty",
     "/dev/net/tun", "/dev/fuse", "/dev/loop-control", "/dev/btrfs-control",
@@ -226,13 +231,18 @@ def boot_spec(sb: Sandbox, rootfs: Path, console: str) -> dict[str, Any]:
         {"path": "/etc/hostname", "content": f"sandbox-{sb.id}\n"},
     ]
     files += user_bus_files()
-    for unit in dict.fromkeys(MASKED_UNITS + EXTRA_MASKED_UNITS):
+    # The root's container runtimes (for the OCI tests) stay off in other sandboxes: their
+    # sockets would otherwise listen in every one (sockets.target wants them).
+    runtime_units = OCI_UNITS if not sb.oci else ()
+    for unit in dict.fromkeys(MASKED_UNITS + EXTRA_MASKED_UNITS + NETAVARK_UNITS + runtime_units):
         files.append({"path": f"{unit_dir}/{unit}", "symlink": "/dev/null"})
     binds: list[dict[str, Any]] = [{"src": p, "dst": p} for p in host_paths()]
     if sb.info.impl == "ours":
         for unit in ("systemd-machined.service", "systemd-machined.socket"):
             files.append({"path": f"{unit_dir}/{unit}", "symlink": "/dev/null"})
-        files.append({"path": f"{unit_dir}/machined.service", "content": our_unit_text(sys.executable)})
+        files.append(
+            {"path": f"{unit_dir}/machined.service", "content": our_unit_text(sys.executable, sb.machined_args)}
+        )
         files.append(
             {
                 "path": f"{unit_dir}/machined.service.d/host-python.conf",
@@ -256,6 +266,11 @@ def boot_spec(sb: Sandbox, rootfs: Path, console: str) -> dict[str, Any]:
         {"path": "/var/lib/machines", "options": f"mode=700,size={sb.machines_size or '512m'}"},
         {"path": "/var/log/journal", "options": "mode=2755,size=64m"},
     ]
+    if sb.oci:  # the root's podman and docker.io, their state on tmpfs, their /etc in the overlay
+        from machined.sandbox import oci
+
+        tmpfs += oci.storage_tmpfs()
+        files += oci.config_files()
     return {
         "lower": str(rootfs),
         "staging": str(sb.state_dir / "root"),

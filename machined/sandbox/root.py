@@ -50,6 +50,12 @@ INCLUDE = (
     "btrfs-progs",
     "e2fsprogs",
     "fdisk",
+    # the container runtimes of the OCI registration tests (machined --register-oci)
+    "podman",
+    "docker.io",
+    "docker-cli",
+    "crun",
+    "runc",
 )
 # debootstrap has no script for forky before it is released; sid's works for every suite.
 DEBOOTSTRAP_SCRIPT = "/usr/share/debootstrap/scripts/sid"
