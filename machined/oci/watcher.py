@@ -66,6 +66,7 @@ class OciWatcher:
                  list_units: ListUnits | None = None) -> None:  # fmt: skip
         self.manager = manager
         self.list_units = list_units
+        self.in_scope: Callable[[int, str], bool] = _in_scope  # (the tests' fake cgroups)
         self.readers = readers if readers is not None else _default_readers()
         self.stoppers = stoppers if stoppers is not None else _default_stoppers()
         self.retry_delays = retry_delays
@@ -154,14 +155,16 @@ class OciWatcher:
             except (OSError, HTTPError) as e:
                 log.debug("Cannot read %s container %s yet: %s", ref.runtime, ref.id[:12], e)
                 facts = None
-            if facts is not None and facts.pid and _in_scope(facts.pid, ref.scope):
+            if facts is not None and facts.pid and self.in_scope(facts.pid, ref.scope):
                 break
             facts = None
+            if not await self._scope_active(ref.scope):
+                return  # the scope went (UnitRemoved, a stopped container): nothing to wait for
         if facts is None:
             log.debug("No running %s container for %s.", ref.runtime, ref.scope)
             return
         leader = ProcessRef.take(facts.pid)
-        if leader.pidfd is None or not leader.is_alive() or not _in_scope(facts.pid, ref.scope):
+        if leader.pidfd is None or not leader.is_alive() or not self.in_scope(facts.pid, ref.scope):
             leader.release()  # gone, or its PID taken by another process meanwhile
             return
         taken = {m.name for m in self.manager.registry}
@@ -180,8 +183,12 @@ class OciWatcher:
             return
         if machine.name == _plain(facts.name, ref):
             self._own_name[ref.scope] = machine.name
-        log.info("Registered %s container %s (%s) as machine %s.", ref.runtime, ref.id[:12], escape(facts.name),
-                 machine.name)  # fmt: skip
+        log.info("Registered %s container %s (%s) as machine %s.", ref.runtime, ref.id[:12],
+                 escape(_plain(facts.name, ref)), machine.name)  # fmt: skip
+
+    async def _scope_active(self, scope: str) -> bool:
+        systemd = self.manager.systemd
+        return systemd is None or await systemd.unit_is_active(scope)
 
     def _log_clash(self, wanted: str, ref: ContainerRef, name: str) -> None:
         if ref.id in self._logged_clash:

@@ -391,6 +391,12 @@ async def test_runtime_state_late_and_never(tmp_path: Path, leaders: list[int]) 
     manager.unit_new(f"docker-{DID}.scope")  # docker never heard of it: given up after the retries
     await watcher.settle()
     assert readers[DOCKER].reads == 3 and len(manager.registry) == 2
+    systemd = manager.systemd
+    systemd.inactive.add(f"docker-{DID}.scope")  # a scope that went (UnitRemoved): one look, no retries
+    manager.unit_changed(f"docker-{DID}.scope")
+    await watcher.settle()
+    assert readers[DOCKER].reads == 4
+    systemd.inactive.clear()
     watcher.in_scope = lambda pid, scope: False  # a PID that is not in the scope is never a leader
     readers[DOCKER].facts[DID] = Facts("d1", leaders[1])
     manager.unit_new(f"docker-{DID}.scope")
