@@ -539,3 +539,43 @@ async def test_metrics_count_containers_per_runtime(tmp_path: Path, leaders: lis
     assert 'machined_oci_machines{runtime="docker"} 1.0' in text
     manager.external = None  # off: no such metric at all
     assert "machined_oci_machines" not in generate_latest(metrics.registry).decode()
+
+
+def test_unit_new_is_matched_only_when_asked_and_reaches_the_manager() -> None:
+    from dbus_fast import Message, MessageType
+
+    from machined.clients import systemd1
+
+    assert not any("UnitNew" in rule for rule in systemd1.MATCH_RULES)  # off: no match rule for it
+    assert "member='UnitNew'" in systemd1.UNIT_NEW_RULE
+
+    class Listener:
+        def __init__(self) -> None:
+            self.new: list[str] = []
+            self.changed: list[str] = []
+
+        def job_removed(self, job: str, unit: str, result: str) -> None: ...
+        def manager_reloaded(self) -> None: ...
+
+        def unit_new(self, unit: str) -> None:
+            self.new.append(unit)
+
+        def unit_changed(self, unit: str) -> None:
+            self.changed.append(unit)
+
+    sd = systemd1.Systemd(object())  # type: ignore[arg-type]
+    listener = Listener()
+    sd.listener = listener
+    sd.owner = ":1.1"
+    path = "/org/freedesktop/systemd1/unit/x"
+    for sender, member in ((":1.1", "UnitNew"), (":1.9", "UnitNew"), (":1.1", "UnitRemoved")):
+        msg = Message(message_type=MessageType.SIGNAL, path=systemd1.SYSTEMD_PATH, interface=systemd1.SYSTEMD_MANAGER,
+                      member=member, signature="so", body=[f"libpod-{PID}.scope", path], sender=sender)  # fmt: skip
+        sd._on_signal(msg)
+    assert listener.new == [f"libpod-{PID}.scope"] and listener.changed == [f"libpod-{PID}.scope"]
+
+
+def test_refused_terminate_over_varlink_is_262s_errno_error() -> None:
+    error = BusError.from_errno(errno.EOPNOTSUPP, "Machine web is a podman container: stop it with 'podman stop web'")
+    assert errors.varlink_error(error) == ("io.systemd.System",
+                                           {"origin": "linux", "errno": 95, "errnoName": "EOPNOTSUPP"})  # fmt: skip
