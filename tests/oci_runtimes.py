@@ -90,8 +90,10 @@ def prepare(sb: Sandbox) -> None:
 
 
 def run(sb: Sandbox, runtime: str, name: str, *args: str) -> Container:
-    """``RUNTIME run -d --name NAME --network none IMAGE sleep infinity`` (and *args* before the image)."""
-    r = sb.run([runtime, "run", "-d", "--name", name, "--network", "none", *args, IMAGE[runtime], "sleep", "infinity"])
+    """``RUNTIME run -d --name NAME --network none IMAGE sleep infinity`` (and *args* before the
+    image). Stopped with SIGKILL: ``sleep`` as PID 1 ignores SIGTERM, and a stop would wait 10 s."""
+    argv = [runtime, "run", "-d", "--name", name, "--network", "none", "--stop-signal", "SIGKILL", *args]
+    r = sb.run([*argv, IMAGE[runtime], "sleep", "infinity"])
     cid = r.stdout.strip().splitlines()[-1]
     pid = int(sb.run([runtime, "inspect", "-f", "{{.State.Pid}}", cid]).stdout.strip())
     return Container(runtime, name, cid, pid)
