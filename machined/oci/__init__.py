@@ -100,9 +100,8 @@ def machine_name(container_name: str, ref: ContainerRef, taken: frozenset[str] |
 
 
 def escape(text: str) -> str:
-    """*text* for a log line or a message: printable ASCII kept, the rest as \\xNN escapes, at
-    most 80 characters shown."""
-    shown = text[:80]
-    out = "".join(ch if " " <= ch <= "~" and ch != "\\" else repr(ch)[1:-1] if ch != "\\" else "\\\\"
-                  for ch in shown)  # fmt: skip
+    """*text* for a log line or a message: printable ASCII kept, the rest escaped as Python escapes
+    it (``\\n``, ``\\x1b``, ``\\xfc``, ``\\u2028``, ``\\\\``), at most 80 characters shown."""
+    out = "".join(ch if " " <= ch <= "~" and ch != "\\" else ch.encode("unicode_escape").decode("ascii")
+                  for ch in text[:80])  # fmt: skip
     return out + ("..." if len(text) > 80 else "")

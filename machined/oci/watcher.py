@@ -107,12 +107,13 @@ class OciWatcher:
 
     def reloaded(self) -> None:
         """systemd reloaded or came back: signals may have been lost, so list the scopes again."""
-        task = asyncio.get_running_loop().create_task(self.scan())
+        task = asyncio.get_running_loop().create_task(self.scan(quiet=True))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def scan(self) -> None:
-        """The containers running when the daemon starts: their scopes, listed by pattern."""
+    async def scan(self, quiet: bool = False) -> None:
+        """The containers running when the daemon starts: their scopes, listed by pattern (*quiet*:
+        a failure only logged for debugging: systemd may be away for a moment)."""
         from machined.oci import SCOPE_PATTERNS
 
         if self.list_units is None:
@@ -120,7 +121,7 @@ class OciWatcher:
         try:
             units = await self.list_units(SCOPE_PATTERNS)
         except BusError as e:
-            log.warning("Cannot list the containers' scopes: %s", e.message)
+            (log.debug if quiet else log.warning)("Cannot list the containers' scopes: %s", e.message)
             return
         for unit, active_state in units:
             if active_state in ("active", "activating", "reloading") and self.manager.registry.by_unit(unit) is None:
@@ -138,10 +139,10 @@ class OciWatcher:
     # ----- registration ----------------------------------------------------------------------
 
     async def _facts(self, ref: ContainerRef) -> Facts | None:
-        result = self.readers[ref.runtime].read(ref)
-        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-            return await result  # type: ignore[no-any-return]
-        return result  # type: ignore[return-value]
+        reader = self.readers[ref.runtime]
+        if asyncio.iscoroutinefunction(reader.read):
+            return await reader.read(ref)  # type: ignore[no-any-return]
+        return await asyncio.to_thread(reader.read, ref)  # type: ignore[arg-type]  # files: off the loop
 
     async def _register(self, ref: ContainerRef) -> None:
         facts: Facts | None = None

@@ -93,6 +93,7 @@ def test_escape_keeps_log_lines_whole() -> None:
     assert escape("a\nb\x1b[31m") == "a\\nb\\x1b[31m"
     assert "\n" not in escape("\n" * 300) and escape("x" * 300).endswith("...") and len(escape("x" * 300)) == 83
     assert escape("a\\b") == "a\\\\b"
+    assert escape("ü\u2028\ud800") == "\\xfc\\u2028\\ud800" and escape("ü\u2028\ud800").isascii()
 
 
 # ----- configuration ----------------------------------------------------------------------------
