@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 
-from machined import errors, idmap
+from machined import errors, idmap, personality
 from machined.children import jobs
 from machined.envfile import read_os_release
 from machined.errors import BusError
@@ -120,7 +120,7 @@ class MachineAccess:
                 await run_worker(
                     jobs.BIND_MOUNT, SESSION_TIMEOUT, fds={"leader_fd": leader_fd},
                     leader=machine.leader, name=machine.name, source=src, destination=dest, read_only=read_only,
-                    mkdir=mkdir,
+                    mkdir=mkdir, new_api=personality.is_262(),
                 )  # fmt: skip
         except OSError as e:
             code = e.errno or errno.EIO

@@ -8,9 +8,11 @@ the leader's pidfd (*leader_fd*, see :mod:`machined.inside.nsprobe`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import stat
+import struct
 import tempfile
 
 from machined.errors import BusError, errno_error_name
@@ -68,7 +70,7 @@ def _remove_mount_point(path: str, is_dir: bool) -> None:
 
 
 def bind_mount(leader: int, leader_fd: int, name: str, source: str, destination: str, read_only: bool,
-               mkdir: bool) -> None:  # fmt: skip
+               mkdir: bool, new_api: bool = False) -> None:  # fmt: skip
     """Bind *source* (host) onto *destination* in the container, through nspawn's propagation directory.
 
     The new mount is prepared in a private playground, moved into
@@ -84,7 +86,12 @@ def bind_mount(leader: int, leader_fd: int, name: str, source: str, destination:
         os.close(mntns)
     propagate = f"/run/systemd/nspawn/propagate/{name}"
     if not os.path.isdir(propagate + "/"):
-        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        if not new_api:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        # 262, a container nspawn did not start (no propagation directory): a detached copy of
+        # the source mount (open_tree), moved in from inside the container's mount namespace.
+        _bind_mount_detached(leader_fd, source, destination, read_only, mkdir)
+        return
     real_source = os.path.realpath(source, strict=True)
     is_dir = stat.S_ISDIR(os.stat(real_source).st_mode)
 
@@ -113,6 +120,67 @@ def bind_mount(leader: int, leader_fd: int, name: str, source: str, destination:
             os.rmdir(playground)
         except OSError:
             pass
+
+
+SYS_open_tree = 428  # the same numbers on every architecture (new syscalls are unified)
+SYS_move_mount = 429
+SYS_mount_setattr = 442
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_EMPTY_PATH = 0x1000
+MOVE_MOUNT_F_EMPTY_PATH = 0x04
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOUNT_ATTR_RDONLY = 0x1
+
+
+def _syscall(number: int, *args: object) -> int:
+    # (integers as C longs: a variadic call would pass them as 32-bit ints, -100 not sign-extended)
+    values = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+    ret: int = libc.libc.syscall(ctypes.c_long(number), *values)
+    if ret < 0:
+        raise libc.last_error()
+    return ret
+
+
+def _bind_mount_detached(leader_fd: int, source: str, destination: str, read_only: bool, mkdir: bool) -> None:
+    """Bind *source* onto *destination* in the container with the new mount API: the source's
+    mount cloned detached in the host (not recursive, as the old way), made read-only if asked,
+    then attached onto the destination from inside the container's mount namespace."""
+    real_source = os.path.realpath(source, strict=True)
+    is_dir = stat.S_ISDIR(os.stat(real_source).st_mode)
+    tree = _syscall(SYS_open_tree, libc.AT_FDCWD, real_source.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
+    try:
+        if read_only:
+            attr = ctypes.create_string_buffer(struct.pack("=QQQQ", MOUNT_ATTR_RDONLY, 0, 0, 0))
+            _syscall(SYS_mount_setattr, tree, b"", AT_EMPTY_PATH, attr, 32)
+        host = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            join_mount_namespace(leader_fd)
+            try:
+                if mkdir:
+                    _make_destination(destination, is_dir)
+                target = os.open(destination, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    _syscall(SYS_move_mount, tree, b"", target, b"", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)
+                finally:
+                    os.close(target)
+            finally:
+                setns(host, CLONE_NEWNS)
+        finally:
+            os.close(host)
+    finally:
+        os.close(tree)
+
+
+def _make_destination(destination: str, is_dir: bool) -> None:
+    """As upstream: best effort, whatever is in the way stays and the move decides."""
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(destination), 0o755, exist_ok=True)
+    with contextlib.suppress(OSError):
+        if is_dir:
+            os.mkdir(destination, 0o700)
+        else:
+            os.mknod(destination, stat.S_IFREG | 0o600)
 
 
 def _move_into_container(leader_fd: int, entry: str, destination: str, is_dir: bool, mkdir: bool) -> None:
