@@ -639,6 +639,8 @@ class MachineManager:
             return False
         if machine.subgroup:
             return machine.leader_ref is None or not machine.leader_ref.is_alive()
+        if machine.runtime and (machine.leader_ref is None or not machine.leader_ref.is_alive()):
+            return True  # a runtime's container whose init exited: its scope may already be the next run's
         assert self.systemd is not None
         if machine.scope_job and await self.systemd.job_is_active(machine.scope_job):
             return False

@@ -86,8 +86,11 @@ class OciWatcher:
             machine.runtime = ref.runtime
 
     def forget(self, machine: Machine) -> None:
-        """A container's machine is gone."""
+        """A container's machine is gone. Its scope is looked at once more: a container started
+        again at once (``docker restart``) may run in a scope of the same name already."""
         self._own_name.pop(machine.unit, None)
+        if machine.unit:
+            self.unit_seen(machine.unit)
 
     def unit_seen(self, unit: str) -> None:
         """systemd announced *unit* (new, or its properties changed) and no machine has it."""

@@ -341,7 +341,7 @@ def make(tmp_path: Path, stoppers: dict[str, object] | None = None):  # type: ig
     readers = {PODMAN: FakeReader(PODMAN), DOCKER: FakeReader(DOCKER)}
     watcher = OciWatcher(manager, readers=readers, stoppers=stoppers or {},  # type: ignore[arg-type]
                          retry_delays=(0.0, 0.01, 0.01))  # fmt: skip
-    watcher.in_scope = lambda pid, scope: True
+    watcher.in_scope = lambda pid, scope: scope not in systemd.inactive  # a gone scope holds no process
     return manager, systemd, readers, watcher, announced
 
 
@@ -378,6 +378,8 @@ async def test_a_scope_becomes_a_machine_and_goes_with_it(tmp_path: Path, leader
     assert "web" not in manager.registry and not (tmp_path / "web").exists()
     assert not os.path.lexists(tmp_path / f"unit:{scope}") and systemd.stopped == []
     assert announced[-1] == ("MachineRemoved", "web")
+    await watcher.settle()  # its scope looked at once more: gone, so nothing comes back
+    assert "web" not in manager.registry and announced[-1] == ("MachineRemoved", "web")
 
 
 async def test_runtime_state_late_and_never(tmp_path: Path, leaders: list[int]) -> None:
@@ -580,3 +582,22 @@ def test_refused_terminate_over_varlink_is_262s_errno_error() -> None:
     error = BusError.from_errno(errno.EOPNOTSUPP, "Machine web is a podman container: stop it with 'podman stop web'")
     assert errors.varlink_error(error) == ("io.systemd.System",
                                            {"origin": "linux", "errno": 95, "errnoName": "EOPNOTSUPP"})  # fmt: skip
+
+
+async def test_restarted_container_in_a_scope_of_the_same_name(tmp_path: Path, leaders: list[int]) -> None:
+    """``docker restart``: the init exits and the next run's scope (same name) is active before GC
+    looks: the machine goes with its init and comes back with the new one."""
+    manager, systemd, readers, watcher, announced = make(tmp_path)
+    first = subprocess.Popen(["sleep", "1000"])
+    readers[DOCKER].facts[DID] = Facts("/d1", first.pid)
+    manager.unit_new(f"docker-{DID}.scope")
+    await watcher.settle()
+    assert manager.get("d1").leader == first.pid
+    first.kill()
+    first.wait()
+    readers[DOCKER].facts[DID] = Facts("/d1", leaders[1])  # the next run, its scope active
+    manager.unit_changed(f"docker-{DID}.scope")
+    await manager.gc(drop_not_started=True)
+    await watcher.settle()
+    assert manager.get("d1").leader == leaders[1] and systemd.stopped == []
+    assert announced == [("MachineNew", "d1"), ("MachineRemoved", "d1"), ("MachineNew", "d1")]
