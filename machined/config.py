@@ -6,8 +6,10 @@ INI, one section ``[Machined]``::
     RegisterOCI=yes
 
 A missing file is the defaults; the command line wins over the file. Booleans as systemd reads
-them (yes/no, true/false, on/off, 1/0). An unknown key is logged and ignored; a file that cannot
-be parsed, or a value that is not a boolean, stops the daemon with a message naming it.
+them (yes/no, true/false, on/off, 1/0). As systemd treats its own files: an unknown section or
+key, a value that is not a boolean, or a file that cannot be parsed is logged and ignored (the
+defaults stand), so that a typo never keeps machines from being registered. Only a file named
+with ``--config`` that cannot be opened stops the daemon.
 """
 
 from __future__ import annotations
@@ -49,12 +51,15 @@ def load(path: str = CONFIG_FILE, required: bool = False) -> Config:
     try:
         with open(path, encoding="utf-8") as f:
             parser.read_file(f, source=path)
-    except FileNotFoundError:
+    except OSError as e:
         if required:
-            raise ConfigError(f"{path}: no such file") from None
+            raise ConfigError(f"{path}: {e.strerror or e}") from None
+        if not isinstance(e, FileNotFoundError):
+            log.warning("Cannot read %s, ignoring it: %s", path, e)
         return Config()
-    except (OSError, UnicodeDecodeError, configparser.Error) as e:
-        raise ConfigError(f"{path}: {e}") from None
+    except (UnicodeDecodeError, configparser.Error) as e:
+        log.warning("Cannot parse %s, ignoring it: %s", path, str(e).replace("\n", " "))
+        return Config()
     register_oci = False
     for section in parser.sections():
         if section != SECTION:
@@ -64,8 +69,9 @@ def load(path: str = CONFIG_FILE, required: bool = False) -> Config:
             if key == "RegisterOCI":
                 parsed = parse_bool(value)
                 if parsed is None:
-                    raise ConfigError(f"{path}: RegisterOCI={value!r} is not a boolean")
-                register_oci = parsed
+                    log.warning("%s: RegisterOCI=%r is not a boolean, ignoring.", path, value)
+                else:
+                    register_oci = parsed
             else:
                 log.warning("%s: unknown key %r in [%s], ignored.", path, key, section)
     return Config(register_oci=register_oci)

@@ -101,18 +101,22 @@ def test_escape_keeps_log_lines_whole() -> None:
 
 def test_config_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert config.load(str(tmp_path / "none.conf")) == config.Config(register_oci=False)
-    with pytest.raises(config.ConfigError, match="no such file"):
+    with pytest.raises(config.ConfigError, match="No such file"):
         config.load(str(tmp_path / "none.conf"), required=True)
     conf = tmp_path / "machined.conf"
     for value, expected in (("yes", True), ("1", True), ("on", True), ("no", False), ("false", False)):
         conf.write_text(f"# comment\n[Machined]\nRegisterOCI={value}\n")
         assert config.load(str(conf)).register_oci is expected
-    conf.write_text("[Machined]\nRegisterOCI=maybe\n")
-    with pytest.raises(config.ConfigError, match="not a boolean"):
-        config.load(str(conf))
-    conf.write_text("RegisterOCI=yes\n")  # no section
-    with pytest.raises(config.ConfigError):
-        config.load(str(conf))
+    # as systemd's own files: what cannot be used is logged and ignored, the defaults stand
+    with caplog.at_level(logging.WARNING):
+        conf.write_text("[Machined]\nRegisterOCI=maybe\n")
+        assert config.load(str(conf)).register_oci is False
+        conf.write_text("RegisterOCI=yes\n")  # no section
+        assert config.load(str(conf)).register_oci is False
+        conf.write_bytes(b"[Machined]\nRegisterOCI=\xff\n")
+        assert config.load(str(conf)).register_oci is False
+    assert "'maybe' is not a boolean" in caplog.text and caplog.text.count("ignoring it") == 2
+    caplog.clear()
     conf.write_text("[Machined]\nRegisterOCI=yes\nBogus=1\n[Other]\nx=1\n")
     with caplog.at_level(logging.WARNING):
         assert config.load(str(conf)).register_oci is True
