@@ -49,6 +49,7 @@ MACHINE_SOCKET = "/run/systemd/machine/io.systemd.Machine"
 MACHINE_IMAGE_LINK = "/run/systemd/machine/io.systemd.MachineImage"
 VARLINK_REGISTRY = "/run/varlink/registry"
 IDENTIFIER = "machined"
+OCI_START_WAIT = 3.0  # --register-oci: how long start-up waits for the running containers' registrations
 
 
 class StartupError(Exception):
@@ -182,7 +183,10 @@ class Daemon:
                 self.manager.events.subscribe(_count_in(self.metrics))
             self.manager.start_gc()
             if self.oci is not None:
+                # The containers running now, registered before the first caller is served (as
+                # machines read back from state files are); a slow runtime delays that 3 s at most.
                 await self.oci.scan()
+                await self.oci.settle(OCI_START_WAIT)
                 log.info("Registering podman's and docker's containers as machines.")
             await self._start_userdb()
             await self._start_machine_varlink()

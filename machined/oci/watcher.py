@@ -130,10 +130,16 @@ class OciWatcher:
             if active_state in ("active", "activating", "reloading") and self.manager.registry.by_unit(unit) is None:
                 self.unit_seen(unit)
 
-    async def settle(self) -> None:
-        """Wait for the registrations under way (tests, start-up)."""
+    async def settle(self, timeout: float | None = None) -> None:
+        """Wait for the registrations under way (start-up, tests), at most *timeout* seconds;
+        they go on after it."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while self._pending:
-            await asyncio.gather(*self._pending.values(), return_exceptions=True)
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                return
+            await asyncio.wait(list(self._pending.values()), timeout=left)
 
     def close(self) -> None:
         for task in [*self._pending.values(), *self._tasks]:

@@ -605,3 +605,17 @@ async def test_restarted_container_in_a_scope_of_the_same_name(tmp_path: Path, l
     await watcher.settle()
     assert manager.get("d1").leader == leaders[1] and systemd.stopped == []
     assert announced == [("MachineNew", "d1"), ("MachineRemoved", "d1"), ("MachineNew", "d1")]
+
+
+async def test_settle_waits_at_most_its_timeout_and_leaves_the_rest_running(tmp_path: Path, leaders: list[int]) -> None:
+    manager, _systemd, readers, watcher, _ = make(tmp_path)
+    watcher.retry_delays = (0.0, 0.3)
+    readers[PODMAN].facts[PID] = Facts("web", 0)  # found on the second look, 0.3 s later
+    manager.unit_new(f"libpod-{PID}.scope")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await watcher.settle(0.05)
+    assert loop.time() - start < 0.25 and "web" not in manager.registry
+    readers[PODMAN].facts[PID] = Facts("web", leaders[0])
+    await watcher.settle(2.0)
+    assert manager.get("web").leader == leaders[0]
