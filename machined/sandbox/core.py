@@ -569,6 +569,15 @@ class Sandbox:
     def stop(self, timeout: float = 30.0) -> None:
         """Power the sandbox off and remove every trace of it; safe to call twice."""
         pid, start_time = self.info.init_pid, self.info.init_start_time
+        if _alive(pid, start_time) and self.oci:
+            # Containers first: podman's conmon ignores the SIGTERM of a shutdown, which would
+            # then wait out its stop timeout.
+            from machined.sandbox.oci import REMOVE_ALL
+
+            try:
+                self.run(["sh", "-c", REMOVE_ALL], check=False, timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
         if _alive(pid, start_time):
             self.run(["systemctl", "poweroff", "--no-block"], check=False, timeout=10)
             deadline = time.monotonic() + timeout

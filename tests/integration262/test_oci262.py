@@ -10,7 +10,7 @@ import pytest
 
 from machined.sandbox import Sandbox
 from tests.integration import test_oci
-from tests.integration.test_oci import State, make_state
+from tests.integration.test_oci import State, compared, make_state  # noqa: F401 (compared: a fixture)
 
 pytestmark = pytest.mark.integration
 
