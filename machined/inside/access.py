@@ -73,6 +73,8 @@ class MachineAccess:
                 return read_os_release("/")  # a small local file: quicker than a thread hop
             return await looks.container_os_release(machine)
         except FileNotFoundError:
+            if personality.is_262():  # its reader's ENOENT, passed on by errno (not 252's Failed)
+                raise BusError.from_errno(errno.ENOENT, "Failed to get OS release: No such file or directory") from None
             raise BusError(errors.FAILED, "Machine does not contain OS release information") from None
 
     async def uid_shift(self, machine: Machine) -> int:

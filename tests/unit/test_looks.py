@@ -215,3 +215,32 @@ def test_addresses_as_ip_shows_them() -> None:
     assert {(socket.inet_ntop(a.family, a.address), a.ifindex) for a in got} == shown
     families = [a.family for a in got]
     assert families == sorted(families, key=lambda f: f != socket.AF_INET)  # IPv4 first
+
+
+async def test_no_os_release_answered_as_each_version(
+    as_version: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container with neither /etc/os-release nor /usr/lib/os-release: 252 says Failed "Machine
+    does not contain OS release information", 262 passes its reader's ENOENT on by errno."""
+    from machined.inside.access import MachineAccess
+    from machined.machine import Machine, MachineClass, Timestamp, host_machine
+    from machined.manager import MachineManager
+    from machined.statefile import StateDir
+
+    async def missing(machine: Machine) -> dict[str, str]:
+        raise FileNotFoundError(errno.ENOENT, "none")
+
+    monkeypatch.setattr(looks, "container_os_release", missing)
+    access = MachineAccess(MachineManager(host_machine(b"", Timestamp()), StateDir(str(tmp_path))))
+    monkeypatch.setattr(access, "check_may_enter", lambda machine, what: None)
+    machine = Machine(name="c", machine_class=MachineClass.CONTAINER, leader=os.getpid())
+    with pytest.raises(BusError) as e:
+        await access.os_release(machine)
+    if as_version == "262":
+        assert (e.value.name, e.value.message) == (
+            "org.freedesktop.DBus.Error.FileNotFound", "Failed to get OS release: No such file or directory"
+        )
+    else:
+        assert (e.value.name, e.value.message) == (
+            "org.freedesktop.DBus.Error.Failed", "Machine does not contain OS release information"
+        )
