@@ -238,9 +238,11 @@ async def test_no_os_release_answered_as_each_version(
         await access.os_release(machine)
     if as_version == "262":
         assert (e.value.name, e.value.message) == (
-            "org.freedesktop.DBus.Error.FileNotFound", "Failed to get OS release: No such file or directory"
+            "org.freedesktop.DBus.Error.FileNotFound",
+            "Failed to get OS release: No such file or directory",
         )
     else:
         assert (e.value.name, e.value.message) == (
-            "org.freedesktop.DBus.Error.Failed", "Machine does not contain OS release information"
+            "org.freedesktop.DBus.Error.Failed",
+            "Machine does not contain OS release information",
         )
