@@ -10,7 +10,7 @@ import pytest
 
 from machined.sandbox import Sandbox
 from tests.integration import test_oci
-from tests.integration.test_oci import State, compared, make_state  # noqa: F401 (compared: a fixture)
+from tests.integration.test_oci import MACHINED_ARGS, State, compared, make_state  # noqa: F401 (compared: a fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -22,5 +22,5 @@ for _name, _test in vars(test_oci).items():
 
 @pytest.fixture(scope="module")
 def oci_state() -> Iterator[State]:
-    with Sandbox("ours", systemd="262", oci=True, machined_args=["--register-oci"]) as sb:
+    with Sandbox("ours", systemd="262", oci=True, machined_args=MACHINED_ARGS) as sb:
         yield from make_state(sb)
