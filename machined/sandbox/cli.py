@@ -33,7 +33,9 @@ def _pick(sandbox_id: str | None) -> Sandbox:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    sb = Sandbox(args.impl, cgroup=args.cgroup, systemd=args.systemd).start()
+    sb = Sandbox(
+        args.impl, cgroup=args.cgroup, systemd=args.systemd, oci=args.oci, machined_args=args.machined_arg or ()
+    ).start()
     print(sb.id)
     return 0
 
@@ -73,7 +75,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.command:
         raise SandboxError("run needs a command: machined-sandbox run [--impl X] -- CMD [ARGS...]")
-    with Sandbox(args.impl, cgroup=args.cgroup, systemd=args.systemd) as sb:
+    with Sandbox(
+        args.impl, cgroup=args.cgroup, systemd=args.systemd, oci=args.oci, machined_args=args.machined_arg or ()
+    ) as sb:
         return sb.interactive(args.command)
 
 
@@ -103,6 +107,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo(args.id_file, args.systemd)
 
 
+def _add_extras(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--oci",
+        action="store_true",
+        help="podman and docker usable inside (root, systemd cgroup manager; storage on the sandbox's tmpfs; "
+        "the hybrid layout cannot run their containers)",
+    )
+    s.add_argument(
+        "--machined-arg",
+        action="append",
+        metavar="ARG",
+        help="add ARG to our machined's command line (repeatable; --impl ours), e.g. --machined-arg=--register-oci",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="machined-sandbox",
@@ -115,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--impl", choices=["ours", "real"], default="ours")
     s.add_argument("--cgroup", choices=list(LAYOUTS), default=None, help=CGROUP_HELP)
     s.add_argument("--systemd", choices=list(SYSTEMD_VERSIONS), default="252", help=SYSTEMD_HELP)
+    _add_extras(s)
     s.set_defaults(func=cmd_start)
 
     s = sub.add_parser("exec", help="run a command inside a sandbox")
@@ -138,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--impl", choices=["ours", "real"], default="ours")
     s.add_argument("--cgroup", choices=list(LAYOUTS), default=None, help=CGROUP_HELP)
     s.add_argument("--systemd", choices=list(SYSTEMD_VERSIONS), default="252", help=SYSTEMD_HELP)
+    _add_extras(s)
     s.add_argument("command", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_run)
 

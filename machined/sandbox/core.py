@@ -123,6 +123,7 @@ class SandboxInfo:
     created: float = 0.0
     cgroup: str = "hybrid"  # the layout its systemd sees at /sys/fs/cgroup
     systemd: str = "252"  # 252: the host's systemd; 262: the cached forky root's
+    oci: bool = False  # podman and docker set up inside (machined.sandbox.oci)
 
     @property
     def state_dir(self) -> Path:
@@ -296,9 +297,8 @@ class Sandbox:
             raise SandboxError("systemd 262 supports cgroup2 only: a 262 sandbox is always unified")
         if machined_args and impl != "ours":
             raise SandboxError("machined_args are for our daemon (impl='ours')")
-        self.info = SandboxInfo(id=secrets.token_hex(4), impl=impl, systemd=systemd)
+        self.info = SandboxInfo(id=secrets.token_hex(4), impl=impl, systemd=systemd, oci=oci)
         self.machined_args = tuple(machined_args)
-        self.oci = oci
         self.requested_cgroup = cgroup
         self.bus_limits = bus_limits or {}
         self.machines_size = machines_size
@@ -342,7 +342,6 @@ class Sandbox:
         sb.boot_timeout = 60.0
         sb.requested_cgroup = sb.info.cgroup
         sb.machined_args = ()
-        sb.oci = False
         sb._launcher = None
         sb._root = None
         return sb
@@ -368,6 +367,11 @@ class Sandbox:
     def cgroup(self) -> str:
         """The cgroup layout inside: ``hybrid`` or ``unified``."""
         return self.info.cgroup
+
+    @property
+    def oci(self) -> bool:
+        """Whether podman and docker are set up inside (:mod:`machined.sandbox.oci`)."""
+        return self.info.oci
 
     @property
     def systemd(self) -> str:
