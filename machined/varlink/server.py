@@ -46,7 +46,7 @@ from machined import caller, errors
 from machined.caller import PolkitSubject
 from machined.errors import BusError
 from machined.process import ProcessRef, start_time
-from machined.varlink import idl
+from machined.varlink import idl, sdjson
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,21 @@ def _constant(name: str) -> Any:
 
 
 def _integer(text: str) -> int | float:
-    # sd-json keeps what fits 64 bits as an integer, the rest as a real (so: not an integer)
+    # systemd 252 keeps what fits 64 bits as an integer, the rest as a real (so: not an integer)
     value = int(text) if len(text) <= 20 else float(text)
     return value if -(1 << 63) <= value < (1 << 64) else float(text)
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant)
-_DECODER_LONG = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant, parse_int=_integer)
+# Numbers as 262's sd-json reads them (sdjson: the same double for the same text, not the
+# nearest one: 2.003500000000000000000e+04 is not an integer); the hooks are called for reals
+# and (the _LONG decoders, for messages with 19 digits in a row) integers only, so ordinary
+# messages cost nothing more. Under 252 (long doubles), Python's nearest doubles as before.
+_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant, parse_float=sdjson.real)
+_DECODER_LONG = json.JSONDecoder(
+    object_pairs_hook=_object, parse_constant=_constant, parse_float=sdjson.real, parse_int=sdjson.integer
+)
+_DECODER_252 = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant)
+_DECODER_LONG_252 = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant, parse_int=_integer)
 # Escapes sd-json refuses: \u0000, lone surrogates and noncharacters (U+FDD0..U+FDEF and
 # U+xFFFE/U+xFFFF of every plane); what may be one, to look closer; escapes one by one.
 _MAYBE_BAD_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000|[fF][dD][dDeE]|[fF]{3}[eEfF])")
@@ -142,11 +150,13 @@ def _depth(raw: bytes, limit: int) -> int:
     return max(accumulate(memoryview(brackets).cast("b")), default=0)
 
 
-def decode(raw: bytes, depth_max: int = DEPTH_MAX) -> Any:
+def decode(raw: bytes, depth_max: int = DEPTH_MAX, as_252: bool = False) -> Any:
     """One message as sd-json parses it, or ValueError where sd-json refuses it: invalid
     UTF-8 (a byte order mark too), lone surrogates, noncharacters, \\u0000, NaN and
     Infinity, control characters (DEL too) in strings, nesting deeper than 2048. Integers that do not fit 64 bits are
-    reals, as in sd-json; repeated keys are kept (as :class:`_Repeated`) for the caller."""
+    reals, as in sd-json; reals are the doubles 262's sd-json makes of them (:mod:`sdjson`;
+    *as_252*: the nearest ones), an infinite one null; repeated keys are kept (as
+    :class:`_Repeated`) for the caller."""
     text = raw.decode("utf-8")  # (strict: UnicodeDecodeError is a ValueError)
     if _noncharacter(raw):  # (DEL too: sd-json refuses it as other control characters)
         raise ValueError("a noncharacter or DEL")
@@ -157,7 +167,11 @@ def decode(raw: bytes, depth_max: int = DEPTH_MAX) -> Any:
     depth = _depth(raw, depth_max)
     if depth > depth_max:
         raise ValueError("nested too deeply")
-    decoder = _DECODER_LONG if b"0" * 19 in raw.translate(_DIGITS) else _DECODER  # (19 digits may not fit 64 bits)
+    long = b"0" * 19 in raw.translate(_DIGITS)  # (19 digits may not fit 64 bits)
+    if as_252:
+        decoder = _DECODER_LONG_252 if long else _DECODER_252
+    else:
+        decoder = _DECODER_LONG if long else _DECODER
     if depth == 0:
         try:
             return decoder.decode(text)
@@ -584,7 +598,7 @@ class Connection:
         start = time.monotonic()
         as_252 = self.server.service.as_252
         try:
-            message = decode(raw, DEPTH_MAX_252 if as_252 else DEPTH_MAX)
+            message = decode(raw, DEPTH_MAX_252 if as_252 else DEPTH_MAX, as_252)
         except ValueError:
             return False
         finally:

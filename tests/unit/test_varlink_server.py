@@ -44,7 +44,7 @@ def test_what_sd_json_refuses_is_refused(raw: bytes) -> None:
         (b" [1] \n", [1]),
         (b"[18446744073709551615, -9223372036854775808]", [18446744073709551615, -9223372036854775808]),
         (b"[18446744073709551616]", [1.8446744073709552e19]),  # (past 64 bits: a real, as in sd-json)
-        (b"[" + b"9" * 100000 + b"]", [float("inf")]),
+        (b"[" + b"9" * 100000 + b"]", [None]),  # (an infinite real: null to sd-json)
         (b"[" * 2048 + b"]" * 2048, None),
     ],
 )
