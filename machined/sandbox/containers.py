@@ -48,6 +48,7 @@ boot_container() {
 # once the session hangs up, and it would share that pty with whatever opens the number next.
 login_prompt() {
   local out=/tmp/login-$1.out p
+  : > $out  # (made before the loop reads it: the background job may open it later)
   timeout 30 script -qec "machinectl login $1" /dev/null < /dev/null > $out 2>&1 & p=$!
   for _ in $(seq 300); do grep -aq 'login:' $out && break; sleep 0.1; done
   kill $p 2>/dev/null; wait $p 2>/dev/null
