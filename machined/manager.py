@@ -238,29 +238,36 @@ class MachineManager:
         In the per-user instance, as 262: a D-Bus RegisterMachine takes the unit of the user's
         manager the leader runs in; a varlink Register the system's unit holding it (the user's
         ``user@UID.service``), with the cgroup below as the machine's subgroup."""
-        machine = await self._add(req)
+        return await self._placed(await self._add(req), self._place_by_leader)
+
+    def _place_by_leader(self, machine: Machine) -> None:
+        """RegisterMachine's unit (and 262's subgroup): where the leader runs."""
+        path = pid_cgroup(machine.leader)
+        if path is None:
+            raise BusError.from_errno(
+                errno.ESRCH, f"Failed to determine unit of process {machine.leader} : No such process"
+            )
+        subgroup = ""
+        if not self.user_scope and personality.is_262():
+            # 262 keeps where below its unit the leader runs (nspawn --keep-unit: its payload)
+            unit, subgroup = cgroup_path_get_unit_full(path)
+        elif not self.user_scope:
+            unit = cgroup_path_get_unit(path)
+        elif caller.over_dbus():
+            unit, subgroup = cgroup_path_get_user_unit_full(path)
+        else:
+            unit, subgroup = cgroup_path_get_unit_full(path)
+        if unit is None:
+            raise BusError.from_errno(
+                errno.ENXIO, f"Failed to determine unit of process {machine.leader} : No such device or address"
+            )
+        machine.unit = unit
+        machine.subgroup = subgroup
+
+    async def _placed(self, machine: Machine, place: Callable[[Machine], None]) -> Machine:
+        """A machine just added, given its unit by *place*, started (or dropped if that fails)."""
         try:
-            path = pid_cgroup(machine.leader)
-            if path is None:
-                raise BusError.from_errno(
-                    errno.ESRCH, f"Failed to determine unit of process {machine.leader} : No such process"
-                )
-            subgroup = ""
-            if not self.user_scope and personality.is_262():
-                # 262 keeps where below its unit the leader runs (nspawn --keep-unit: its payload)
-                unit, subgroup = cgroup_path_get_unit_full(path)
-            elif not self.user_scope:
-                unit = cgroup_path_get_unit(path)
-            elif caller.over_dbus():
-                unit, subgroup = cgroup_path_get_user_unit_full(path)
-            else:
-                unit, subgroup = cgroup_path_get_unit_full(path)
-            if unit is None:
-                raise BusError.from_errno(
-                    errno.ENXIO, f"Failed to determine unit of process {machine.leader} : No such device or address"
-                )
-            machine.unit = unit
-            machine.subgroup = subgroup
+            place(machine)
             await self._start(machine, [])
         except BaseException:
             self._drop_unstarted(machine)
@@ -272,17 +279,12 @@ class MachineManager:
     async def register_external(self, req: RegistrationRequest, unit: str, runtime: str) -> Machine:
         """A runtime's container (--register-oci): registered as RegisterMachine registers, with
         the runtime's scope *unit* as its unit (never a new scope, never a subgroup)."""
-        machine = await self._add(req, external=True)
-        try:
+
+        def place(machine: Machine) -> None:
             machine.unit = unit
             machine.runtime = runtime
-            await self._start(machine, [])
-        except BaseException:
-            self._drop_unstarted(machine)
-            raise
-        finally:
-            self._in_progress.discard(id(machine))
-        return machine
+
+        return await self._placed(await self._add(req, external=True), place)
 
     async def _add(self, req: RegistrationRequest, external: bool = False) -> Machine:
         existing = self.registry.get(req.name)

@@ -194,14 +194,7 @@ def _move_into_container(leader_fd: int, entry: str, destination: str, is_dir: b
         join_mount_namespace(leader_fd)
         try:
             if mkdir:
-                # As upstream: best effort, whatever is in the way stays and the move decides.
-                with contextlib.suppress(OSError):
-                    os.makedirs(os.path.dirname(destination), 0o755, exist_ok=True)
-                with contextlib.suppress(OSError):
-                    if is_dir:
-                        os.mkdir(destination, 0o700)
-                    else:
-                        os.mknod(destination, stat.S_IFREG | 0o600)
+                _make_destination(destination, is_dir)
             # Onto the destination itself, never where a symlink there points (upstream's
             # mount_nofollow(): a symlink, dangling or not, gets EINVAL for a directory).
             target = os.open(destination, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
