@@ -47,6 +47,7 @@ from machined.caller import PolkitSubject
 from machined.errors import BusError
 from machined.process import ProcessRef, start_time
 from machined.varlink import idl, sdjson
+from machined.varlink.nulls import refused_null
 
 log = logging.getLogger(__name__)
 
@@ -624,6 +625,8 @@ class Connection:
                 return True
             except idl.Invalid as e:
                 bad = e.field or method
+        if bad is None and not as_252:
+            bad = refused_null(method, call.parameters)
         if bad is not None:
             if not oneway:
                 await self.send_error(errors.VL_INVALID_PARAMETER, {"parameter": bad})
