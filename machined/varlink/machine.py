@@ -645,6 +645,9 @@ def machine_service(manager: MachineManager, access: MachineAccess | None = None
 
     async def set_log_level(call: Call) -> None:
         privileged(call)
+        if "level" in call.parameters and call.parameters["level"] is None:
+            _set_log_level(6)  # 262: a null level is the default one again (info), measured
+            return
         level = _int(call.parameters.get("level"))
         if level is None or not 0 <= level <= 7:
             raise invalid_parameter("level")
